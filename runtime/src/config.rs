@@ -1,0 +1,338 @@
+//! Runtime configuration (`flowbus.toml`). Every key has a default; unknown keys and bad
+//! values are errors that name the file and line.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// A duration written as `"30s"`, `"2m"`, `"250ms"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "'{s}' is not a duration ({e}); write e.g. \"500ms\", \"30s\", \"2m\""
+            ))
+        })
+    }
+}
+
+/// A size written as `"10MiB"`, `"512KiB"`, `"1000"` (bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_size(&s).map(Size).ok_or_else(|| {
+            serde::de::Error::custom(format!(
+                "'{s}' is not a size; write e.g. \"10MiB\", \"512KiB\" or a number of bytes"
+            ))
+        })
+    }
+}
+
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "KB" => 1024,
+        "MiB" | "M" | "MB" => 1024 * 1024,
+        "GiB" | "G" | "GB" => 1024 * 1024 * 1024,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Persistence and activity-log files.
+    pub data_dir: PathBuf,
+    /// Flow files or directories.
+    pub flows: Vec<PathBuf>,
+    /// The admin API.
+    pub admin: AdminConfig,
+    /// The activity log.
+    pub activity_log: ActivityLogConfig,
+    /// MQTT timings.
+    pub mqtt: MqttConfig,
+    /// Named servers.
+    pub servers: BTreeMap<String, ServerConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from(".flowbus"),
+            flows: vec![PathBuf::from("flows")],
+            admin: AdminConfig::default(),
+            activity_log: ActivityLogConfig::default(),
+            mqtt: MqttConfig::default(),
+            servers: BTreeMap::new(),
+        }
+    }
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Listen address (loopback by default).
+    pub listen: String,
+    /// Environment variable holding the bearer token; none means no token.
+    pub token_env: Option<String>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:4880".into(),
+            token_env: None,
+        }
+    }
+}
+
+/// `[activity_log]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ActivityLogConfig {
+    /// Entries kept in memory per flow.
+    pub buffer_entries: usize,
+    /// Rotated files kept.
+    pub files: u32,
+    /// Size of one file before it rotates.
+    pub file_size: Size,
+    /// `info`, `warning` or `error`.
+    pub min_severity: String,
+}
+
+impl Default for ActivityLogConfig {
+    fn default() -> Self {
+        ActivityLogConfig {
+            buffer_entries: 1000,
+            files: 4,
+            file_size: Size(10 * 1024 * 1024),
+            min_severity: "info".into(),
+        }
+    }
+}
+
+/// `[mqtt]`: reconnect schedule and ack timeout (the IIB contract's values by default).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttConfig {
+    /// First reconnect delay.
+    pub reconnect_initial: Dur,
+    /// Added to the delay after each failed attempt.
+    pub reconnect_step: Dur,
+    /// Largest delay.
+    pub reconnect_max: Dur,
+    /// How long a QoS 1/2 publish waits for its acknowledgement.
+    pub ack_timeout: Dur,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        MqttConfig {
+            reconnect_initial: Dur(Duration::from_secs(5)),
+            reconnect_step: Dur(Duration::from_secs(5)),
+            reconnect_max: Dur(Duration::from_secs(120)),
+            ack_timeout: Dur(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// `[servers.NAME]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// `tcp://host:port` or `ssl://host:port` (`mqtt://`/`mqtts://` also accepted).
+    pub url: String,
+    /// MQTT protocol version: 3 (3.1.1) or 5.
+    #[serde(default)]
+    pub version: Option<u8>,
+    /// User name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// Environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+    /// File holding the password.
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// The QoS policy: the highest QoS this server allows.
+    #[serde(default)]
+    pub max_qos: Option<u8>,
+    /// `fail` or `downgrade`.
+    #[serde(default)]
+    pub on_qos_mismatch: Option<String>,
+    /// Keep-alive interval.
+    #[serde(default)]
+    pub keep_alive: Option<Dur>,
+    /// CA certificates for TLS.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A configuration problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read the configuration: {message}")]
+    Io {
+        /// The file.
+        file: PathBuf,
+        /// The OS error.
+        message: String,
+    },
+    /// The file is not valid, or has unknown keys or bad values.
+    #[error("{file}:{line}:{column}: {message}")]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// Line, from 1.
+        line: usize,
+        /// Column, from 1.
+        column: usize,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Io {
+            file: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses configuration text; `path` is used in messages and to resolve relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let mut cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e
+                .span()
+                .map(|s| line_col(text, s.start))
+                .unwrap_or((1, 1));
+            ConfigError::Invalid {
+                file: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().to_string(),
+            }
+        })?;
+        cfg.check(path, text)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            cfg.data_dir = dir.join(&cfg.data_dir);
+            cfg.flows = cfg.flows.iter().map(|f| dir.join(f)).collect();
+        }
+        Ok(cfg)
+    }
+
+    fn check(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let fail = |needle: &str, message: String| {
+            let (line, column) = text.find(needle).map(|i| line_col(text, i)).unwrap_or((1, 1));
+            Err(ConfigError::Invalid {
+                file: path.to_path_buf(),
+                line,
+                column,
+                message,
+            })
+        };
+        if Severity::parse(&self.activity_log.min_severity).is_none() {
+            return fail(
+                "min_severity",
+                format!(
+                    "min_severity '{}' must be info, warning or error",
+                    self.activity_log.min_severity
+                ),
+            );
+        }
+        for (name, s) in &self.servers {
+            if !(s.url.starts_with("tcp://")
+                || s.url.starts_with("ssl://")
+                || s.url.starts_with("mqtt://")
+                || s.url.starts_with("mqtts://"))
+            {
+                return fail(
+                    &format!("[servers.{name}]"),
+                    format!("servers.{name}.url '{}' must start with tcp:// or ssl://", s.url),
+                );
+            }
+            if s.max_qos.is_some_and(|q| q > 2) {
+                return fail(&format!("[servers.{name}]"), format!("servers.{name}.max_qos must be 0, 1 or 2"));
+            }
+            if s.version.is_some_and(|v| v != 3 && v != 5) {
+                return fail(&format!("[servers.{name}]"), format!("servers.{name}.version must be 3 (MQTT 3.1.1) or 5"));
+            }
+            if let Some(p) = &s.on_qos_mismatch {
+                if p != "fail" && p != "downgrade" {
+                    return fail(
+                        &format!("[servers.{name}]"),
+                        format!("servers.{name}.on_qos_mismatch '{p}' must be \"fail\" or \"downgrade\""),
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+use crate::activity::Severity;
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, column)
+}
+
+impl fmt::Display for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "data_dir={} flows={:?}", self.data_dir.display(), self.flows)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::parse(Path::new("flowbus.toml"), "").unwrap();
+        assert_eq!(c.mqtt.reconnect_initial.0, Duration::from_secs(5));
+        assert_eq!(c.mqtt.reconnect_max.0, Duration::from_secs(120));
+        assert_eq!(c.mqtt.ack_timeout.0, Duration::from_secs(30));
+        assert_eq!(c.admin.listen, "127.0.0.1:4880");
+        assert_eq!(c.activity_log.file_size.0, 10 * 1024 * 1024);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_line() {
+        let e = Config::parse(Path::new("f.toml"), "data_dir = \"x\"\n[mqtt]\nack_timeot = \"1s\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("f.toml:3:1: unknown field `ack_timeot`"), "{e}");
+        let e = Config::parse(Path::new("f.toml"), "[mqtt]\nack_timeout = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("f.toml:2:") && e.contains("'soon' is not a duration"), "{e}");
+        let e = Config::parse(Path::new("f.toml"), "[servers.a]\nurl = \"http://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("f.toml:1:1:") && e.contains("tcp://"), "{e}");
+    }
+}

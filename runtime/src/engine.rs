@@ -1,0 +1,655 @@
+//! The propagation engine: a built [`Flow`] is a vector of node slots, each with its output
+//! terminals and the slots they lead to. Propagation is depth-first in connection order; the
+//! engine (not the nodes) counts messages, routes errors to `Failure`, throws exceptions
+//! upstream, and handles them at the input node (`Catch`, or log and discard).
+//!
+//! Concurrency: an input node hands each message to a [`Dispatcher`], which runs up to
+//! `window` propagations of that input node at once inside the input node's task (or, with
+//! `instances > 1`, on up to `instances` spawned tasks). Each new propagation is polled once
+//! as soon as it is submitted, so everything a flow does before its first await (all the
+//! synchronous nodes, and the *enqueueing* of a publish) happens in arrival order; only the
+//! waiting (for acks) overlaps. See `docs/ARCHITECTURE.md`.
+
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use serde::Serialize;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+
+use crate::activity::{NewEntry, Severity};
+use crate::message::{numbers, Exception, ExceptionKind, Message};
+use crate::node::{BoxFut, BuiltNode, InputNode, NodeFailure, ProcessingNode, Thrown};
+use crate::services::Services;
+use crate::stats::inc;
+
+/// A cancellation signal (cloneable; fires once).
+#[derive(Clone)]
+pub struct Cancel {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Cancel {
+    fn default() -> Self {
+        Cancel {
+            tx: Arc::new(watch::channel(false).0),
+        }
+    }
+}
+
+impl Cancel {
+    /// Fires the signal.
+    pub fn cancel(&self) {
+        self.tx.send_replace(true);
+    }
+
+    /// Whether it has fired.
+    pub fn is_cancelled(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    /// Resolves when it fires.
+    pub async fn cancelled(&self) {
+        let mut rx = self.tx.subscribe();
+        // The sender lives in `self`, so `wait_for` cannot fail while we wait.
+        let _ = rx.wait_for(|v| *v).await;
+    }
+}
+
+/// Watches propagation (the test harness records what reaches each terminal).
+pub trait Observer: Send + Sync {
+    /// A message leaves `node` through `terminal` (connected or not).
+    fn on_propagate(&self, node: &str, terminal: &str, msg: &Message);
+    /// A message was discarded after an exception that nothing caught.
+    fn on_discard(&self, _node: &str, _exception: &Exception) {}
+}
+
+/// One output terminal of a slot.
+pub(crate) struct Terminal {
+    pub(crate) name: &'static str,
+    pub(crate) targets: Vec<usize>,
+    pub(crate) count: AtomicU64,
+}
+
+/// Counters of one node.
+#[derive(Default)]
+pub(crate) struct NodeCounters {
+    pub(crate) invocations: AtomicU64,
+    pub(crate) errors: AtomicU64,
+    pub(crate) busy_nanos: AtomicU64,
+}
+
+pub(crate) enum Imp {
+    Processing(Arc<dyn ProcessingNode>),
+    Input(Arc<dyn InputNode>),
+}
+
+pub(crate) struct Slot {
+    pub(crate) id: String,
+    pub(crate) type_name: &'static str,
+    pub(crate) imp: Imp,
+    pub(crate) outputs: Vec<Terminal>,
+    pub(crate) counters: NodeCounters,
+}
+
+/// The shared state of a built flow.
+pub struct FlowInner {
+    pub(crate) name: String,
+    pub(crate) file: PathBuf,
+    pub(crate) slots: Vec<Slot>,
+    pub(crate) services: Arc<Services>,
+    pub(crate) observer: Option<Arc<dyn Observer>>,
+    pub(crate) cancel: Cancel,
+    pub(crate) failure: Mutex<Option<String>>,
+}
+
+impl FlowInner {
+    fn terminal(&self, node: usize, terminal: &str) -> Option<&Terminal> {
+        self.slots[node].outputs.iter().find(|t| t.name == terminal)
+    }
+
+    fn is_connected(&self, node: usize, terminal: &str) -> bool {
+        self.terminal(node, terminal)
+            .is_some_and(|t| !t.targets.is_empty())
+    }
+
+    /// Hands `msg` to every node connected to `node.terminal`, depth-first in connection order.
+    /// Each branch gets its own copy-on-write view of the trees.
+    fn propagate<'a>(&'a self, node: usize, terminal: &str, msg: Message) -> BoxFut<'a, Result<(), Thrown>> {
+        let Some(t) = self.terminal(node, terminal) else {
+            // Nodes only name terminals from their spec; an unknown one is a node bug, which we
+            // report rather than lose the message.
+            let e = Exception::new(
+                ExceptionKind::Fatal,
+                numbers::NODE_EXCEPTION,
+                format!("node propagated to terminal '{terminal}', which its type does not have"),
+            )
+            .locate(&self.name, &self.slots[node].id, self.slots[node].type_name);
+            return Box::pin(std::future::ready(Err(Thrown(e))));
+        };
+        inc(&t.count);
+        if let Some(o) = &self.observer {
+            o.on_propagate(&self.slots[node].id, t.name, &msg);
+        }
+        Box::pin(async move {
+            match t.targets.as_slice() {
+                [] => Ok(()),
+                [only] => self.invoke(*only, msg).await,
+                many => {
+                    for &to in many {
+                        self.invoke(to, msg.clone()).await?;
+                    }
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    /// Calls a processing node and routes its failure.
+    async fn invoke(&self, node: usize, msg: Message) -> Result<(), Thrown> {
+        let slot = &self.slots[node];
+        let Imp::Processing(p) = &slot.imp else {
+            // Validation refuses connections into input nodes.
+            return Ok(());
+        };
+        inc(&slot.counters.invocations);
+        // The message as it arrived: what goes to Failure (the node's own changes are undone).
+        let arrived = msg.clone();
+        let started = std::time::Instant::now();
+        let result = p.process(msg, Outputs { flow: self, node }).await;
+        slot.counters
+            .busy_nanos
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match result {
+            Ok(()) => Ok(()),
+            Err(NodeFailure::Thrown(t)) => Err(t),
+            Err(NodeFailure::Error(e)) => {
+                inc(&slot.counters.errors);
+                let e = e.locate(&self.name, &slot.id, slot.type_name);
+                if self.is_connected(node, "Failure") {
+                    self.propagate(node, "Failure", arrived.with_exception(e)).await
+                } else {
+                    Err(Thrown(e))
+                }
+            }
+        }
+    }
+
+    fn log(&self, e: NewEntry) {
+        self.services.activity.record(e);
+    }
+}
+
+/// What a processing node uses to hand results on.
+#[derive(Clone, Copy)]
+pub struct Outputs<'a> {
+    flow: &'a FlowInner,
+    node: usize,
+}
+
+impl<'a> Outputs<'a> {
+    /// Propagates to `terminal` and returns when that branch has finished (or thrown).
+    pub fn propagate(&self, terminal: &str, msg: Message) -> BoxFut<'a, Result<(), Thrown>> {
+        self.flow.propagate(self.node, terminal, msg)
+    }
+
+    /// Whether anything is connected to `terminal`.
+    pub fn is_connected(&self, terminal: &str) -> bool {
+        self.flow.is_connected(self.node, terminal)
+    }
+
+    /// The flow name.
+    pub fn flow_name(&self) -> &'a str {
+        &self.flow.name
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &'a str {
+        &self.flow.slots[self.node].id
+    }
+
+    /// Activity log and statistics.
+    pub fn services(&self) -> &'a Arc<Services> {
+        &self.flow.services
+    }
+}
+
+/// What became of one input message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Disposition {
+    /// Propagation finished normally.
+    Completed,
+    /// An exception was handled by the input node's `Catch` (or `Failure`) path.
+    Caught,
+    /// Nothing handled the exception: it was written to the activity log and the message
+    /// discarded.
+    Discarded(Exception),
+}
+
+/// An input node's handle on its flow.
+#[derive(Clone)]
+pub struct InputCtx {
+    flow: Arc<FlowInner>,
+    node: usize,
+}
+
+impl InputCtx {
+    /// The flow's cancellation signal (fires on stop, or when the flow fails).
+    pub fn cancel(&self) -> &Cancel {
+        &self.flow.cancel
+    }
+
+    /// The flow name.
+    pub fn flow_name(&self) -> &str {
+        &self.flow.name
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> &str {
+        &self.flow.slots[self.node].id
+    }
+
+    /// Activity log and statistics.
+    pub fn services(&self) -> &Arc<Services> {
+        &self.flow.services
+    }
+
+    /// Whether anything is connected to `terminal`.
+    pub fn is_connected(&self, terminal: &str) -> bool {
+        self.flow.is_connected(self.node, terminal)
+    }
+
+    /// Propagates a received message to `Out`; an exception that comes back goes to `Catch`
+    /// (with the original message) or, with nothing there, to the activity log.
+    pub fn dispatch(&self, msg: Message) -> impl Future<Output = Disposition> + Send + 'static {
+        let flow = self.flow.clone();
+        let node = self.node;
+        guarded(flow.clone(), node, async move {
+            let original = msg.clone();
+            match flow.propagate(node, "Out", msg).await {
+                Ok(()) => Disposition::Completed,
+                Err(Thrown(e)) => catch_or_discard(&flow, node, original, e).await,
+            }
+        })
+    }
+
+    /// A message the input node could not produce normally (e.g. a payload that does not
+    /// parse): to `Failure` when connected, otherwise logged and discarded.
+    pub fn fail(&self, msg: Message, exception: Exception) -> impl Future<Output = Disposition> + Send + 'static {
+        let flow = self.flow.clone();
+        let node = self.node;
+        guarded(flow.clone(), node, async move {
+            let slot = &flow.slots[node];
+            inc(&slot.counters.errors);
+            let e = exception.locate(&flow.name, &slot.id, slot.type_name);
+            if flow.is_connected(node, "Failure") {
+                match flow.propagate(node, "Failure", msg.with_exception(e)).await {
+                    Ok(()) => Disposition::Caught,
+                    Err(Thrown(e2)) => discard(&flow, node, e2),
+                }
+            } else {
+                discard(&flow, node, e)
+            }
+        })
+    }
+}
+
+async fn catch_or_discard(flow: &FlowInner, node: usize, original: Message, e: Exception) -> Disposition {
+    if flow.is_connected(node, "Catch") {
+        match flow.propagate(node, "Catch", original.with_exception(e)).await {
+            Ok(()) => Disposition::Caught,
+            // An exception on the Catch path: nothing left to catch it.
+            Err(Thrown(e2)) => discard(flow, node, e2),
+        }
+    } else {
+        discard(flow, node, e)
+    }
+}
+
+fn discard(flow: &FlowInner, node: usize, e: Exception) -> Disposition {
+    let slot = &flow.slots[node];
+    if let Some(o) = &flow.observer {
+        o.on_discard(&slot.id, &e);
+    }
+    flow.log(
+        NewEntry::new(
+            Severity::Error,
+            numbers::ROLLED_BACK_DISCARDED,
+            "Flow",
+            &flow.name,
+            &slot.id,
+            format!("message rolled back to input node '{}' and discarded (Catch not connected): {e}", slot.id),
+        )
+        .tag("exception", e.to_tree()),
+    );
+    Disposition::Discarded(e)
+}
+
+/// Runs a propagation, turning a panic into a fatal error that stops the flow (one failure
+/// domain per flow).
+fn guarded(
+    flow: Arc<FlowInner>,
+    node: usize,
+    fut: impl Future<Output = Disposition> + Send + 'static,
+) -> impl Future<Output = Disposition> + Send + 'static {
+    AssertUnwindSafe(fut).catch_unwind().map(move |r| match r {
+        Ok(d) => d,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            let e = Exception::new(
+                ExceptionKind::Fatal,
+                numbers::NODE_PANIC,
+                format!("a node panicked: {what}; the flow is stopped"),
+            )
+            .locate(&flow.name, &flow.slots[node].id, flow.slots[node].type_name);
+            flow.fail(e.to_string());
+            discard(&flow, node, e)
+        }
+    })
+}
+
+impl FlowInner {
+    /// Marks the flow failed and stops its inputs.
+    pub(crate) fn fail(&self, reason: String) {
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        self.cancel.cancel();
+    }
+}
+
+/// Runs an input node's propagations: up to `window` at once in the caller's task, or on up
+/// to `instances` tasks. Submitting blocks (asynchronously) when the window is full — that is
+/// the back-pressure an input node passes on to its source.
+pub struct Dispatcher {
+    ctx: InputCtx,
+    window: usize,
+    local: FuturesUnordered<BoxFut<'static, Disposition>>,
+    spawned: Option<(Arc<Semaphore>, JoinSet<Disposition>)>,
+}
+
+impl Dispatcher {
+    /// `instances` > 1 runs propagations in parallel on tasks (no order guarantee); otherwise
+    /// up to `window` overlap in this task with effects in arrival order.
+    pub fn new(ctx: InputCtx, instances: usize, window: usize) -> Dispatcher {
+        let spawned = (instances > 1).then(|| (Arc::new(Semaphore::new(instances)), JoinSet::new()));
+        Dispatcher {
+            ctx,
+            window: window.max(1),
+            local: FuturesUnordered::new(),
+            spawned,
+        }
+    }
+
+    /// Starts a message through the flow; waits while the window is full.
+    pub async fn submit(&mut self, msg: Message) {
+        let fut = self.ctx.dispatch(msg);
+        self.run(Box::pin(fut)).await;
+    }
+
+    /// Like [`submit`](Self::submit) for a message the input node failed to produce.
+    pub async fn submit_failure(&mut self, msg: Message, e: Exception) {
+        let fut = self.ctx.fail(msg, e);
+        self.run(Box::pin(fut)).await;
+    }
+
+    async fn run(&mut self, mut fut: BoxFut<'static, Disposition>) {
+        if let Some((sem, set)) = &mut self.spawned {
+            // Closed never: the semaphore lives in self.
+            if let Ok(permit) = sem.clone().acquire_owned().await {
+                set.spawn(async move {
+                    let d = fut.await;
+                    drop(permit);
+                    d
+                });
+            }
+            while set.try_join_next().is_some() {}
+            return;
+        }
+        // Run it up to its first await now, so synchronous effects keep arrival order.
+        if futures::poll!(&mut fut).is_pending() {
+            self.local.push(fut);
+        }
+        while self.local.len() >= self.window {
+            self.local.next().await;
+        }
+    }
+
+    /// Number of propagations not yet finished.
+    pub fn in_flight(&self) -> usize {
+        self.local.len() + self.spawned.as_ref().map_or(0, |(_, s)| s.len())
+    }
+
+    /// Drives in-flight propagations; resolves when one finishes, never when none is in
+    /// flight (use it in `select!` next to the node's source).
+    pub async fn progress(&mut self) {
+        if let Some((_, set)) = &mut self.spawned {
+            if set.join_next().await.is_none() {
+                futures::future::pending::<()>().await;
+            }
+        } else if self.local.next().await.is_none() {
+            futures::future::pending::<()>().await;
+        }
+    }
+
+    /// Waits for every in-flight propagation.
+    pub async fn drain(&mut self) {
+        while self.local.next().await.is_some() {}
+        if let Some((_, set)) = &mut self.spawned {
+            while set.join_next().await.is_some() {}
+        }
+    }
+}
+
+/// Per-terminal and per-node counters of one flow.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NodeStatsSnapshot {
+    /// Node id.
+    pub node: String,
+    /// Node type.
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// Times the node was called.
+    pub invocations: u64,
+    /// Errors raised in the node.
+    pub errors: u64,
+    /// Total time in the node, downstream included, in microseconds.
+    pub busy_micros: u64,
+    /// Messages per output terminal.
+    pub terminals: std::collections::BTreeMap<String, u64>,
+}
+
+/// A built flow.
+#[derive(Clone)]
+pub struct Flow {
+    pub(crate) inner: Arc<FlowInner>,
+}
+
+impl Flow {
+    /// The flow name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The file it was loaded from.
+    pub fn file(&self) -> &std::path::Path {
+        &self.inner.file
+    }
+
+    /// Installs an observer (only before the flow is started or shared).
+    pub fn set_observer(&mut self, o: Arc<dyn Observer>) -> bool {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => {
+                inner.observer = Some(o);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// An input context for the node with this id, if it is an input node.
+    pub fn input_ctx(&self, node_id: &str) -> Option<InputCtx> {
+        let node = self.inner.slots.iter().position(|s| s.id == node_id)?;
+        matches!(self.inner.slots[node].imp, Imp::Input(_)).then(|| InputCtx {
+            flow: self.inner.clone(),
+            node,
+        })
+    }
+
+    /// Why the flow failed, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.inner.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Per-node counters.
+    pub fn node_stats(&self) -> Vec<NodeStatsSnapshot> {
+        self.inner
+            .slots
+            .iter()
+            .map(|s| NodeStatsSnapshot {
+                node: s.id.clone(),
+                type_name: s.type_name.to_string(),
+                invocations: s.counters.invocations.load(Ordering::Relaxed),
+                errors: s.counters.errors.load(Ordering::Relaxed),
+                busy_micros: s.counters.busy_nanos.load(Ordering::Relaxed) / 1000,
+                terminals: s
+                    .outputs
+                    .iter()
+                    .map(|t| (t.name.to_string(), t.count.load(Ordering::Relaxed)))
+                    .collect(),
+            })
+            .collect()
+    }
+
+    /// Starts every input node on its own task. Must be called inside a tokio runtime.
+    pub fn start(&self) -> RunningFlow {
+        let mut tasks = Vec::new();
+        for (node, slot) in self.inner.slots.iter().enumerate() {
+            if let Imp::Input(i) = &slot.imp {
+                let ctx = InputCtx {
+                    flow: self.inner.clone(),
+                    node,
+                };
+                let fut = guarded(self.inner.clone(), node, i.clone().run(ctx).map(|()| Disposition::Completed));
+                tasks.push((slot.id.clone(), tokio::spawn(fut)));
+            }
+        }
+        self.inner.log(NewEntry::new(
+            Severity::Info,
+            1001,
+            "Flow",
+            &self.inner.name,
+            "",
+            format!("flow '{}' started ({} nodes)", self.inner.name, self.inner.slots.len()),
+        ));
+        RunningFlow {
+            flow: self.clone(),
+            tasks,
+        }
+    }
+}
+
+/// A started flow.
+pub struct RunningFlow {
+    flow: Flow,
+    tasks: Vec<(String, tokio::task::JoinHandle<Disposition>)>,
+}
+
+impl RunningFlow {
+    /// The flow.
+    pub fn flow(&self) -> &Flow {
+        &self.flow
+    }
+
+    /// Resolves when every input node has finished (a Timer that reached its count, a flow
+    /// that failed or was stopped).
+    pub async fn finished(&mut self) {
+        for (_, t) in &mut self.tasks {
+            let _ = t.await;
+        }
+        self.tasks.clear();
+    }
+
+    /// Stops the inputs, lets them finish what they hold, and waits up to `deadline`. Returns
+    /// the ids of input nodes that did not stop in time (they are aborted).
+    pub async fn stop(mut self, deadline: Duration) -> Vec<String> {
+        self.flow.inner.cancel.cancel();
+        let until = tokio::time::Instant::now() + deadline;
+        let mut late = Vec::new();
+        for (id, mut t) in self.tasks.drain(..) {
+            if tokio::time::timeout_at(until, &mut t).await.is_err() {
+                t.abort();
+                late.push(id);
+            }
+        }
+        let inner = &self.flow.inner;
+        let msg = if late.is_empty() {
+            format!("flow '{}' stopped", inner.name)
+        } else {
+            format!("flow '{}' stopped; input nodes {} did not finish within {:?} and were aborted", inner.name, late.join(", "), deadline)
+        };
+        inner.log(NewEntry::new(
+            if late.is_empty() { Severity::Info } else { Severity::Warning },
+            1002,
+            "Flow",
+            &inner.name,
+            "",
+            msg,
+        ));
+        late
+    }
+}
+
+/// Assembles a flow from built nodes (used by [`crate::flow::build_flow`]).
+pub(crate) fn assemble(
+    name: String,
+    file: PathBuf,
+    nodes: Vec<(String, &'static str, BuiltNode, &'static [&'static str])>,
+    edges: Vec<(usize, String, usize)>,
+    services: Arc<Services>,
+) -> Flow {
+    let mut slots: Vec<Slot> = nodes
+        .into_iter()
+        .map(|(id, type_name, built, outputs)| Slot {
+            id,
+            type_name,
+            imp: match built {
+                BuiltNode::Processing(p) => Imp::Processing(p),
+                BuiltNode::Input(i) => Imp::Input(i),
+            },
+            outputs: outputs
+                .iter()
+                .map(|name| Terminal {
+                    name,
+                    targets: Vec::new(),
+                    count: AtomicU64::new(0),
+                })
+                .collect(),
+            counters: NodeCounters::default(),
+        })
+        .collect();
+    for (from, terminal, to) in edges {
+        if let Some(t) = slots[from].outputs.iter_mut().find(|t| t.name == terminal) {
+            t.targets.push(to);
+        }
+    }
+    Flow {
+        inner: Arc::new(FlowInner {
+            name,
+            file,
+            slots,
+            services,
+            observer: None,
+            cancel: Cancel::default(),
+            failure: Mutex::new(None),
+        }),
+    }
+}

@@ -1,0 +1,107 @@
+//! Building: a validated flow → a runnable [`Flow`]. Compiles scripts and checks what needs
+//! files, but connects nothing and spawns nothing, so a flow that fails to build leaves nothing
+//! behind.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use super::validate::{validate, ValidatedFlow};
+use super::{FlowError, FlowErrorKind, FlowErrors};
+use crate::config::Config;
+use crate::engine::{assemble, Flow};
+use crate::node::{BuildCtx, Registry, ValidateCtx};
+use crate::services::Services;
+
+/// Builds every node of a validated flow; returns every problem at once.
+pub fn build_flow(
+    v: &ValidatedFlow,
+    registry: &Registry,
+    config: Arc<Config>,
+    services: Arc<Services>,
+) -> Result<Flow, Vec<FlowError>> {
+    let ctx = BuildCtx {
+        flow: v.name.clone(),
+        file: v.file.clone(),
+        config,
+        services: services.clone(),
+    };
+    let mut errors = Vec::new();
+    let mut nodes = Vec::new();
+    for ix in v.graph.node_indices() {
+        let decl = &v.graph[ix];
+        // Validation resolved every type.
+        let Some(kind) = registry.get(&decl.type_name) else { continue };
+        let spec = kind.spec();
+        match kind.build(decl, &ctx) {
+            Ok(built) => nodes.push((decl.id.clone(), spec.type_name, built, spec.outputs)),
+            Err(problems) => errors.extend(
+                problems
+                    .into_iter()
+                    .map(|p| v.error_at(decl, p.property.as_deref(), p.kind)),
+            ),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    // Node indices of a graph without removals are 0..n in insertion order, the same order
+    // as `nodes`; edge indices are in file order, which is the propagation order.
+    let edges = v
+        .graph
+        .edge_indices()
+        .filter_map(|e| {
+            let (a, b) = v.graph.edge_endpoints(e)?;
+            Some((a.index(), v.graph[e].from_terminal.clone(), b.index()))
+        })
+        .collect();
+    Ok(assemble(v.name.clone(), v.file.clone(), nodes, edges, services))
+}
+
+/// Reads, validates and builds one flow file.
+pub fn load_flow(
+    path: &Path,
+    registry: &Registry,
+    config: Arc<Config>,
+    services: Arc<Services>,
+) -> Result<Flow, FlowErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        FlowErrors(vec![FlowError {
+            file: path.to_path_buf(),
+            pos: None,
+            node: None,
+            terminal: None,
+            kind: FlowErrorKind::Io(e.to_string()),
+        }])
+    })?;
+    let vctx = ValidateCtx {
+        servers: config.servers.keys().cloned().collect(),
+    };
+    let v = validate(path, &text, registry, &vctx).map_err(FlowErrors)?;
+    build_flow(&v, registry, config, services).map_err(FlowErrors)
+}
+
+/// The flow files under the given paths: files as given, directories scanned (not
+/// recursively) for `*.json`, sorted.
+pub fn flow_files(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>, FlowError> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let rd = std::fs::read_dir(p).map_err(|e| FlowError {
+                file: p.clone(),
+                pos: None,
+                node: None,
+                terminal: None,
+                kind: FlowErrorKind::Io(e.to_string()),
+            })?;
+            let mut files: Vec<_> = rd
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "json") && f.is_file())
+                .collect();
+            files.sort();
+            out.extend(files);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}

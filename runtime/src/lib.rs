@@ -1,0 +1,25 @@
+//! flowbus-runtime: the engine of flowbus.
+//!
+//! - [`message`]: the message assembly (`Root`, `LocalEnvironment`, `Environment`,
+//!   `ExceptionList`).
+//! - [`flow`]: flow files, from raw JSON to a validated petgraph graph to a built flow.
+//! - [`node`]: the node-kind trait, specs, registry, and the two runtime node shapes.
+//! - [`engine`]: depth-first propagation, error routing, input dispatch and back-pressure.
+//! - [`activity`]: the activity log. [`stats`]: statistics. [`services`]: both, shared.
+//! - [`config`]: `flowbus.toml`.
+//! - [`harness`]: run flows in tests without a broker.
+
+pub mod activity;
+pub mod config;
+pub mod engine;
+pub mod flow;
+pub mod harness;
+pub mod message;
+pub mod node;
+pub mod services;
+pub mod stats;
+pub mod time;
+
+pub use engine::{Cancel, Dispatcher, Disposition, Flow, InputCtx, Outputs, RunningFlow};
+pub use message::{Body, Domain, Exception, ExceptionKind, Message};
+pub use node::{BoxFut, BuiltNode, NodeFailure, Registry, Thrown};

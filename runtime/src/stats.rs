@@ -1,0 +1,124 @@
+//! Statistics kept by the runtime: per MQTT server (IIB's MQTT resource statistics) and per
+//! node (messages per terminal, errors). Counters are atomics owned here, so they can be read
+//! as JSON at any time; they are mirrored to the `metrics` crate under the names in
+//! [`names`].
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+/// Metric names (Prometheus style), in one place.
+pub mod names {
+    /// Connections to a server that are open now.
+    pub const MQTT_OPEN_CONNECTIONS: &str = "flowbus_mqtt_open_connections";
+    /// Connections closed since start.
+    pub const MQTT_CLOSED_CONNECTIONS: &str = "flowbus_mqtt_closed_connections_total";
+    /// Messages received from a server.
+    pub const MQTT_MESSAGES_RECEIVED: &str = "flowbus_mqtt_messages_received_total";
+    /// Messages published to a server.
+    pub const MQTT_MESSAGES_SENT: &str = "flowbus_mqtt_messages_sent_total";
+    /// Payload bytes received.
+    pub const MQTT_BYTES_RECEIVED: &str = "flowbus_mqtt_bytes_received_total";
+    /// Payload bytes published.
+    pub const MQTT_BYTES_SENT: &str = "flowbus_mqtt_bytes_sent_total";
+    /// Failed connection attempts.
+    pub const MQTT_FAILED_CONNECTIONS: &str = "flowbus_mqtt_failed_connections_total";
+    /// QoS downgrades applied by policy.
+    pub const MQTT_QOS_DOWNGRADES: &str = "flowbus_mqtt_qos_downgrades_total";
+    /// Messages propagated through a node terminal.
+    pub const NODE_MESSAGES: &str = "flowbus_node_messages_total";
+    /// Errors raised in a node.
+    pub const NODE_ERRORS: &str = "flowbus_node_errors_total";
+}
+
+/// IIB's MQTT resource statistics for one server URL.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// `OpenConnections`.
+    pub open_connections: AtomicI64,
+    /// `ClosedConnections`.
+    pub closed_connections: AtomicU64,
+    /// `MessagesReceived`.
+    pub messages_received: AtomicU64,
+    /// `MessagesSent`.
+    pub messages_sent: AtomicU64,
+    /// `BytesReceived`.
+    pub bytes_received: AtomicU64,
+    /// `BytesSent`.
+    pub bytes_sent: AtomicU64,
+    /// `FailedConnections`.
+    pub failed_connections: AtomicU64,
+    /// `QosDowngrades`.
+    pub qos_downgrades: AtomicU64,
+}
+
+/// A snapshot of [`ServerStats`], with IIB's names.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "PascalCase")]
+pub struct ServerSnapshot {
+    /// Open now.
+    pub open_connections: i64,
+    /// Closed since start.
+    pub closed_connections: u64,
+    /// Received since start.
+    pub messages_received: u64,
+    /// Sent since start.
+    pub messages_sent: u64,
+    /// Bytes received.
+    pub bytes_received: u64,
+    /// Bytes sent.
+    pub bytes_sent: u64,
+    /// Failed connection attempts.
+    pub failed_connections: u64,
+    /// QoS downgrades.
+    pub qos_downgrades: u64,
+}
+
+impl ServerStats {
+    /// Reads all counters.
+    pub fn snapshot(&self) -> ServerSnapshot {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ServerSnapshot {
+            open_connections: self.open_connections.load(Ordering::Relaxed),
+            closed_connections: r(&self.closed_connections),
+            messages_received: r(&self.messages_received),
+            messages_sent: r(&self.messages_sent),
+            bytes_received: r(&self.bytes_received),
+            bytes_sent: r(&self.bytes_sent),
+            failed_connections: r(&self.failed_connections),
+            qos_downgrades: r(&self.qos_downgrades),
+        }
+    }
+}
+
+/// Adds one to a counter.
+pub fn inc(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Adds `n` to a counter.
+pub fn add(a: &AtomicU64, n: u64) {
+    a.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The daemon-wide statistics registry.
+#[derive(Default)]
+pub struct Stats {
+    servers: Mutex<BTreeMap<String, Arc<ServerStats>>>,
+}
+
+impl Stats {
+    /// The counters of a server URL (created on first use).
+    pub fn server(&self, url: &str) -> Arc<ServerStats> {
+        let mut m = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+        m.entry(url.to_string()).or_default().clone()
+    }
+
+    /// A snapshot of every server's counters, by URL.
+    pub fn servers(&self) -> BTreeMap<String, ServerSnapshot> {
+        let m = self.servers.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter().map(|(k, v)| (k.clone(), v.snapshot())).collect()
+    }
+}
