@@ -1,1 +1,316 @@
-fn main() {}
+//! The `flowbus` command: argument parsing and wiring only; the work is in
+//! `flowbus-runtime` and `flowbus-nodes`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use flowbus_runtime::config::Config;
+use flowbus_runtime::daemon::Daemon;
+use flowbus_runtime::flow::{flow_files, validate, FlowErrors, ValidatedFlow};
+use flowbus_runtime::node::{Registry, ValidateCtx};
+use flowbus_runtime::services::Services;
+
+#[derive(Parser)]
+#[command(
+    name = "flowbus",
+    version,
+    about = "An integration-bus flow runtime: JSON message flows, Rhai transforms, MQTT"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run flows in the foreground until SIGINT or SIGTERM.
+    Run {
+        /// The runtime configuration (default: ./flowbus.toml when it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Flow files or directories (default: the configuration's `flows`).
+        #[arg(long = "flows")]
+        flows: Vec<PathBuf>,
+        /// Admin API listen address (overrides the configuration).
+        #[arg(long)]
+        admin: Option<String>,
+        /// Data directory (overrides the configuration).
+        #[arg(long = "data-dir")]
+        data_dir: Option<PathBuf>,
+        /// How long shutdown waits for in-flight messages.
+        #[arg(long = "shutdown-timeout", default_value = "10s", value_parser = humantime_duration)]
+        shutdown_timeout: Duration,
+    },
+    /// Check flow files (and their scripts); exit 0 when all are valid, 1 otherwise.
+    Validate {
+        /// Flow files or directories.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// The runtime configuration, for server names (default: ./flowbus.toml when it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Draw a flow's graph.
+    Graph {
+        /// The flow file.
+        flow: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Dot)]
+        format: Format,
+        /// Write to this file instead of standard output.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+        /// The runtime configuration, for server names.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Dot,
+    Svg,
+}
+
+fn humantime_duration(s: &str) -> Result<Duration, String> {
+    humantime_parse(s)
+}
+
+fn humantime_parse(s: &str) -> Result<Duration, String> {
+    flowbus_runtime::node::parse_duration_value(&serde_json::Value::String(s.to_string()))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Validate { paths, config } => cmd_validate(&paths, config.as_deref()),
+        Command::Graph {
+            flow,
+            format,
+            output,
+            config,
+        } => cmd_graph(&flow, format, output.as_deref(), config.as_deref()),
+        Command::Run {
+            config,
+            flows,
+            admin,
+            data_dir,
+            shutdown_timeout,
+        } => cmd_run(config.as_deref(), flows, admin, data_dir, shutdown_timeout),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config> {
+    match path {
+        Some(p) => Ok(Config::load(p)?),
+        None if Path::new("flowbus.toml").is_file() => Ok(Config::load(Path::new("flowbus.toml"))?),
+        None => Ok(Config::default()),
+    }
+}
+
+fn cmd_validate(paths: &[PathBuf], config: Option<&Path>) -> Result<ExitCode> {
+    let config = Arc::new(load_config(config)?);
+    let registry = flowbus_nodes::registry();
+    let services = Arc::new(Services::default());
+    let files = flow_files(paths).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if files.is_empty() {
+        bail!(
+            "no flow files (*.json) found under {}",
+            paths
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let mut bad = 0;
+    let mut err = std::io::stderr().lock();
+    for f in &files {
+        match flowbus_runtime::flow::load_flow(f, &registry, config.clone(), services.clone()) {
+            Ok(flow) => println!("ok: {} (flow '{}')", f.display(), flow.name()),
+            Err(errors) => {
+                bad += 1;
+                writeln!(err, "{errors}")?;
+            }
+        }
+    }
+    if bad > 0 {
+        writeln!(err, "{bad} of {} flow file(s) invalid", files.len())?;
+        Ok(ExitCode::from(1))
+    } else {
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+fn validated(flow: &Path, config: Option<&Path>, registry: &Registry) -> Result<ValidatedFlow> {
+    let config = load_config(config)?;
+    let text =
+        std::fs::read_to_string(flow).with_context(|| format!("cannot read {}", flow.display()))?;
+    let ctx = ValidateCtx {
+        servers: config.servers.keys().cloned().collect(),
+    };
+    validate(flow, &text, registry, &ctx).map_err(|e| anyhow::anyhow!("{}", FlowErrors(e)))
+}
+
+fn cmd_graph(
+    flow: &Path,
+    format: Format,
+    output: Option<&Path>,
+    config: Option<&Path>,
+) -> Result<ExitCode> {
+    let registry = flowbus_nodes::registry();
+    let v = validated(flow, config, &registry)?;
+    let dot = to_dot(&v, &registry);
+    let bytes = match format {
+        Format::Dot => dot.into_bytes(),
+        Format::Svg => render_svg(&dot)?,
+    };
+    match output {
+        Some(p) => {
+            std::fs::write(p, bytes).with_context(|| format!("cannot write {}", p.display()))?
+        }
+        None => std::io::stdout().write_all(&bytes)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn to_dot(v: &ValidatedFlow, registry: &Registry) -> String {
+    let esc = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut s = format!("digraph \"{}\" {{\n  rankdir=LR;\n  node [shape=box, style=rounded, fontname=\"Helvetica\"];\n  edge [fontname=\"Helvetica\", fontsize=10];\n", esc(&v.name));
+    for ix in v.graph.node_indices() {
+        let n = &v.graph[ix];
+        let input = registry
+            .get(&n.type_name)
+            .is_some_and(|k| k.spec().inputs.is_empty());
+        let style = if input {
+            ", style=\"rounded,bold\""
+        } else {
+            ""
+        };
+        s.push_str(&format!(
+            "  \"{}\" [label=\"{}\\n({})\"{}];\n",
+            esc(&n.id),
+            esc(&n.id),
+            esc(&n.type_name),
+            style
+        ));
+    }
+    for e in v.graph.edge_indices() {
+        if let Some((a, b)) = v.graph.edge_endpoints(e) {
+            let t = &v.graph[e].from_terminal;
+            let color = if matches!(t.as_str(), "Failure" | "Catch") {
+                ", color=red, fontcolor=red"
+            } else {
+                ""
+            };
+            s.push_str(&format!(
+                "  \"{}\" -> \"{}\" [label=\"{}\"{}];\n",
+                esc(&v.graph[a].id),
+                esc(&v.graph[b].id),
+                esc(t),
+                color
+            ));
+        }
+    }
+    s.push_str("}\n");
+    s
+}
+
+fn render_svg(dot: &str) -> Result<Vec<u8>> {
+    use std::process::{Command, Stdio};
+    let mut child = match Command::new("dot")
+        .arg("-Tsvg")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("--format svg needs Graphviz's 'dot', which is not installed; install it (apt-get install graphviz) or use --format dot")
+        }
+        Err(e) => bail!("cannot run Graphviz 'dot': {e}"),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(dot.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "Graphviz 'dot' failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out.stdout)
+}
+
+fn cmd_run(
+    config: Option<&Path>,
+    flows: Vec<PathBuf>,
+    admin: Option<String>,
+    data_dir: Option<PathBuf>,
+    shutdown_timeout: Duration,
+) -> Result<ExitCode> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let mut config = load_config(config)?;
+    if !flows.is_empty() {
+        config.flows = flows;
+    }
+    if let Some(a) = admin {
+        config.admin.listen = a;
+    }
+    if let Some(d) = data_dir {
+        config.data_dir = d;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut daemon = Daemon::new(config, flowbus_nodes::registry());
+        let failed = daemon.start_all();
+        for e in &failed {
+            eprintln!("{e}");
+        }
+        let started = daemon.flows().count();
+        if started == 0 {
+            bail!("no flow could be started ({} invalid)", failed.len());
+        }
+        tracing::info!("flowbus running {started} flow(s); SIGINT or SIGTERM stops it, SIGUSR1 prints statistics");
+        wait_for_shutdown(&daemon).await?;
+        tracing::info!("shutting down");
+        daemon.shutdown(shutdown_timeout).await;
+        println!("{}", serde_json::to_string_pretty(&daemon.stats())?);
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+async fn wait_for_shutdown(daemon: &Daemon) -> Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut usr1 = signal(SignalKind::user_defined1())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => return Ok(()),
+            _ = int.recv() => return Ok(()),
+            _ = usr1.recv() => println!("{}", serde_json::to_string_pretty(&daemon.stats())?),
+        }
+    }
+}

@@ -1,1 +1,29 @@
+//! flowbus-nodes: the node kinds, one module each.
+//!
+//! - [`compute`], [`filter`]: Rhai scripts, sharing [`script`] (sandboxed engine, tree
+//!   conversion, errors with script line:column).
+//! - [`trace`], [`trycatch`], [`throw`], [`timer`]: flow plumbing and a broker-less input.
+//!
+//! [`registry`] maps every type name to its kind.
 
+pub mod compute;
+pub mod filter;
+pub mod script;
+pub mod throw;
+pub mod timer;
+pub mod trace;
+pub mod trycatch;
+
+use flowbus_runtime::node::Registry;
+
+/// A registry with every built-in node kind.
+pub fn registry() -> Registry {
+    let mut r = Registry::new();
+    r.register(compute::ComputeKind)
+        .register(filter::FilterKind)
+        .register(trace::TraceKind)
+        .register(trycatch::TryCatchKind)
+        .register(throw::ThrowKind)
+        .register(timer::TimerKind);
+    r
+}

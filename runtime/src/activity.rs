@@ -165,9 +165,15 @@ impl ActivityLog {
             return;
         }
         match e.severity {
-            Severity::Info => tracing::info!(flow = %e.flow, node = %e.node, "BIP{} {}", e.number, e.message),
-            Severity::Warning => tracing::warn!(flow = %e.flow, node = %e.node, "BIP{} {}", e.number, e.message),
-            Severity::Error => tracing::error!(flow = %e.flow, node = %e.node, "BIP{} {}", e.number, e.message),
+            Severity::Info => {
+                tracing::info!(flow = %e.flow, node = %e.node, "BIP{} {}", e.number, e.message)
+            }
+            Severity::Warning => {
+                tracing::warn!(flow = %e.flow, node = %e.node, "BIP{} {}", e.number, e.message)
+            }
+            Severity::Error => {
+                tracing::error!(flow = %e.flow, node = %e.node, "BIP{} {}", e.number, e.message)
+            }
         }
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.seq += 1;
@@ -229,11 +235,23 @@ mod tests {
     fn ring_buffer_is_per_flow_and_filters_work() {
         let log = ActivityLog::new(2, Severity::Info);
         for i in 0..3 {
-            log.record(NewEntry::new(Severity::Info, 12065, "MQTT", "a", "n", format!("m{i}")));
+            log.record(NewEntry::new(
+                Severity::Info,
+                12065,
+                "MQTT",
+                "a",
+                "n",
+                format!("m{i}"),
+            ));
         }
-        log.record(NewEntry::new(Severity::Error, 12096, "MQTT", "b", "n", "down").tag("url", "tcp://x"));
+        log.record(
+            NewEntry::new(Severity::Error, 12096, "MQTT", "b", "n", "down").tag("url", "tcp://x"),
+        );
         let all = log.query(&Filter::default());
-        assert_eq!(all.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(), ["m1", "m2", "down"]);
+        assert_eq!(
+            all.iter().map(|e| e.message.as_str()).collect::<Vec<_>>(),
+            ["m1", "m2", "down"]
+        );
         let errs = log.query(&Filter {
             severity: Some(Severity::Warning),
             ..Filter::default()

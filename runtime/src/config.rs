@@ -223,10 +223,7 @@ impl Config {
     /// Parses configuration text; `path` is used in messages and to resolve relative paths.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let mut cfg: Config = toml::from_str(text).map_err(|e| {
-            let (line, column) = e
-                .span()
-                .map(|s| line_col(text, s.start))
-                .unwrap_or((1, 1));
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
             ConfigError::Invalid {
                 file: path.to_path_buf(),
                 line,
@@ -244,7 +241,10 @@ impl Config {
 
     fn check(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
         let fail = |needle: &str, message: String| {
-            let (line, column) = text.find(needle).map(|i| line_col(text, i)).unwrap_or((1, 1));
+            let (line, column) = text
+                .find(needle)
+                .map(|i| line_col(text, i))
+                .unwrap_or((1, 1));
             Err(ConfigError::Invalid {
                 file: path.to_path_buf(),
                 line,
@@ -269,14 +269,23 @@ impl Config {
             {
                 return fail(
                     &format!("[servers.{name}]"),
-                    format!("servers.{name}.url '{}' must start with tcp:// or ssl://", s.url),
+                    format!(
+                        "servers.{name}.url '{}' must start with tcp:// or ssl://",
+                        s.url
+                    ),
                 );
             }
             if s.max_qos.is_some_and(|q| q > 2) {
-                return fail(&format!("[servers.{name}]"), format!("servers.{name}.max_qos must be 0, 1 or 2"));
+                return fail(
+                    &format!("[servers.{name}]"),
+                    format!("servers.{name}.max_qos must be 0, 1 or 2"),
+                );
             }
             if s.version.is_some_and(|v| v != 3 && v != 5) {
-                return fail(&format!("[servers.{name}]"), format!("servers.{name}.version must be 3 (MQTT 3.1.1) or 5"));
+                return fail(
+                    &format!("[servers.{name}]"),
+                    format!("servers.{name}.version must be 3 (MQTT 3.1.1) or 5"),
+                );
             }
             if let Some(p) = &s.on_qos_mismatch {
                 if p != "fail" && p != "downgrade" {
@@ -302,7 +311,12 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "data_dir={} flows={:?}", self.data_dir.display(), self.flows)
+        write!(
+            f,
+            "data_dir={} flows={:?}",
+            self.data_dir.display(),
+            self.flows
+        )
     }
 }
 
@@ -322,14 +336,23 @@ mod tests {
 
     #[test]
     fn unknown_keys_and_bad_values_name_the_line() {
-        let e = Config::parse(Path::new("f.toml"), "data_dir = \"x\"\n[mqtt]\nack_timeot = \"1s\"\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.starts_with("f.toml:3:1: unknown field `ack_timeot`"), "{e}");
+        let e = Config::parse(
+            Path::new("f.toml"),
+            "data_dir = \"x\"\n[mqtt]\nack_timeot = \"1s\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("f.toml:3:1: unknown field `ack_timeot`"),
+            "{e}"
+        );
         let e = Config::parse(Path::new("f.toml"), "[mqtt]\nack_timeout = \"soon\"\n")
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("f.toml:2:") && e.contains("'soon' is not a duration"), "{e}");
+        assert!(
+            e.starts_with("f.toml:2:") && e.contains("'soon' is not a duration"),
+            "{e}"
+        );
         let e = Config::parse(Path::new("f.toml"), "[servers.a]\nurl = \"http://x\"\n")
             .unwrap_err()
             .to_string();

@@ -121,7 +121,12 @@ impl FlowInner {
 
     /// Hands `msg` to every node connected to `node.terminal`, depth-first in connection order.
     /// Each branch gets its own copy-on-write view of the trees.
-    fn propagate<'a>(&'a self, node: usize, terminal: &str, msg: Message) -> BoxFut<'a, Result<(), Thrown>> {
+    fn propagate<'a>(
+        &'a self,
+        node: usize,
+        terminal: &str,
+        msg: Message,
+    ) -> BoxFut<'a, Result<(), Thrown>> {
         let Some(t) = self.terminal(node, terminal) else {
             // Nodes only name terminals from their spec; an unknown one is a node bug, which we
             // report rather than lose the message.
@@ -173,7 +178,8 @@ impl FlowInner {
                 inc(&slot.counters.errors);
                 let e = e.locate(&self.name, &slot.id, slot.type_name);
                 if self.is_connected(node, "Failure") {
-                    self.propagate(node, "Failure", arrived.with_exception(e)).await
+                    self.propagate(node, "Failure", arrived.with_exception(e))
+                        .await
                 } else {
                     Err(Thrown(e))
                 }
@@ -281,7 +287,11 @@ impl InputCtx {
 
     /// A message the input node could not produce normally (e.g. a payload that does not
     /// parse): to `Failure` when connected, otherwise logged and discarded.
-    pub fn fail(&self, msg: Message, exception: Exception) -> impl Future<Output = Disposition> + Send + 'static {
+    pub fn fail(
+        &self,
+        msg: Message,
+        exception: Exception,
+    ) -> impl Future<Output = Disposition> + Send + 'static {
         let flow = self.flow.clone();
         let node = self.node;
         guarded(flow.clone(), node, async move {
@@ -300,9 +310,17 @@ impl InputCtx {
     }
 }
 
-async fn catch_or_discard(flow: &FlowInner, node: usize, original: Message, e: Exception) -> Disposition {
+async fn catch_or_discard(
+    flow: &FlowInner,
+    node: usize,
+    original: Message,
+    e: Exception,
+) -> Disposition {
     if flow.is_connected(node, "Catch") {
-        match flow.propagate(node, "Catch", original.with_exception(e)).await {
+        match flow
+            .propagate(node, "Catch", original.with_exception(e))
+            .await
+        {
             Ok(()) => Disposition::Caught,
             // An exception on the Catch path: nothing left to catch it.
             Err(Thrown(e2)) => discard(flow, node, e2),
@@ -324,7 +342,10 @@ fn discard(flow: &FlowInner, node: usize, e: Exception) -> Disposition {
             "Flow",
             &flow.name,
             &slot.id,
-            format!("message rolled back to input node '{}' and discarded (Catch not connected): {e}", slot.id),
+            format!(
+                "message rolled back to input node '{}' and discarded (Catch not connected): {e}",
+                slot.id
+            ),
         )
         .tag("exception", e.to_tree()),
     );
@@ -380,7 +401,8 @@ impl Dispatcher {
     /// `instances` > 1 runs propagations in parallel on tasks (no order guarantee); otherwise
     /// up to `window` overlap in this task with effects in arrival order.
     pub fn new(ctx: InputCtx, instances: usize, window: usize) -> Dispatcher {
-        let spawned = (instances > 1).then(|| (Arc::new(Semaphore::new(instances)), JoinSet::new()));
+        let spawned =
+            (instances > 1).then(|| (Arc::new(Semaphore::new(instances)), JoinSet::new()));
         Dispatcher {
             ctx,
             window: window.max(1),
@@ -506,7 +528,11 @@ impl Flow {
 
     /// Why the flow failed, if it did.
     pub fn failure(&self) -> Option<String> {
-        self.inner.failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.inner
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Per-node counters.
@@ -538,7 +564,11 @@ impl Flow {
                     flow: self.inner.clone(),
                     node,
                 };
-                let fut = guarded(self.inner.clone(), node, i.clone().run(ctx).map(|()| Disposition::Completed));
+                let fut = guarded(
+                    self.inner.clone(),
+                    node,
+                    i.clone().run(ctx).map(|()| Disposition::Completed),
+                );
                 tasks.push((slot.id.clone(), tokio::spawn(fut)));
             }
         }
@@ -548,7 +578,11 @@ impl Flow {
             "Flow",
             &self.inner.name,
             "",
-            format!("flow '{}' started ({} nodes)", self.inner.name, self.inner.slots.len()),
+            format!(
+                "flow '{}' started ({} nodes)",
+                self.inner.name,
+                self.inner.slots.len()
+            ),
         ));
         RunningFlow {
             flow: self.clone(),
@@ -594,10 +628,19 @@ impl RunningFlow {
         let msg = if late.is_empty() {
             format!("flow '{}' stopped", inner.name)
         } else {
-            format!("flow '{}' stopped; input nodes {} did not finish within {:?} and were aborted", inner.name, late.join(", "), deadline)
+            format!(
+                "flow '{}' stopped; input nodes {} did not finish within {:?} and were aborted",
+                inner.name,
+                late.join(", "),
+                deadline
+            )
         };
         inner.log(NewEntry::new(
-            if late.is_empty() { Severity::Info } else { Severity::Warning },
+            if late.is_empty() {
+                Severity::Info
+            } else {
+                Severity::Warning
+            },
             1002,
             "Flow",
             &inner.name,

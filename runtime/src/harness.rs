@@ -54,7 +54,11 @@ impl Harness {
     }
 
     /// Loads a flow with the given configuration.
-    pub fn load_with(path: &Path, registry: &Registry, config: Config) -> Result<Harness, FlowErrors> {
+    pub fn load_with(
+        path: &Path,
+        registry: &Registry,
+        config: Config,
+    ) -> Result<Harness, FlowErrors> {
         let services = Arc::new(Services::from_config(&config));
         let mut flow = load_flow(path, registry, Arc::new(config), services.clone())?;
         let capture = Arc::new(Capture::default());
@@ -76,13 +80,20 @@ impl Harness {
     pub async fn inject(&self, node: &str, msg: Message) -> Disposition {
         match self.flow.input_ctx(node) {
             Some(ctx) => ctx.dispatch(msg).await,
-            None => panic!("'{node}' is not an input node of flow '{}'", self.flow.name()),
+            None => panic!(
+                "'{node}' is not an input node of flow '{}'",
+                self.flow.name()
+            ),
         }
     }
 
     /// Every propagation so far, in order, as `("node.Terminal", message)`.
     pub fn events(&self) -> Vec<(String, Message)> {
-        self.capture.events.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.capture
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The messages that left `node.Terminal`, in order.
@@ -96,7 +107,11 @@ impl Harness {
 
     /// The exceptions that nothing caught (the message was discarded), with the input node.
     pub fn discards(&self) -> Vec<(String, Exception)> {
-        self.capture.discards.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.capture
+            .discards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The activity log of this harness.
@@ -106,7 +121,15 @@ impl Harness {
 
     /// Forgets what was captured so far.
     pub fn clear(&self) {
-        self.capture.events.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        self.capture.discards.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.capture
+            .events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.capture
+            .discards
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }

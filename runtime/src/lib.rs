@@ -6,11 +6,12 @@
 //! - [`node`]: the node-kind trait, specs, registry, and the two runtime node shapes.
 //! - [`engine`]: depth-first propagation, error routing, input dispatch and back-pressure.
 //! - [`activity`]: the activity log. [`stats`]: statistics. [`services`]: both, shared.
-//! - [`config`]: `flowbus.toml`.
+//! - [`config`]: `flowbus.toml`. [`daemon`]: loading, starting and stopping flows.
 //! - [`harness`]: run flows in tests without a broker.
 
 pub mod activity;
 pub mod config;
+pub mod daemon;
 pub mod engine;
 pub mod flow;
 pub mod harness;

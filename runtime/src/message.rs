@@ -225,7 +225,10 @@ impl Message {
     /// `ExceptionList`), as Trace writes them and tests compare them.
     pub fn trees_json(&self) -> Value {
         let mut root = Map::new();
-        root.insert("Properties".into(), Value::Object(self.root.properties.clone()));
+        root.insert(
+            "Properties".into(),
+            Value::Object(self.root.properties.clone()),
+        );
         root.insert("Body".into(), self.root.body.to_value());
         let mut m = Map::new();
         m.insert("Root".into(), Value::Object(root));
@@ -405,7 +408,12 @@ impl Exception {
         );
         m.insert(
             "Insert".into(),
-            Value::Array(self.inserts.iter().map(|s| Value::from(s.clone())).collect()),
+            Value::Array(
+                self.inserts
+                    .iter()
+                    .map(|s| Value::from(s.clone()))
+                    .collect(),
+            ),
         );
         if let Some(c) = &self.cause {
             if let Value::Object(cm) = c.to_tree() {

@@ -50,7 +50,8 @@ impl From<Exception> for NodeFailure {
 pub trait ProcessingNode: Send + Sync + 'static {
     /// Processes one message, handing results to terminals through `out` (depth-first: each
     /// `propagate` returns when that branch has finished).
-    fn process<'a>(&'a self, msg: Message, out: Outputs<'a>) -> BoxFut<'a, Result<(), NodeFailure>>;
+    fn process<'a>(&'a self, msg: Message, out: Outputs<'a>)
+        -> BoxFut<'a, Result<(), NodeFailure>>;
 }
 
 /// A node without input terminals: it owns its loop (a timer, a subscription).
@@ -166,7 +167,9 @@ impl NodeDecl {
 
     /// A duration property (validated already; `None` when absent).
     pub fn duration(&self, name: &str) -> Option<std::time::Duration> {
-        self.props.get(name).and_then(|v| parse_duration_value(v).ok())
+        self.props
+            .get(name)
+            .and_then(|v| parse_duration_value(v).ok())
     }
 
     /// A string-or-list property as a list.
@@ -185,8 +188,9 @@ impl NodeDecl {
 /// Parses a duration given as a humantime string or a number of milliseconds.
 pub fn parse_duration_value(v: &Value) -> Result<std::time::Duration, String> {
     match v {
-        Value::String(s) => humantime::parse_duration(s)
-            .map_err(|e| format!("'{s}' is not a duration ({e}); write e.g. \"500ms\", \"30s\", \"2m\"")),
+        Value::String(s) => humantime::parse_duration(s).map_err(|e| {
+            format!("'{s}' is not a duration ({e}); write e.g. \"500ms\", \"30s\", \"2m\"")
+        }),
         Value::Number(n) => n
             .as_u64()
             .map(std::time::Duration::from_millis)

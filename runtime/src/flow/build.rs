@@ -30,7 +30,9 @@ pub fn build_flow(
     for ix in v.graph.node_indices() {
         let decl = &v.graph[ix];
         // Validation resolved every type.
-        let Some(kind) = registry.get(&decl.type_name) else { continue };
+        let Some(kind) = registry.get(&decl.type_name) else {
+            continue;
+        };
         let spec = kind.spec();
         match kind.build(decl, &ctx) {
             Ok(built) => nodes.push((decl.id.clone(), spec.type_name, built, spec.outputs)),
@@ -54,7 +56,13 @@ pub fn build_flow(
             Some((a.index(), v.graph[e].from_terminal.clone(), b.index()))
         })
         .collect();
-    Ok(assemble(v.name.clone(), v.file.clone(), nodes, edges, services))
+    Ok(assemble(
+        v.name.clone(),
+        v.file.clone(),
+        nodes,
+        edges,
+        services,
+    ))
 }
 
 /// Reads, validates and builds one flow file.

@@ -205,20 +205,48 @@ mod tests {
 
     #[test]
     fn finds_values_and_keys() {
-        let text = "{\n  \"nodes\": [\n    {\"id\": \"a\", \"qos\": 3},\n    {\"id\": \"b/c\"}\n  ]\n}";
+        let text =
+            "{\n  \"nodes\": [\n    {\"id\": \"a\", \"qos\": 3},\n    {\"id\": \"b/c\"}\n  ]\n}";
         let s = Spans::index(text);
         assert_eq!(s.value(""), Some(Pos { line: 1, column: 1 }));
         assert_eq!(s.value("/nodes/0"), Some(Pos { line: 3, column: 5 }));
-        assert_eq!(s.key_or_value("/nodes/0/qos"), Some(Pos { line: 3, column: 17 }));
-        assert_eq!(s.value("/nodes/0/qos"), Some(Pos { line: 3, column: 24 }));
-        assert_eq!(s.value("/nodes/1/id"), Some(Pos { line: 4, column: 12 }));
+        assert_eq!(
+            s.key_or_value("/nodes/0/qos"),
+            Some(Pos {
+                line: 3,
+                column: 17
+            })
+        );
+        assert_eq!(
+            s.value("/nodes/0/qos"),
+            Some(Pos {
+                line: 3,
+                column: 24
+            })
+        );
+        assert_eq!(
+            s.value("/nodes/1/id"),
+            Some(Pos {
+                line: 4,
+                column: 12
+            })
+        );
         // Missing members fall back to their parent.
-        assert_eq!(s.key_or_value("/nodes/1/nope"), Some(Pos { line: 4, column: 5 }));
+        assert_eq!(
+            s.key_or_value("/nodes/1/nope"),
+            Some(Pos { line: 4, column: 5 })
+        );
     }
 
     #[test]
     fn counts_characters_not_bytes() {
         let s = Spans::index("{\"é\": 1, \"x\": 2}");
-        assert_eq!(s.key_or_value("/x"), Some(Pos { line: 1, column: 10 }));
+        assert_eq!(
+            s.key_or_value("/x"),
+            Some(Pos {
+                line: 1,
+                column: 10
+            })
+        );
     }
 }

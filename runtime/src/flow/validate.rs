@@ -45,9 +45,16 @@ impl ValidatedFlow {
     }
 
     /// A [`FlowError`] located at `property` of `node` (or at the node).
-    pub fn error_at(&self, node: &NodeDecl, property: Option<&str>, kind: FlowErrorKind) -> FlowError {
+    pub fn error_at(
+        &self,
+        node: &NodeDecl,
+        property: Option<&str>,
+        kind: FlowErrorKind,
+    ) -> FlowError {
         let pos = match property {
-            Some(p) => self.spans.key_or_value(&format!("{}/{}", node.pointer, escape(p))),
+            Some(p) => self
+                .spans
+                .key_or_value(&format!("{}/{}", node.pointer, escape(p))),
             None => self.spans.value(&node.pointer),
         };
         FlowError {
@@ -71,7 +78,13 @@ struct Checker<'a> {
 }
 
 impl Checker<'_> {
-    fn push(&mut self, pointer: &str, node: Option<&str>, terminal: Option<&str>, kind: FlowErrorKind) {
+    fn push(
+        &mut self,
+        pointer: &str,
+        node: Option<&str>,
+        terminal: Option<&str>,
+        kind: FlowErrorKind,
+    ) {
         self.errors.push(FlowError {
             file: self.file.to_path_buf(),
             pos: self.spans.key_or_value(pointer),
@@ -81,7 +94,13 @@ impl Checker<'_> {
         });
     }
 
-    fn unknown_fields(&mut self, obj: &Map<String, Value>, pointer: &str, node: Option<&str>, allowed: &[&str]) {
+    fn unknown_fields(
+        &mut self,
+        obj: &Map<String, Value>,
+        pointer: &str,
+        node: Option<&str>,
+        allowed: &[&str],
+    ) {
         for k in obj.keys() {
             if !allowed.contains(&k.as_str()) {
                 self.push(
@@ -98,7 +117,14 @@ impl Checker<'_> {
         }
     }
 
-    fn wrong_type(&mut self, pointer: &str, node: Option<&str>, field: &str, expected: &str, v: &Value) {
+    fn wrong_type(
+        &mut self,
+        pointer: &str,
+        node: Option<&str>,
+        field: &str,
+        expected: &str,
+        v: &Value,
+    ) {
         self.push(
             pointer,
             node,
@@ -140,7 +166,13 @@ pub fn validate(
         errors: Vec::new(),
     };
     let Value::Object(top) = &root else {
-        c.wrong_type("", None, "the flow", "a JSON object with \"nodes\" and \"connections\"", &root);
+        c.wrong_type(
+            "",
+            None,
+            "the flow",
+            "a JSON object with \"nodes\" and \"connections\"",
+            &root,
+        );
         return Err(c.errors);
     };
     c.unknown_fields(top, "", None, FLOW_FIELDS);
@@ -159,7 +191,9 @@ pub fn validate(
                 None,
                 FlowErrorKind::BadValue {
                     property: "name".into(),
-                    message: format!("'{s}' must be 1-64 characters of letters, digits, '-', '_' or '.'"),
+                    message: format!(
+                        "'{s}' must be 1-64 characters of letters, digits, '-', '_' or '.'"
+                    ),
                 },
             );
             stem
@@ -189,7 +223,14 @@ pub fn validate(
         ),
         Some(Value::Array(nodes)) => {
             if nodes.is_empty() {
-                c.push("/nodes", None, None, FlowErrorKind::Structure("\"nodes\" is empty: a flow needs at least one input node".into()));
+                c.push(
+                    "/nodes",
+                    None,
+                    None,
+                    FlowErrorKind::Structure(
+                        "\"nodes\" is empty: a flow needs at least one input node".into(),
+                    ),
+                );
             }
             for (i, n) in nodes.iter().enumerate() {
                 let pointer = format!("/nodes/{i}");
@@ -217,10 +258,23 @@ pub fn validate(
         None => {}
         Some(Value::Array(conns)) => {
             for (i, conn) in conns.iter().enumerate() {
-                check_connection(&mut c, &format!("/connections/{i}"), conn, registry, &ids, &mut graph);
+                check_connection(
+                    &mut c,
+                    &format!("/connections/{i}"),
+                    conn,
+                    registry,
+                    &ids,
+                    &mut graph,
+                );
             }
         }
-        Some(v) => c.wrong_type("/connections", None, "connections", "an array of {\"from\", \"to\"} objects", v),
+        Some(v) => c.wrong_type(
+            "/connections",
+            None,
+            "connections",
+            "an array of {\"from\", \"to\"} objects",
+            v,
+        ),
     }
 
     // Cycles: any strongly connected component with more than one node, or a self-loop.
@@ -242,9 +296,11 @@ pub fn validate(
         }
     }
 
-    let has_input = graph
-        .node_weights()
-        .any(|n| registry.get(&n.type_name).is_some_and(|k| k.spec().inputs.is_empty()));
+    let has_input = graph.node_weights().any(|n| {
+        registry
+            .get(&n.type_name)
+            .is_some_and(|k| k.spec().inputs.is_empty())
+    });
     if graph.node_count() > 0 && !has_input && c.errors.is_empty() {
         c.push(
             "/nodes",
@@ -282,7 +338,8 @@ fn syntax_message(e: &serde_json::Error) -> String {
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 fn check_node(
@@ -293,7 +350,13 @@ fn check_node(
     ctx: &ValidateCtx,
 ) -> Option<NodeDecl> {
     let Value::Object(obj) = n else {
-        c.wrong_type(pointer, None, "a node", "an object with \"id\" and \"type\"", n);
+        c.wrong_type(
+            pointer,
+            None,
+            "a node",
+            "an object with \"id\" and \"type\"",
+            n,
+        );
         return None;
     };
     let id = match obj.get("id") {
@@ -305,7 +368,9 @@ fn check_node(
                 None,
                 FlowErrorKind::BadValue {
                     property: "id".into(),
-                    message: format!("'{s}' must be 1-64 characters of letters, digits, '-', '_' or '.'"),
+                    message: format!(
+                        "'{s}' must be 1-64 characters of letters, digits, '-', '_' or '.'"
+                    ),
                 },
             );
             None
@@ -315,7 +380,12 @@ fn check_node(
             None
         }
         None => {
-            c.push(pointer, None, None, FlowErrorKind::MissingProperty("id".into()));
+            c.push(
+                pointer,
+                None,
+                None,
+                FlowErrorKind::MissingProperty("id".into()),
+            );
             None
         }
     };
@@ -343,13 +413,24 @@ fn check_node(
             None
         }
         None => {
-            c.push(pointer, node, None, FlowErrorKind::MissingProperty("type".into()));
+            c.push(
+                pointer,
+                node,
+                None,
+                FlowErrorKind::MissingProperty("type".into()),
+            );
             None
         }
     };
     if let Some(Value::String(_)) | None = obj.get("description") {
     } else if let Some(v) = obj.get("description") {
-        c.wrong_type(&format!("{pointer}/description"), node, "description", "a string", v);
+        c.wrong_type(
+            &format!("{pointer}/description"),
+            node,
+            "description",
+            "a string",
+            v,
+        );
     }
     let kind = kind?;
     let spec = kind.spec();
@@ -361,7 +442,12 @@ fn check_node(
     for p in spec.props {
         let vp = format!("{pointer}/{}", escape(p.name));
         match obj.get(p.name) {
-            None if p.required => c.push(pointer, node, None, FlowErrorKind::MissingProperty(p.name.into())),
+            None if p.required => c.push(
+                pointer,
+                node,
+                None,
+                FlowErrorKind::MissingProperty(p.name.into()),
+            ),
             None => {}
             Some(v) => {
                 if let Err(kind) = check_prop(p.name, p.kind, v) {
@@ -431,15 +517,28 @@ fn check_prop(name: &str, kind: PropKind, v: &Value) -> Result<(), FlowErrorKind
         },
         PropKind::StrOrList => match v {
             Value::String(s) if !s.is_empty() => Ok(()),
-            Value::Array(a) if !a.is_empty() && a.iter().all(|x| x.as_str().is_some_and(|s| !s.is_empty())) => Ok(()),
-            Value::String(_) | Value::Array(_) => Err(bad("must be a non-empty string or a non-empty array of non-empty strings".into())),
+            Value::Array(a)
+                if !a.is_empty() && a.iter().all(|x| x.as_str().is_some_and(|s| !s.is_empty())) =>
+            {
+                Ok(())
+            }
+            Value::String(_) | Value::Array(_) => Err(bad(
+                "must be a non-empty string or a non-empty array of non-empty strings".into(),
+            )),
             _ => Err(wrong("a string or an array of strings")),
         },
-        PropKind::Bool => v.as_bool().map(|_| ()).ok_or_else(|| wrong("true or false")),
+        PropKind::Bool => v
+            .as_bool()
+            .map(|_| ())
+            .ok_or_else(|| wrong("true or false")),
         PropKind::Int { min, max } => match v.as_i64() {
             Some(n) if (min..=max).contains(&n) => Ok(()),
-            Some(n) => Err(bad(format!("{n} is out of range (allowed: {min} to {max})"))),
-            None if v.is_number() => Err(bad(format!("{v} is not a whole number (allowed: {min} to {max})"))),
+            Some(n) => Err(bad(format!(
+                "{n} is out of range (allowed: {min} to {max})"
+            ))),
+            None if v.is_number() => Err(bad(format!(
+                "{v} is not a whole number (allowed: {min} to {max})"
+            ))),
             None => Err(wrong(&format!("a whole number from {min} to {max}"))),
         },
         PropKind::Duration => parse_duration_value(v).map(|_| ()).map_err(bad),
@@ -465,7 +564,13 @@ fn check_connection(
     graph: &mut DiGraph<NodeDecl, Edge>,
 ) {
     let Value::Object(obj) = conn else {
-        c.wrong_type(pointer, None, "a connection", "an object {\"from\": \"node.Terminal\", \"to\": \"node\"}", conn);
+        c.wrong_type(
+            pointer,
+            None,
+            "a connection",
+            "an object {\"from\": \"node.Terminal\", \"to\": \"node\"}",
+            conn,
+        );
         return;
     };
     c.unknown_fields(obj, pointer, None, CONNECTION_FIELDS);
@@ -473,14 +578,35 @@ fn check_connection(
     for end in ["from", "to"] {
         match obj.get(end) {
             Some(Value::String(s)) => ends.push(s.as_str()),
-            Some(v) => c.wrong_type(&format!("{pointer}/{end}"), None, end, "a string \"node\" or \"node.Terminal\"", v),
-            None => c.push(pointer, None, None, FlowErrorKind::MissingProperty(end.into())),
+            Some(v) => c.wrong_type(
+                &format!("{pointer}/{end}"),
+                None,
+                end,
+                "a string \"node\" or \"node.Terminal\"",
+                v,
+            ),
+            None => c.push(
+                pointer,
+                None,
+                None,
+                FlowErrorKind::MissingProperty(end.into()),
+            ),
         }
     }
     let [from, to] = ends[..] else { return };
-    let from_ep = resolve(c, &format!("{pointer}/from"), "from", from, ids, graph, registry);
+    let from_ep = resolve(
+        c,
+        &format!("{pointer}/from"),
+        "from",
+        from,
+        ids,
+        graph,
+        registry,
+    );
     let to_ep = resolve(c, &format!("{pointer}/to"), "to", to, ids, graph, registry);
-    let (Some((fi, fk, fterm)), Some((ti, tk, tterm))) = (from_ep, to_ep) else { return };
+    let (Some((fi, fk, fterm)), Some((ti, tk, tterm))) = (from_ep, to_ep) else {
+        return;
+    };
     let from_id = graph[fi].id.clone();
     let to_id = graph[ti].id.clone();
     let fspec = fk.spec();
@@ -545,7 +671,11 @@ fn check_connection(
     }
 }
 
-type Endpoint<'s> = (NodeIndex, std::sync::Arc<dyn crate::node::NodeKind>, Option<&'s str>);
+type Endpoint<'s> = (
+    NodeIndex,
+    std::sync::Arc<dyn crate::node::NodeKind>,
+    Option<&'s str>,
+);
 
 fn resolve<'s>(
     c: &mut Checker<'_>,

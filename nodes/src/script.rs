@@ -1,0 +1,545 @@
+//! The Rhai support shared by Compute and Filter: a sandboxed engine per node, scripts compiled
+//! once at deploy, the trees exposed under IIB's names, and script failures turned into
+//! exceptions that carry the script's line and column.
+//!
+//! Inside a script, `Root`, `LocalEnvironment`, `Environment` and `ExceptionList` are maps.
+//! `propagate("Out1")` records a copy of the current `Root` and `LocalEnvironment` for that
+//! terminal; the engine hands the copies on, in call order, when the script has finished (a
+//! script is synchronous; propagation is not).
+
+use std::cell::RefCell;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flowbus_runtime::flow::FlowErrorKind;
+use flowbus_runtime::message::{numbers, Body, Exception, ExceptionKind, Message, Root};
+use flowbus_runtime::node::{NodeDecl, Problem, PropKind, PropSpec};
+use rhai::{Dynamic, Engine, EvalAltResult, Map as RMap, Position, Scope, AST};
+use serde_json::{Map, Value};
+
+/// The limit properties shared by Compute and Filter.
+pub const LIMIT_PROPS: [PropSpec; 5] = [
+    PropSpec::opt(
+        "max_operations",
+        PropKind::Int {
+            min: 1,
+            max: 1_000_000_000_000,
+        },
+    ),
+    PropSpec::opt(
+        "max_string_size",
+        PropKind::Int {
+            min: 1,
+            max: 1 << 30,
+        },
+    ),
+    PropSpec::opt(
+        "max_array_size",
+        PropKind::Int {
+            min: 1,
+            max: 1 << 28,
+        },
+    ),
+    PropSpec::opt(
+        "max_map_size",
+        PropKind::Int {
+            min: 1,
+            max: 1 << 28,
+        },
+    ),
+    PropSpec::opt("timeout", PropKind::Duration),
+];
+
+/// Sandbox limits of one node's scripts.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Rhai operations per run (an endless loop hits this).
+    pub max_operations: u64,
+    /// Longest string, in bytes.
+    pub max_string_size: usize,
+    /// Largest array.
+    pub max_array_size: usize,
+    /// Largest map.
+    pub max_map_size: usize,
+    /// Wall-clock time per run.
+    pub timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_operations: 10_000_000,
+            max_string_size: 16 * 1024 * 1024,
+            max_array_size: 1_000_000,
+            max_map_size: 100_000,
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Limits {
+    /// The limits a node declares (defaults for what it leaves out).
+    pub fn from_decl(decl: &NodeDecl) -> Limits {
+        let d = Limits::default();
+        let size = |name: &str, def: usize| decl.int(name).map_or(def, |n| n as usize);
+        Limits {
+            max_operations: decl
+                .int("max_operations")
+                .map_or(d.max_operations, |n| n as u64),
+            max_string_size: size("max_string_size", d.max_string_size),
+            max_array_size: size("max_array_size", d.max_array_size),
+            max_map_size: size("max_map_size", d.max_map_size),
+            timeout: decl.duration("timeout").unwrap_or(d.timeout),
+        }
+    }
+}
+
+/// Per-run state reachable from native functions (`propagate`): scripts run synchronously on
+/// one thread, so a thread-local is exact.
+struct RunState {
+    root: Dynamic,
+    local_env: Dynamic,
+    propagated: Vec<(String, Dynamic, Dynamic)>,
+    terminals: &'static [&'static str],
+    started: Instant,
+    timeout: Duration,
+}
+
+thread_local! {
+    static RUN: RefCell<Option<RunState>> = const { RefCell::new(None) };
+}
+
+/// Creates the sandboxed engine for a node.
+pub fn engine(limits: &Limits) -> Engine {
+    let mut e = Engine::new();
+    e.set_max_operations(limits.max_operations);
+    e.set_max_string_size(limits.max_string_size);
+    e.set_max_array_size(limits.max_array_size);
+    e.set_max_map_size(limits.max_map_size);
+    e.set_max_call_levels(64);
+    e.set_max_expr_depths(128, 64);
+    // `eval` would compile code at run time, outside the deploy-time checks.
+    e.disable_symbol("eval");
+    e.on_print(|s| tracing::info!(target: "flowbus::script", "{s}"));
+    e.on_debug(|s, src, pos| tracing::debug!(target: "flowbus::script", "{} {pos:?}: {s}", src.unwrap_or("")));
+    e.on_progress(|ops| {
+        if ops % 1024 != 0 {
+            return None;
+        }
+        RUN.with(|r| {
+            r.borrow().as_ref().and_then(|st| {
+                (st.started.elapsed() > st.timeout).then(|| {
+                    Dynamic::from(format!(
+                        "script ran longer than its timeout ({:?})",
+                        st.timeout
+                    ))
+                })
+            })
+        })
+    });
+    e.register_fn(
+        "propagate",
+        |terminal: &str| -> Result<(), Box<EvalAltResult>> {
+            RUN.with(|r| {
+                let mut r = r.borrow_mut();
+                let st = r
+                    .as_mut()
+                    .ok_or("propagate() is only available while a Compute script runs")?;
+                if !st.terminals.contains(&terminal) {
+                    return Err(format!(
+                        "propagate(\"{terminal}\"): no such terminal (use one of {})",
+                        st.terminals.join(", ")
+                    )
+                    .into());
+                }
+                let root = st.root.flatten_clone();
+                let le = st.local_env.flatten_clone();
+                st.propagated.push((terminal.to_string(), root, le));
+                Ok(())
+            })
+        },
+    );
+    e.register_fn("now", flowbus_runtime::time::now_rfc3339);
+    e.register_fn(
+        "json_encode",
+        |v: Dynamic| -> Result<String, Box<EvalAltResult>> {
+            serde_json::to_string(&v).map_err(|e| e.to_string().into())
+        },
+    );
+    e.register_fn(
+        "json_decode",
+        |s: &str| -> Result<Dynamic, Box<EvalAltResult>> {
+            serde_json::from_str::<Dynamic>(s).map_err(|e| format!("json_decode: {e}").into())
+        },
+    );
+    e
+}
+
+/// Where a script came from (for messages).
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// `enrich.rhai` or `inline code`.
+    pub name: String,
+}
+
+/// A compiled script with its engine.
+pub struct Script {
+    engine: Engine,
+    ast: AST,
+    source: Source,
+    limits: Limits,
+}
+
+/// Reads (`script`) or takes (`code`/`expression`) a node's script and compiles it. Problems
+/// name the property and, for compile errors, the script line and column.
+pub fn load(decl: &NodeDecl, flow_dir: &Path, code_props: &[&str]) -> Result<Script, Vec<Problem>> {
+    let limits = Limits::from_decl(decl);
+    let (text, source, prop) = if let Some(path) = decl.str("script") {
+        let full = flow_dir.join(path);
+        match std::fs::read_to_string(&full) {
+            Ok(t) => (
+                t,
+                Source {
+                    name: path.to_string(),
+                },
+                "script",
+            ),
+            Err(e) => {
+                return Err(vec![Problem::at(
+                    "script",
+                    FlowErrorKind::MissingFile {
+                        what: "script",
+                        path: full.display().to_string(),
+                        message: e.to_string(),
+                    },
+                )])
+            }
+        }
+    } else if let Some((p, code)) = code_props.iter().find_map(|p| decl.str(p).map(|c| (*p, c))) {
+        (
+            code.to_string(),
+            Source {
+                name: format!("inline {p}"),
+            },
+            p,
+        )
+    } else {
+        return Err(vec![Problem::node(FlowErrorKind::MissingProperty(
+            format!("script or {}", code_props.join(" or ")),
+        ))]);
+    };
+    let engine = engine(&limits);
+    match engine.compile(&text) {
+        Ok(ast) => Ok(Script {
+            engine,
+            ast,
+            source,
+            limits,
+        }),
+        Err(e) => {
+            let (line, column) = line_col(e.position());
+            Err(vec![Problem::at(
+                prop,
+                FlowErrorKind::Script {
+                    script: source.name,
+                    line,
+                    column,
+                    message: e.err_type().to_string(),
+                },
+            )])
+        }
+    }
+}
+
+fn line_col(p: Position) -> (u32, u32) {
+    (
+        p.line().unwrap_or(0) as u32,
+        p.position().unwrap_or(0) as u32,
+    )
+}
+
+/// What a script run produced.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The script's value.
+    pub value: Dynamic,
+    /// The message with the script's changes to `Root` and `LocalEnvironment`.
+    pub message: Message,
+    /// `propagate(...)` calls, in order: terminal and message.
+    pub propagated: Vec<(String, Message)>,
+}
+
+impl Script {
+    /// Runs the script against a message. Changes to `Environment` are written back to the
+    /// shared tree; changes to `ExceptionList` are ignored.
+    pub fn run(
+        &self,
+        msg: &Message,
+        terminals: &'static [&'static str],
+    ) -> Result<Outcome, Exception> {
+        let root = root_to_dynamic(&msg.root).into_shared();
+        let le = to_dynamic(&msg.local_env).into_shared();
+        let env = to_dynamic(&msg.environment.snapshot()).into_shared();
+        let mut scope = Scope::new();
+        scope.push_dynamic("Root", root.clone());
+        scope.push_dynamic("LocalEnvironment", le.clone());
+        scope.push_dynamic("Environment", env.clone());
+        let el = msg.exception_list.as_ref().map_or_else(
+            || Dynamic::from_map(RMap::new()),
+            |e| to_dynamic(&e.to_tree()),
+        );
+        scope.push_constant_dynamic("ExceptionList", el);
+
+        let prev = RUN.with(|r| {
+            r.borrow_mut().replace(RunState {
+                root: root.clone(),
+                local_env: le.clone(),
+                propagated: Vec::new(),
+                terminals,
+                started: Instant::now(),
+                timeout: self.limits.timeout,
+            })
+        });
+        let result = self
+            .engine
+            .eval_ast_with_scope::<Dynamic>(&mut scope, &self.ast);
+        let state = RUN.with(|r| std::mem::replace(&mut *r.borrow_mut(), prev));
+        let value = result.map_err(|e| self.exception(&e))?;
+
+        *msg.environment.lock() = from_dynamic(&env.flatten_clone(), "Environment")?;
+        let domain = msg.root.body.domain();
+        let build = |root: Dynamic, le: Dynamic| -> Result<Message, Exception> {
+            let mut m = msg.clone();
+            m.root = Arc::new(root_from_dynamic(root, domain)?);
+            m.local_env = Arc::new(from_dynamic(&le, "LocalEnvironment")?);
+            Ok(m)
+        };
+        let mut propagated = Vec::new();
+        for (t, r, l) in state.map(|s| s.propagated).unwrap_or_default() {
+            propagated.push((t, build(r, l)?));
+        }
+        let message = build(root.flatten_clone(), le.flatten_clone())?;
+        Ok(Outcome {
+            value,
+            message,
+            propagated,
+        })
+    }
+
+    fn exception(&self, e: &EvalAltResult) -> Exception {
+        let (line, column) = line_col(e.position());
+        let what = match e {
+            EvalAltResult::ErrorTooManyOperations(_) => format!(
+                "the script exceeded max_operations ({}): an endless loop? If the work is legitimate, raise the node's \"max_operations\"",
+                self.limits.max_operations
+            ),
+            EvalAltResult::ErrorDataTooLarge(kind, _) => format!(
+                "{kind} exceeded the node's limit (max_string_size {}, max_array_size {}, max_map_size {})",
+                self.limits.max_string_size, self.limits.max_array_size, self.limits.max_map_size
+            ),
+            EvalAltResult::ErrorTerminated(reason, _) => reason.to_string(),
+            EvalAltResult::ErrorRuntime(v, _) => format!("script threw: {v}"),
+            other => other.to_string(),
+        };
+        let mut what = what;
+        // Rhai appends " (line L, position C)" to some messages; we print the position once.
+        if let Some(cut) = what.find(" (line ") {
+            what.truncate(cut);
+        }
+        Exception::new(
+            ExceptionKind::Recoverable,
+            numbers::SCRIPT_ERROR,
+            format!(
+                "Rhai error in {} at line {line}, column {column}: {what}",
+                self.source.name
+            ),
+        )
+        .insert(self.source.name.clone())
+        .insert(line.to_string())
+        .insert(column.to_string())
+    }
+}
+
+fn to_dynamic(v: &Value) -> Dynamic {
+    // A serde_json::Value always converts.
+    rhai::serde::to_dynamic(v).unwrap_or(Dynamic::UNIT)
+}
+
+fn from_dynamic(d: &Dynamic, tree: &str) -> Result<Value, Exception> {
+    rhai::serde::from_dynamic::<Value>(d).map_err(|e| {
+        Exception::new(
+            ExceptionKind::Conversion,
+            numbers::SCRIPT_ERROR,
+            format!("the script left {tree} with a value that cannot be represented: {e}"),
+        )
+    })
+}
+
+fn root_to_dynamic(root: &Root) -> Dynamic {
+    let mut m = RMap::new();
+    m.insert(
+        "Properties".into(),
+        to_dynamic(&Value::Object(root.properties.clone())),
+    );
+    let body = match &root.body {
+        Body::Json(v) => to_dynamic(v),
+        Body::Text(s) => Dynamic::from(s.clone()),
+        Body::Blob(b) => Dynamic::from_blob(b.clone()),
+    };
+    m.insert("Body".into(), body);
+    Dynamic::from_map(m)
+}
+
+fn root_from_dynamic(d: Dynamic, domain: flowbus_runtime::Domain) -> Result<Root, Exception> {
+    let bad = |what: String| Exception::new(ExceptionKind::Conversion, numbers::SCRIPT_ERROR, what);
+    let mut map = d.try_cast::<RMap>().ok_or_else(|| {
+        bad(
+            "the script replaced Root with something that is not a map; set Root.Body instead"
+                .into(),
+        )
+    })?;
+    let properties = match map.remove("Properties") {
+        Some(p) => match from_dynamic(&p, "Root.Properties")? {
+            Value::Object(o) => o,
+            _ => return Err(bad("Root.Properties must stay a map".into())),
+        },
+        None => Map::new(),
+    };
+    let body = match map.remove("Body") {
+        None => Body::Json(Value::Null),
+        Some(b) if b.is_blob() => Body::Blob(b.cast::<rhai::Blob>()),
+        Some(b) if domain == flowbus_runtime::Domain::Text && b.is_string() => {
+            Body::Text(b.cast::<String>())
+        }
+        Some(b) => Body::Json(from_dynamic(&b, "Root.Body")?),
+    };
+    Ok(Root { properties, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn decl(props: Value) -> NodeDecl {
+        NodeDecl {
+            id: "c".into(),
+            type_name: "Compute".into(),
+            props: props.as_object().cloned().unwrap_or_default(),
+            pointer: "/nodes/0".into(),
+        }
+    }
+
+    const T: &[&str] = &["Out", "Out1"];
+
+    #[test]
+    fn reads_and_writes_the_trees() {
+        let s = load(
+            &decl(json!({"code": "Root.Body.f = Root.Body.c * 9 / 5 + 32; LocalEnvironment.Variables.x = 1; Environment.seen = true;"})),
+            Path::new("."),
+            &["code"],
+        )
+        .unwrap_or_else(|_| panic!("compiles"));
+        let msg = Message::new(Body::Json(json!({"c": 100})));
+        let out = s.run(&msg, T).unwrap();
+        assert_eq!(
+            out.message.root.body,
+            Body::Json(json!({"c": 100, "f": 212}))
+        );
+        assert_eq!(out.message.local_env["Variables"]["x"], json!(1));
+        assert_eq!(msg.environment.snapshot(), json!({"seen": true}));
+        // The input message is untouched.
+        assert_eq!(msg.root.body, Body::Json(json!({"c": 100})));
+    }
+
+    #[test]
+    fn propagate_copies_the_current_state() {
+        let s = load(
+            &decl(json!({"code": "Root.Body.n = 1; propagate(\"Out1\"); Root.Body.n = 2; false"})),
+            Path::new("."),
+            &["code"],
+        )
+        .unwrap_or_else(|_| panic!("compiles"));
+        let out = s.run(&Message::new(Body::Json(json!({}))), T).unwrap();
+        assert_eq!(out.value.as_bool().ok(), Some(false));
+        assert_eq!(out.propagated.len(), 1);
+        assert_eq!(out.propagated[0].0, "Out1");
+        assert_eq!(out.propagated[0].1.root.body, Body::Json(json!({"n": 1})));
+        assert_eq!(out.message.root.body, Body::Json(json!({"n": 2})));
+    }
+
+    #[test]
+    fn endless_loop_and_huge_allocation_become_exceptions() {
+        let s = load(
+            &decl(json!({"code": "loop { }", "max_operations": 10000})),
+            Path::new("."),
+            &["code"],
+        )
+        .unwrap_or_else(|_| panic!("compiles"));
+        let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
+        assert!(
+            e.text.contains("exceeded max_operations (10000)"),
+            "{}",
+            e.text
+        );
+        let s = load(
+            &decl(json!({"code": "let s = \"xx\";\nloop { s += s; }"})),
+            Path::new("."),
+            &["code"],
+        )
+        .unwrap_or_else(|_| panic!("compiles"));
+        let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
+        assert!(
+            e.text
+                .contains("Length of string exceeded the node's limit"),
+            "{}",
+            e.text
+        );
+        assert!(e.text.contains("line 2"), "{}", e.text);
+    }
+
+    #[test]
+    fn compile_errors_carry_line_and_column() {
+        let Err(p) = load(
+            &decl(json!({"code": "let x = 1;\nlet = 2;"})),
+            Path::new("."),
+            &["code"],
+        ) else {
+            panic!("must not compile")
+        };
+        match &p[0].kind {
+            FlowErrorKind::Script { line, column, .. } => assert_eq!((*line, *column), (2, 5)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn runtime_errors_name_script_line_and_column() {
+        let s = load(
+            &decl(json!({"code": "let a = 1;\nlet b = a + \"x\" * 2;"})),
+            Path::new("."),
+            &["code"],
+        )
+        .unwrap_or_else(|_| panic!("compiles"));
+        let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
+        assert!(
+            e.text
+                .starts_with("Rhai error in inline code at line 2, column"),
+            "{}",
+            e.text
+        );
+    }
+
+    #[test]
+    fn timeout_stops_a_slow_script() {
+        let s = load(
+            &decl(json!({"code": "let i = 0; loop { i += 1; }", "max_operations": 1_000_000_000_000_i64, "timeout": "50ms"})),
+            Path::new("."),
+            &["code"],
+        )
+        .unwrap_or_else(|_| panic!("compiles"));
+        let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
+        assert!(e.text.contains("longer than its timeout"), "{}", e.text);
+    }
+}
