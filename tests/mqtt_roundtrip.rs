@@ -99,6 +99,13 @@ async fn round_trip(qos: i32) {
     assert_eq!(s.open_connections, 0);
     assert_eq!(s.closed_connections, 3);
     flow.wait_entry("BIP12092", "Disconnected from", T).await;
+    if qos == 0 {
+        // A clean session unsubscribes; a persistent one keeps its subscription at the broker.
+        flow.wait_entry("BIP12095", "Unsubscribed from 'in/+/data'", T)
+            .await;
+    } else {
+        flow.wait_entry("BIP12101", "Stopping receipt", T).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

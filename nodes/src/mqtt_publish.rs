@@ -158,16 +158,17 @@ impl Publish {
             })?,
         };
         check_topic(&topic, false).map_err(bad_override)?;
-        let qos =
-            match get("qos") {
-                Some(v) => match v.as_i64() {
-                    Some(q @ 0..=2) => q as i32,
-                    _ => return Err(bad_override(format!(
+        let qos = match get("qos") {
+            Some(v) => match v.as_i64() {
+                Some(q @ 0..=2) => q as i32,
+                _ => {
+                    return Err(bad_override(format!(
                         "LocalEnvironment.Destination.MQTT.Output.qos must be 0, 1 or 2, found {v}"
-                    ))),
-                },
-                None => self.qos,
-            };
+                    )))
+                }
+            },
+            None => self.qos,
+        };
         let retained = match get("retained") {
             Some(Value::Bool(b)) => *b,
             Some(v) => return Err(bad_override(format!("LocalEnvironment.Destination.MQTT.Output.retained must be true or false, found {v}"))),

@@ -254,29 +254,44 @@ impl Subscribe {
             }
         }
 
-        // Shutdown: stop new deliveries, then finish everything already received.
+        // Shutdown: stop new deliveries, then finish everything already received (paho has
+        // acknowledged it to the broker, so it is ours to deliver).
         let deadline = self.config.mqtt.ack_timeout.0.min(Duration::from_secs(10));
-        if conn.is_connected() {
-            let unsub = conn.client.unsubscribe_many(&self.topics);
-            if let Ok(Ok(_)) = tokio::time::timeout(deadline, unsub).await {
-                for t in &self.topics {
-                    log.record(
-                        log.entry(
-                            Severity::Info,
-                            bip::SUBSCRIBED,
-                            format!("Unsubscribed from '{t}'"),
-                        )
-                        .tag("topic", t.clone()),
-                    );
+        if self.clean_session {
+            if conn.is_connected() {
+                let unsub = conn.client.unsubscribe_many(&self.topics);
+                if let Ok(Ok(_)) = tokio::time::timeout(deadline, unsub).await {
+                    for t in &self.topics {
+                        log.record(
+                            log.entry(
+                                Severity::Info,
+                                bip::SUBSCRIBED,
+                                format!("Unsubscribed from '{t}'"),
+                            )
+                            .tag("topic", t.clone()),
+                        );
+                    }
                 }
             }
+        } else {
+            // A persistent session keeps its subscription, so what is published while the
+            // daemon is down waits at the broker for the next start instead of being lost.
+            log.record(log.entry(
+                Severity::Info,
+                bip::FLOW_CONTROL,
+                format!(
+                    "Stopping receipt; the broker keeps the subscription to {} and its messages for client id '{}' until it reconnects",
+                    self.topics.iter().map(|t| format!("'{t}'")).collect::<Vec<_>>().join(", "),
+                    log.client_id
+                ),
+            ));
         }
+        conn.shutdown(deadline).await;
         conn.client.remove_message_callback();
         while let Ok(m) = rx.try_recv() {
             self.deliver(&m, &log, &sampler, &mut dispatcher).await;
         }
         dispatcher.drain().await;
-        conn.shutdown(deadline).await;
     }
 
     async fn deliver(

@@ -60,10 +60,17 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\nmax_inflight_messages 100\nset_tcp_nodelay true\nlog_dest none\n{extra}\n"
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence_location {}/\nmax_queued_messages 100000\nmax_inflight_messages 100\nset_tcp_nodelay true\nlog_dest none\n{}\n",
+                dir.display(),
+                if extra.contains("persistence true") { extra.to_string() } else { format!("persistence false\n{extra}") }
             ),
         )
         .expect("write mosquitto.conf");
+        // mosquitto started as root drops to its own user, which must be able to write here.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777));
+        }
         let mut b = Broker {
             port,
             conf,
@@ -137,6 +144,22 @@ impl Broker {
         }
     }
 
+    /// Stops the broker with SIGTERM (a persistent broker saves its sessions) and waits.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(c.id().to_string())
+                .status();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again after `kill` or `terminate`.
+    pub fn start_again(&mut self) {
+        self.spawn();
+    }
+
     /// Starts it again on the same port.
     pub fn restart(&mut self) {
         self.kill();
@@ -147,6 +170,7 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -366,5 +390,114 @@ pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) {
             "condition not met within {timeout:?}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A `flowbus run` process with its own scratch directory (config, flows, data, output).
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+}
+
+impl Daemon {
+    /// Writes the config and flows and starts `flowbus run --config ... --flows ...`.
+    pub fn spawn(config_toml: &str, flows: &[(&str, &str)]) -> Daemon {
+        let dir = scratch("daemon");
+        std::fs::write(dir.join("flowbus.toml"), config_toml).expect("config");
+        std::fs::create_dir_all(dir.join("flows")).expect("flows dir");
+        for (name, text) in flows {
+            std::fs::write(dir.join("flows").join(name), text).expect("flow");
+        }
+        let child = Command::new(env!("CARGO_BIN_EXE_flowbus"))
+            .arg("run")
+            .arg("--config")
+            .arg(dir.join("flowbus.toml"))
+            .arg("--flows")
+            .arg(dir.join("flows"))
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::fs::File::create(dir.join("stdout")).expect("stdout"))
+            .stderr(std::fs::File::create(dir.join("stderr")).expect("stderr"))
+            .spawn()
+            .expect("start flowbus");
+        Daemon {
+            child: Some(child),
+            dir,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, |c| c.id())
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr")).unwrap_or_default()
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stdout")).unwrap_or_default()
+    }
+
+    /// Waits until stderr has `n` lines containing `needle`.
+    pub async fn wait_log(&self, needle: &str, n: usize, timeout: Duration) {
+        let until = Instant::now() + timeout;
+        while self.stderr().matches(needle).count() < n {
+            assert!(
+                Instant::now() < until,
+                "no '{needle}' (x{n}) in the daemon's log:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// SIGTERM, then the exit status (panics if it does not exit within `timeout`).
+    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let until = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return st;
+            }
+            if Instant::now() > until {
+                let _ = child.kill();
+                panic!(
+                    "flowbus did not exit within {timeout:?} after SIGTERM; log:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The statistics JSON that `flowbus run` prints when it exits.
+    pub fn exit_stats(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout())
+            .unwrap_or_else(|e| panic!("exit statistics: {e}: {}", self.stdout()))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
