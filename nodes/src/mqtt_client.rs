@@ -439,7 +439,9 @@ pub struct ConnSpec<'a> {
     pub endpoint: &'a Endpoint,
     /// The client id.
     pub client_id: String,
-    /// Persistent session (clean session false) with file persistence under this directory.
+    /// Persistent session (clean session false).
+    pub persistent_session: bool,
+    /// Paho file persistence for in-flight publications under this directory.
     pub persist_dir: Option<PathBuf>,
     /// How long a connect attempt may take.
     pub connect_timeout: Duration,
@@ -482,7 +484,7 @@ impl Conn {
             .finalize();
         let client = paho::AsyncClient::new(create)
             .map_err(|e| format!("cannot create the MQTT client for {}: {e}", ep.url))?;
-        let persistent = spec.persist_dir.is_some();
+        let persistent = spec.persistent_session;
         let mut b = if v5 {
             paho::ConnectOptionsBuilder::new_v5()
         } else {
@@ -673,7 +675,11 @@ impl Conn {
                             log.record(log.entry(
                                 Severity::Warning,
                                 bip::CONNECTION_LOST,
-                                format!("Lost the connection to {}; reconnecting in {:?}", log.url, self.backoff.delay(0)),
+                                format!(
+                                    "Lost the connection to {}; reconnecting in {:?}",
+                                    log.url,
+                                    self.backoff.delay(0)
+                                ),
                             ));
                             tokio::select! {
                                 _ = self.stop.cancelled() => return,
@@ -689,7 +695,9 @@ impl Conn {
                             ));
                         }
                         _ => {
-                            match self.client.disconnect(None).await {
+                            // A grace period lets paho finish the acknowledgements of what it
+                            // already received, so the broker does not send those again.
+                            match self.client.disconnect_after(Duration::from_secs(1)).await {
                                 Ok(_) => log.record(log.entry(
                                     Severity::Info,
                                     bip::DISCONNECTED,
@@ -762,20 +770,22 @@ impl Conn {
     }
 }
 
-/// The `Duplicate` flag of a received message. paho-mqtt does not expose it, but its `Debug`
-/// output starts with the C struct, so we read the flag there and stop formatting as soon as
-/// it is found (the payload is never formatted).
-pub fn duplicate_flag(m: &paho::Message) -> bool {
+/// The `Duplicate` flag and packet id of a received message. paho-mqtt exposes neither, but
+/// its `Debug` output starts with the C struct (`... dup: 0, msgid: 7, ...`), so we read them
+/// there and stop formatting as soon as they are found (the payload is never formatted).
+pub fn wire_info(m: &paho::Message) -> (bool, i32) {
     struct Finder {
         buf: String,
-        found: Option<bool>,
+        found: Option<(bool, i32)>,
     }
     impl std::fmt::Write for Finder {
         fn write_str(&mut self, s: &str) -> std::fmt::Result {
             self.buf.push_str(s);
-            if let Some(i) = self.buf.find("dup: ") {
-                if let Some(c) = self.buf[i + 5..].chars().next() {
-                    self.found = Some(c == '1');
+            if let (Some(d), Some(i)) = (self.buf.find("dup: "), self.buf.find("msgid: ")) {
+                let rest = &self.buf[i + 7..];
+                if let Some(end) = rest.find(|c: char| !c.is_ascii_digit() && c != '-') {
+                    let dup = self.buf[d + 5..].starts_with('1');
+                    self.found = Some((dup, rest[..end].parse().unwrap_or(0)));
                     return Err(std::fmt::Error);
                 }
             }
@@ -790,7 +800,53 @@ pub fn duplicate_flag(m: &paho::Message) -> bool {
         found: None,
     };
     let _ = write!(f, "{m:?}");
-    f.found.unwrap_or(false)
+    f.found.unwrap_or((false, 0))
+}
+
+/// Remembers the last messages received (packet id, topic and payload hash), so that QoS 1
+/// messages the broker sends again after a reconnect — it resends what it had not yet seen
+/// acknowledged, with the `Duplicate` flag — are recognised and not processed twice.
+pub struct Redeliveries {
+    order: std::collections::VecDeque<(i32, u64)>,
+    seen: std::collections::HashMap<(i32, u64), u32>,
+    capacity: usize,
+}
+
+impl Redeliveries {
+    /// Remembers up to `capacity` messages.
+    pub fn new(capacity: usize) -> Redeliveries {
+        Redeliveries {
+            order: std::collections::VecDeque::with_capacity(capacity.min(4096)),
+            seen: std::collections::HashMap::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Records a received message; returns true when it is a redelivery of one already
+    /// received (flagged `Duplicate`, with the same packet id, topic and payload).
+    pub fn is_redelivery(&mut self, dup: bool, msgid: i32, topic: &str, payload: &[u8]) -> bool {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        topic.hash(&mut h);
+        payload.hash(&mut h);
+        let key = (msgid, h.finish());
+        if dup && self.seen.contains_key(&key) {
+            return true;
+        }
+        if self.order.len() == self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                if let Some(n) = self.seen.get_mut(&old) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.seen.remove(&old);
+                    }
+                }
+            }
+        }
+        self.order.push_back(key);
+        *self.seen.entry(key).or_insert(0) += 1;
+        false
+    }
 }
 
 /// v5 user properties as a JSON object (later values of a repeated key win).
@@ -906,9 +962,27 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_flag_reads_the_c_struct() {
+    fn wire_info_reads_the_c_struct() {
         let m = paho::Message::new("t", vec![1u8; 100], 1);
-        assert!(!duplicate_flag(&m));
+        assert_eq!(wire_info(&m), (false, 0));
+    }
+
+    #[test]
+    fn redeliveries_are_recognised_by_id_and_content() {
+        let mut r = Redeliveries::new(3);
+        assert!(!r.is_redelivery(false, 1, "t", b"a"));
+        assert!(!r.is_redelivery(false, 2, "t", b"a"));
+        // Same id and content, flagged as a resend: skip.
+        assert!(r.is_redelivery(true, 1, "t", b"a"));
+        // Same content, new id: a new message.
+        assert!(!r.is_redelivery(true, 3, "t", b"a"));
+        // Not flagged: always new (a reused id).
+        assert!(!r.is_redelivery(false, 1, "t", b"a"));
+        // Forgotten after `capacity` newer messages.
+        assert!(!r.is_redelivery(false, 4, "t", b"b"));
+        assert!(!r.is_redelivery(false, 5, "t", b"c"));
+        assert!(!r.is_redelivery(false, 6, "t", b"d"));
+        assert!(!r.is_redelivery(true, 2, "t", b"a"));
     }
 
     #[test]

@@ -231,6 +231,7 @@ impl Publish {
         let conn = Conn::new(ConnSpec {
             endpoint: &endpoint,
             client_id: cid,
+            persistent_session: !self.clean_session,
             persist_dir,
             connect_timeout: self.ack_timeout,
             backoff: Backoff::from_config(&self.config),
@@ -420,22 +421,19 @@ mod tests {
     fn node() -> Publish {
         let config = Arc::new(Config::default());
         Publish {
-            endpoint: Endpoint {
-                url: "tcp://127.0.0.1:1883".into(),
-                ..resolve_endpoint(
-                    &NodeDecl {
-                        id: "p".into(),
-                        type_name: "MQTTPublish".into(),
-                        props: json!({"url": "tcp://127.0.0.1:1883"})
-                            .as_object()
-                            .cloned()
-                            .unwrap_or_default(),
-                        pointer: String::new(),
-                    },
-                    &config,
-                )
-                .unwrap_or_else(|_| panic!("resolves"))
-            },
+            endpoint: resolve_endpoint(
+                &NodeDecl {
+                    id: "p".into(),
+                    type_name: "MQTTPublish".into(),
+                    props: json!({"url": "tcp://127.0.0.1:1883"})
+                        .as_object()
+                        .cloned()
+                        .unwrap_or_default(),
+                    pointer: String::new(),
+                },
+                &config,
+            )
+            .unwrap_or_else(|_| panic!("resolves")),
             topic: Some("out/t".into()),
             qos: 1,
             retain: false,

@@ -32,9 +32,9 @@ use serde_json::Value;
 use tokio::sync::{mpsc, Notify};
 
 use crate::mqtt_client::{
-    bip, check_common, check_topic, client_id, duplicate_flag, instance_id, resolve_endpoint,
-    topics, user_properties, Backoff, Conn, ConnSpec, Endpoint, LogCtx, Sampler, Want,
-    COMMON_PROPS,
+    bip, check_common, check_topic, client_id, instance_id, resolve_endpoint, topics,
+    user_properties, wire_info, Backoff, Conn, ConnSpec, Endpoint, LogCtx, Redeliveries, Sampler,
+    Want, COMMON_PROPS,
 };
 
 static SPEC: NodeSpec = NodeSpec {
@@ -167,12 +167,14 @@ impl Subscribe {
                 None,
             )
         });
-        let persist_dir =
-            (!self.clean_session).then(|| self.config.data_dir.join("mqtt").join(&cid));
+        // No file persistence for a subscriber: paho would restore (and deliver again) the
+        // received messages of its queue at every reconnect. Receipt is acknowledged on
+        // arrival, so the session alone keeps what the broker has not sent yet.
         let conn = match Conn::new(ConnSpec {
             endpoint: &self.endpoint,
             client_id: cid,
-            persist_dir,
+            persistent_session: !self.clean_session,
+            persist_dir: None,
             connect_timeout: self.config.mqtt.ack_timeout.0,
             backoff: Backoff::from_config(&self.config),
             services: self.services.clone(),
@@ -220,6 +222,7 @@ impl Subscribe {
         conn.spawn(subscriber(conn.clone(), self.topics.clone(), self.qos));
 
         let sampler = Sampler::new(10);
+        let mut redeliveries = Redeliveries::new((self.high * 8).max(8192));
         let mut dispatcher = Dispatcher::new(ctx.clone(), self.instances, self.in_flight);
         let mut paused = false;
         loop {
@@ -227,6 +230,11 @@ impl Subscribe {
                 biased;
                 _ = ctx.cancel().cancelled() => break,
                 _ = high_water.notified(), if !paused => {
+                    // A notification can outlive the condition (a permit stored while nobody
+                    // waited): act only if the queue is still at the mark.
+                    if depth.load(Ordering::SeqCst) < self.high {
+                        continue;
+                    }
                     paused = true;
                     conn.set_want(Want::Paused);
                     let mut msg = format!(
@@ -241,7 +249,7 @@ impl Subscribe {
                 m = rx.recv() => {
                     let Some(m) = m else { break };
                     depth.fetch_sub(1, Ordering::SeqCst);
-                    self.deliver(&m, &log, &sampler, &mut dispatcher).await;
+                    self.deliver(&m, &log, &sampler, &mut redeliveries, &mut dispatcher).await;
                     if paused && depth.load(Ordering::SeqCst) <= self.low {
                         paused = false;
                         conn.set_want(Want::Up);
@@ -289,7 +297,8 @@ impl Subscribe {
         conn.shutdown(deadline).await;
         conn.client.remove_message_callback();
         while let Ok(m) = rx.try_recv() {
-            self.deliver(&m, &log, &sampler, &mut dispatcher).await;
+            self.deliver(&m, &log, &sampler, &mut redeliveries, &mut dispatcher)
+                .await;
         }
         dispatcher.drain().await;
     }
@@ -299,9 +308,17 @@ impl Subscribe {
         m: &paho::Message,
         log: &LogCtx,
         sampler: &Sampler,
+        redeliveries: &mut Redeliveries,
         dispatcher: &mut Dispatcher,
     ) {
         let qos = m.qos() as i32;
+        let (dup, msgid) = if qos > 0 { wire_info(m) } else { (false, 0) };
+        if qos > 0 && redeliveries.is_redelivery(dup, msgid, m.topic(), m.payload()) {
+            // Already received and processed before a pause or reconnect: the broker sent it
+            // again because our acknowledgement had not reached it.
+            inc(&log.stats.redeliveries_skipped);
+            return;
+        }
         let (admit, summary) = sampler.admit();
         if let Some(n) = summary {
             log.record(log.entry(
@@ -332,10 +349,7 @@ impl Subscribe {
         let mut msg = Message::new(body);
         msg.set_local(&["MQTT", "Input", "Topic"], Value::from(m.topic()));
         msg.set_local(&["MQTT", "Input", "QualityOfService"], Value::from(qos));
-        msg.set_local(
-            &["MQTT", "Input", "Duplicate"],
-            Value::from(qos > 0 && duplicate_flag(m)),
-        );
+        msg.set_local(&["MQTT", "Input", "Duplicate"], Value::from(dup));
         msg.set_local(&["MQTT", "Input", "Retained"], Value::from(m.retained()));
         if let Some(up) = user_properties(m.properties()) {
             msg.set_local(&["MQTT", "Input", "UserProperties"], up);

@@ -52,6 +52,9 @@ pub struct ServerStats {
     pub failed_connections: AtomicU64,
     /// `QosDowngrades`.
     pub qos_downgrades: AtomicU64,
+    /// `RedeliveriesSkipped`: QoS 1 messages the broker sent again after a reconnect that had
+    /// already been received and processed.
+    pub redeliveries_skipped: AtomicU64,
 }
 
 /// A snapshot of [`ServerStats`], with IIB's names.
@@ -74,6 +77,8 @@ pub struct ServerSnapshot {
     pub failed_connections: u64,
     /// QoS downgrades.
     pub qos_downgrades: u64,
+    /// Redeliveries recognised and skipped.
+    pub redeliveries_skipped: u64,
 }
 
 impl ServerStats {
@@ -89,6 +94,7 @@ impl ServerStats {
             bytes_sent: r(&self.bytes_sent),
             failed_connections: r(&self.failed_connections),
             qos_downgrades: r(&self.qos_downgrades),
+            redeliveries_skipped: r(&self.redeliveries_skipped),
         }
     }
 }
