@@ -44,6 +44,7 @@ cases! {
     malformed_json_truncated,
     missing_required_property,
     missing_script_file,
+    mqtt_qos_out_of_range,
     no_input_node,
     not_an_object,
     rhai_error_in_inline_code,
@@ -54,6 +55,7 @@ cases! {
     unknown_node_property,
     unknown_node_type,
     unknown_output_terminal,
+    unknown_server,
     unknown_top_level_field,
     value_out_of_range,
     wrong_type,
@@ -190,6 +192,11 @@ fn binary_reports_several_problems() {
 #[test]
 fn binary_reports_rhai_compile_error_with_script_position() {
     check_binary("rhai_error_in_script_file");
+}
+
+#[test]
+fn binary_reads_flowbus_toml_of_the_working_directory() {
+    check_binary("unknown_server");
 }
 
 #[test]
