@@ -12,7 +12,8 @@
 //!     `Discarded`.
 //!   - `events`: *every* propagation of the whole run, in order, each
 //!     `{"at": "node.Terminal", ...}` — so both the terminals reached and their order are
-//!     exact. Optional members compared per event: `body` (`Root.Body`, exact),
+//!     exact. Optional members compared per event: `body` (`Root.Body`, exact), `domain`
+//!     (`JSON`, `TEXT` or `BLOB`: how the body is held, which `body` alone cannot tell),
 //!     `Properties`, `LocalEnvironment`, `ExceptionList` (patterns, below) and `Environment`
 //!     (a pattern against the shared tree as it is at the end of the run: it is one tree per
 //!     input message and never rolled back; copy it into the body in a script to see it at a
@@ -62,6 +63,7 @@ cases! {
     environment_shared_not_rolled_back,
     infinite_loop_to_failure,
     sibling_isolation,
+    text_domain,
     throw_custom_in_catch,
     trace_pattern_to_log,
     exception_to_input_catch,
@@ -210,6 +212,12 @@ fn check_event(i: usize, expected: &Map<String, Value>, at: &str, msg: &Message)
                 let body = msg.root.body.to_value();
                 if &body != v {
                     out.push(format!("{where_}.body: expected exactly {v}, found {body}"));
+                }
+            }
+            "domain" => {
+                let domain = msg.root.body.domain().name();
+                if v.as_str() != Some(domain) {
+                    out.push(format!("{where_}.domain: expected {v}, found {domain}"));
                 }
             }
             "Properties" => mismatches(
