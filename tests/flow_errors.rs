@@ -59,6 +59,11 @@ cases! {
     unknown_top_level_field,
     value_out_of_range,
     wrong_type,
+    duplicate_json_key,
+    zero_timer_interval,
+    script_error_beside_other_errors,
+    cycle_path_is_followed,
+    control_characters_escaped,
 }
 
 fn cases_dir() -> PathBuf {

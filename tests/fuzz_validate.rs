@@ -446,21 +446,6 @@ fn registry_and_ctx() -> (Registry, ValidateCtx, Arc<Config>) {
     (flowbus_nodes::registry(), ctx, Arc::new(config))
 }
 
-/// Whether a string (or key) of the document holds a control character.
-fn has_control_chars_in_strings(text: &str) -> bool {
-    fn walk(v: &Value) -> bool {
-        match v {
-            Value::String(s) => s.chars().any(char::is_control),
-            Value::Array(a) => a.iter().any(walk),
-            Value::Object(m) => m
-                .iter()
-                .any(|(k, v)| k.chars().any(char::is_control) || walk(v)),
-            _ => false,
-        }
-    }
-    serde_json::from_str::<Value>(text).is_ok_and(|v| walk(&v))
-}
-
 /// What is wrong with one error of a variant (empty when nothing is).
 fn error_problems(e: &FlowError, file: &Path, text: &str) -> Vec<String> {
     let mut p = Vec::new();
@@ -474,18 +459,13 @@ fn error_problems(e: &FlowError, file: &Path, text: &str) -> Vec<String> {
     if e.kind.to_string().trim().is_empty() {
         p.push(format!("has an empty message: {shown:?}"));
     }
-    // Known engine issue (reported): names and values from the flow file are echoed without
-    // escaping, so a string holding a control character (`"a\nb"`) breaks the one-error-per-line
-    // output. Only variants whose own strings hold one are let off this check.
-    if shown.chars().any(char::is_control) && !has_control_chars_in_strings(text) {
+    // Names and values from the flow file are escaped, so one error is always one line.
+    if shown.chars().any(char::is_control) {
         p.push(format!("holds a control character: {shown:?}"));
     }
     if let Some(pos) = e.pos {
         let lines: Vec<&str> = text.split('\n').collect();
-        // Known engine issue (reported): serde_json says column 0 for a syntax error at the
-        // start of a line (e.g. at end of input after a newline); the validator passes it on.
-        let known_column_zero = pos.column == 0 && matches!(e.kind, FlowErrorKind::Syntax(_));
-        if pos.line == 0 || (pos.column == 0 && !known_column_zero) {
+        if pos.line == 0 || pos.column == 0 {
             p.push(format!(
                 "position {}:{} is not 1-based: {shown}",
                 pos.line, pos.column
@@ -651,13 +631,15 @@ fn the_error_checks_can_fail() {
         err(Some((0, 1)), FlowErrorKind::MissingProperty("x".into())),
         err(Some((2, 0)), FlowErrorKind::MissingProperty("x".into())),
         err(None, FlowErrorKind::Structure(String::new())),
-        err(None, FlowErrorKind::MissingProperty("a\nb".into())),
-        err(None, FlowErrorKind::MissingProperty("a\u{1b}[2Jb".into())),
         FlowError {
             file: PathBuf::from("other.json"),
             ..good.clone()
         },
     ];
+    // Control characters from the file are shown escaped, never raw.
+    let shown = err(None, FlowErrorKind::MissingProperty("a\nb\u{1b}[2J".into())).to_string();
+    assert!(shown.ends_with("'a\\nb\\u{1b}[2J'"), "{shown}");
+    assert!(!shown.chars().any(char::is_control), "{shown:?}");
     for e in &bad {
         assert!(
             !error_problems(e, file, text).is_empty(),

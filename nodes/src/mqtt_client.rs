@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flowbus_runtime::activity::{NewEntry, Severity};
 use flowbus_runtime::config::{Config, ServerConfig};
@@ -79,8 +79,8 @@ pub fn check_common(node: &NodeDecl, _ctx: &ValidateCtx) -> Vec<Problem> {
                     .into(),
             },
         )),
-        (None, None) => p.push(Problem::node(FlowErrorKind::MissingProperty(
-            "server\" or \"url".into(),
+        (None, None) => p.push(Problem::node(FlowErrorKind::MissingOneOf(
+            "\"server\" (a server defined in flowbus.toml) or \"url\"".into(),
         ))),
         (None, Some(url)) => {
             if let Err(m) = normalise_url(url) {
@@ -364,43 +364,7 @@ impl LogCtx {
     }
 }
 
-/// Limits per-message entries (received, published) to a few per second per node; the rest
-/// are counted and summarised in one entry per second, so high rates neither flood the log nor
-/// evict connection events.
-pub struct Sampler {
-    state: Mutex<(Instant, u32, u64)>,
-    per_second: u32,
-}
-
-impl Sampler {
-    /// Allows `per_second` individual entries per second.
-    pub fn new(per_second: u32) -> Sampler {
-        Sampler {
-            state: Mutex::new((Instant::now(), 0, 0)),
-            per_second,
-        }
-    }
-
-    /// Whether this event gets its own entry; `Some(n)` in `.1` when a summary of `n`
-    /// suppressed events is due first.
-    pub fn admit(&self) -> (bool, Option<u64>) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut summary = None;
-        if st.0.elapsed() >= Duration::from_secs(1) {
-            if st.2 > 0 {
-                summary = Some(st.2);
-            }
-            *st = (Instant::now(), 0, 0);
-        }
-        if st.1 < self.per_second {
-            st.1 += 1;
-            (true, summary)
-        } else {
-            st.2 += 1;
-            (false, summary)
-        }
-    }
-}
+pub use flowbus_runtime::activity::Sampler;
 
 /// What the supervisor should do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -945,20 +909,6 @@ mod tests {
         assert!(check_topic("a/#/b", true).is_err());
         assert!(check_topic("a/+", false).is_err());
         assert!(check_topic("$share//a", true).is_err());
-    }
-
-    #[test]
-    fn sampler_admits_a_few_then_summarises() {
-        let s = Sampler::new(2);
-        assert_eq!(s.admit(), (true, None));
-        assert_eq!(s.admit(), (true, None));
-        assert_eq!(s.admit(), (false, None));
-        assert_eq!(s.admit(), (false, None));
-        {
-            let mut st = s.state.lock().unwrap();
-            st.0 -= Duration::from_secs(2);
-        }
-        assert_eq!(s.admit(), (true, Some(2)));
     }
 
     #[test]

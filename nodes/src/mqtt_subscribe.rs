@@ -356,7 +356,7 @@ impl Subscribe {
         }
         match error {
             None => dispatcher.submit(msg).await,
-            Some(e) => dispatcher.submit_failure(msg, e).await,
+            Some(e) => dispatcher.submit_failure(msg, *e).await,
         }
     }
 }
