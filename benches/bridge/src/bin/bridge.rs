@@ -35,6 +35,7 @@ const USAGE: &str = "bridge: a hand-written paho-mqtt bridge bench/in/# -> bench
   --qos Q           QoS of the subscription and of every publish (default 0)
   --mode MODE       wait (one publish at a time) or pipelined (default wait)
   --window W        pipelined: most unacknowledged publishes (default 1024)
+  --max-inflight M  paho's in-flight limit (default 20, mosquitto's max_inflight_messages)
   --persist DIR     give the publisher paho file persistence under DIR
   --shared-client   use one client for subscribe and publish";
 
@@ -46,7 +47,7 @@ struct Counters {
     failed: AtomicU64,
 }
 
-fn client(url: &str, id: &str, persist: Option<&str>) -> paho::AsyncClient {
+fn client(url: &str, id: &str, persist: Option<&str>, max_inflight: i32) -> paho::AsyncClient {
     let persistence = match persist {
         Some(dir) => paho::PersistenceType::FilePath(dir.into()),
         None => paho::PersistenceType::None,
@@ -65,7 +66,10 @@ fn client(url: &str, id: &str, persist: Option<&str>) -> paho::AsyncClient {
     let opts = paho::ConnectOptionsBuilder::with_mqtt_version(paho::MQTT_VERSION_3_1_1)
         .clean_session(true)
         .keep_alive_interval(Duration::from_secs(60))
-        .max_inflight(4096)
+        // Not above the broker's limit for incoming QoS 2 (mosquitto: max_inflight_messages,
+        // default 20): over it, mosquitto acknowledges a 3.1.1 client's QoS 2 publish with
+        // PUBREC and drops it. Paho queues the rest in order; the window still overlaps acks.
+        .max_inflight(max_inflight)
         .finalize();
     if let Err(e) = cli.connect(opts).wait() {
         fail(&format!("cannot connect to {url}: {e}"));
@@ -143,15 +147,21 @@ fn main() {
     let mode: String = a.get("mode", "wait".to_string());
     let window: usize = a.get("window", 1024usize).max(1);
     let persist = a.opt("persist");
+    let max_inflight: i32 = a.get("max-inflight", 20);
     if !(0..=2).contains(&qos) || !(mode == "wait" || mode == "pipelined") {
         fail("--qos must be 0..2 and --mode wait or pipelined");
     }
     let me = std::process::id();
-    let sub = client(&url, &format!("bench-bridge-sub-{me}"), None);
+    let sub = client(&url, &format!("bench-bridge-sub-{me}"), None, max_inflight);
     let publ = if a.flag("shared-client") {
         sub.clone()
     } else {
-        client(&url, &format!("bench-bridge-pub-{me}"), persist.as_deref())
+        client(
+            &url,
+            &format!("bench-bridge-pub-{me}"),
+            persist.as_deref(),
+            max_inflight,
+        )
     };
     let counters = Arc::new(Counters::default());
     let (tx, rx) = mpsc::unbounded_channel::<paho::Message>();

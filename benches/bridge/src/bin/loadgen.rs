@@ -44,6 +44,9 @@ const USAGE: &str = "loadgen: measure an MQTT bridge from bench/in/# to bench/ou
   --ready-timeout S    wait this long for the system to bridge a probe (default 60)
   --pid PID            measure this process (the system under test): CPU seconds, peak RSS
   --broker-pid PID     also report the broker's CPU seconds
+  --max-inflight M     paho's in-flight limit for the producer (default 20: mosquitto's
+                       max_inflight_messages; over it, mosquitto drops QoS 2 publishes of an
+                       MQTT 3.1.1 client after acknowledging them)
   --direct             broker only: publish straight to bench/out/<k> (no system in between)";
 
 /// Microseconds on a monotonic clock shared by producer and consumer (one process).
@@ -163,7 +166,7 @@ impl Producer {
     }
 }
 
-fn connect(url: &str, id: &str) -> paho::AsyncClient {
+fn connect(url: &str, id: &str, max_inflight: i32) -> paho::AsyncClient {
     let cli = paho::AsyncClient::new(
         paho::CreateOptionsBuilder::new()
             .server_uri(url)
@@ -178,7 +181,7 @@ fn connect(url: &str, id: &str) -> paho::AsyncClient {
     let opts = paho::ConnectOptionsBuilder::with_mqtt_version(paho::MQTT_VERSION_3_1_1)
         .clean_session(true)
         .keep_alive_interval(Duration::from_secs(60))
-        .max_inflight(4096)
+        .max_inflight(max_inflight)
         .finalize();
     if let Err(e) = cli.connect(opts).wait() {
         fail(&format!("cannot connect to {url}: {e}"));
@@ -217,6 +220,19 @@ fn analyse(events: &[Rec], run: u64, sent: u64, first_send: u64, topics: usize) 
         }
     }
     let unique = count.iter().filter(|&&c| c > 0).count() as u64;
+    // Where the missing messages are (the first few ranges), to tell a burst from a trickle.
+    let mut missing = Vec::new();
+    let mut i = 0;
+    while i < count.len() && missing.len() < 5 {
+        if count[i] == 0 {
+            let start = i;
+            while i < count.len() && count[i] == 0 {
+                i += 1;
+            }
+            missing.push(format!("{start}..{}", i - 1));
+        }
+        i += 1;
+    }
     let dups: u64 = count.iter().map(|&c| u64::from(c.saturating_sub(1))).sum();
     lat.sort_by(f64::total_cmp);
     let elapsed = (last_recv.saturating_sub(first_send)) as f64 / 1e6;
@@ -227,6 +243,7 @@ fn analyse(events: &[Rec], run: u64, sent: u64, first_send: u64, topics: usize) 
         "dups": dups,
         "order_violations": order,
         "unexpected": unexpected,
+        "missing": missing,
         "elapsed_s": round(elapsed, 4),
         "rate": if elapsed > 0.0 { round(unique as f64 / elapsed, 0) } else { 0.0 },
         "p50_ms": stats::percentile(&lat, 50.0).map(|x| round(x, 3)),
@@ -270,6 +287,7 @@ fn main() {
     let rate: f64 = a.get("rate", 1000.0);
     let k: usize = a.get("topics", 1usize).max(1);
     let idle = Duration::from_secs_f64(a.get("idle", 3.0));
+    let max_inflight: i32 = a.get("max-inflight", 20);
     let ready_timeout = Duration::from_secs_f64(a.get("ready-timeout", 60.0));
     let pid: Option<u32> = a.opt("pid").map(|_| a.get("pid", 0));
     let broker_pid: Option<u32> = a.opt("broker-pid").map(|_| a.get("broker-pid", 0));
@@ -300,7 +318,7 @@ fn main() {
         "bench/in"
     };
     let me = std::process::id();
-    let consumer = connect(&url, &format!("bench-consumer-{me}"));
+    let consumer = connect(&url, &format!("bench-consumer-{me}"), max_inflight);
     {
         let shared = shared.clone();
         // Runs on the Paho library thread: scan, append, notify; never block.
@@ -314,7 +332,7 @@ fn main() {
         fail(&format!("cannot subscribe to bench/out/#: {e}"));
     }
     let mut prod = Producer {
-        cli: connect(&url, &format!("bench-producer-{me}")),
+        cli: connect(&url, &format!("bench-producer-{me}"), max_inflight),
         qos,
         topics: (0..k).map(|i| format!("{prefix}/{i}")).collect(),
         tokens: VecDeque::new(),
