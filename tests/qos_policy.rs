@@ -326,3 +326,114 @@ async fn per_topic_rules_choose_the_qos_and_the_log_names_the_rule() {
     assert_eq!(published.tags["rule"], "devices/+/provision");
     flow.stop().await;
 }
+
+fn doctor(dir: &std::path::Path, extra_args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flowbus"))
+        .arg("doctor")
+        .arg("--config")
+        .arg(dir.join("flowbus.toml"))
+        .arg("--flows")
+        .arg(dir.join("flows"))
+        .args(extra_args)
+        .output()
+        .expect("run flowbus doctor");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn doctor_setup(config: &str, flows: &[(&str, String)]) -> std::path::PathBuf {
+    let dir = common::scratch("doctor");
+    std::fs::create_dir_all(dir.join("flows")).unwrap();
+    std::fs::write(dir.join("flowbus.toml"), config).unwrap();
+    for (name, text) in flows {
+        std::fs::write(dir.join("flows").join(name), text).unwrap();
+    }
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_finds_the_mismatch_over_v5_and_v311_and_explains_the_fix() {
+    for version in [5u8, 3] {
+        let normal = Broker::start("");
+        let gateway = Broker::start("max_qos 1");
+        let dir = doctor_setup(
+            &server(&gateway.url(), version, ""),
+            &[("provisioning.json", publish_flow(&normal.url(), Some(2)))],
+        );
+        let (code, table) = doctor(&dir, &[]);
+        assert_eq!(code, 1, "v{version}: a mismatch exits non-zero:\n{table}");
+        let how = if version == 5 {
+            "1 (CONNACK)"
+        } else {
+            "1 (probe subscription)"
+        };
+        assert!(
+            table.contains(&format!("reachable  -    anonymous  {how}")),
+            "v{version}:\n{table}"
+        );
+        let row = table
+            .lines()
+            .find(|l| l.contains("devices/d1/provision"))
+            .expect("a row for the publish node");
+        assert!(
+            row.contains("  2          1      mismatch  "),
+            "v{version}: {row}"
+        );
+        assert!(
+            row.contains("fix: lower the node's qos to 1, allow QoS 2 on the broker"),
+            "{row}"
+        );
+        let (_, json) = doctor(&dir, &["--json"]);
+        let report: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(report["ok"], false);
+        let out = report["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == "out")
+            .unwrap();
+        assert_eq!(out["requested"], 2);
+        assert_eq!(out["limit"], 1);
+        assert_eq!(out["verdict"], "mismatch");
+        // The subscriber on the normal broker is fine.
+        let input = report["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node"] == "in")
+            .unwrap();
+        assert_eq!(input["verdict"], "ok");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_passes_aligned_flows_and_fails_on_an_unreachable_server() {
+    let normal = Broker::start("");
+    let gateway = Broker::start("max_qos 1");
+    // QoS 1 on the gateway: aligned.
+    let dir = doctor_setup(
+        &server(&gateway.url(), 3, ""),
+        &[("p.json", publish_flow(&normal.url(), Some(1)))],
+    );
+    let (code, table) = doctor(&dir, &[]);
+    assert_eq!(code, 0, "{table}");
+    assert!(
+        table.ends_with("All MQTT nodes can run at the QoS they ask for.\n"),
+        "{table}"
+    );
+    // The gateway down.
+    let down = format!("tcp://127.0.0.1:{}", common::free_port());
+    let dir = doctor_setup(
+        &server(&down, 3, ""),
+        &[("p.json", publish_flow(&normal.url(), Some(1)))],
+    );
+    let (code, table) = doctor(&dir, &["--timeout", "2s"]);
+    assert_eq!(code, 1, "{table}");
+    assert!(table.contains("UNREACHABLE"), "{table}");
+    assert!(
+        table.contains(&format!("fix: make {down} reachable")),
+        "{table}"
+    );
+}

@@ -352,6 +352,30 @@ pub fn ssl_options(tls: &Tls) -> Result<paho::SslOptions, String> {
     Ok(ssl.finalize())
 }
 
+/// A paho error in words an operator can act on (paho-mqtt 0.14 prints a refused CONNACK
+/// as "(0)", and TLS failures only as a connect failure).
+pub fn describe_error(e: &paho::Error, url: &str) -> String {
+    use paho::ConnectReturnCode as C;
+    match e {
+        paho::Error::ConnectReturn(code) => {
+            let what = match code {
+                C::UnacceptableProtocolVersion => "it does not support this MQTT version (set version = 3 or 5 for the server)",
+                C::IdentifierRejected => "it rejected the client id (set client_id on the node)",
+                C::ServerUnavailable => "the MQTT service is unavailable",
+                C::BadUserNameOrPassword => "bad user name or password (check username and password_env/password_file)",
+                C::NotAuthorized => "not authorized (check username, password and the broker's ACL)",
+                C::Accepted => "accepted",
+            };
+            format!("the broker refused the connection: {what} (CONNACK return code {})", *code as i32)
+        }
+        paho::Error::ReasonCode(rc, _) => format!("the broker refused the connection: {rc}"),
+        paho::Error::TcpTlsConnectFailure if url.starts_with("ssl://") => {
+            "TCP/TLS connect failure (TLS handshake failed: check ca_file, the server certificate's host name, and cert_file/key_file if the broker requires a client certificate)".to_string()
+        }
+        other => other.to_string(),
+    }
+}
+
 /// The reconnect schedule: `initial`, then `step` longer each attempt, at most `max`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
@@ -751,6 +775,28 @@ impl Conn {
         }
     }
 
+    /// Connects once, without the supervisor (for `flowbus doctor`); returns the broker's
+    /// CONNACK Maximum QoS (MQTT v5) if it sent one.
+    pub async fn connect_once(&self, timeout: Duration) -> Result<Option<u8>, String> {
+        match tokio::time::timeout(timeout, self.client.connect(self.opts.clone())).await {
+            Ok(Ok(resp)) => {
+                let max = resp
+                    .properties()
+                    .get_int(paho::PropertyCode::MaximumQos)
+                    .map(|q| q.clamp(0, 2) as u8);
+                if let Some(q) = max {
+                    self.learn_limit(q, Source::Connack);
+                }
+                Ok(max)
+            }
+            Ok(Err(e)) => Err(describe_error(&e, &self.log.url)),
+            Err(_) => Err(format!(
+                "no answer within {}",
+                humantime::format_duration(timeout)
+            )),
+        }
+    }
+
     /// Learns the broker's QoS limit for an MQTT 3.1.1 connection, which has no CONNACK
     /// property for it: subscribes to a private topic at QoS 2 and reads the granted QoS from
     /// the SUBACK, then unsubscribes. Returns the granted QoS (None when refused or
@@ -953,6 +999,7 @@ impl Conn {
                     }
                 }
                 Err(e) => {
+                    let e = describe_error(&e, &log.url);
                     inc(&log.stats.failed_connections);
                     let delay = self.backoff.delay(failures);
                     if failures == 0 {

@@ -38,19 +38,29 @@ impl Source {
         }
     }
 
-    /// What an operator can change to allow more.
-    pub fn fix(&self, requested: u8, allowed: u8) -> String {
+    /// What to change so that `requested` is allowed.
+    pub fn raise(&self, requested: u8) -> String {
         match self {
-            Source::ServerPolicy(s) => format!(
-                "lower the node's qos to {allowed}, raise max_qos of [servers.{s}] to {requested}, or set on_qos_mismatch = \"downgrade\""
-            ),
-            Source::Rule(t) => format!(
-                "lower the node's qos to {allowed}, change the QoS rule for '{t}', or set on_qos_mismatch = \"downgrade\""
-            ),
+            Source::ServerPolicy(s) => format!("raise max_qos of [servers.{s}] to {requested}"),
+            Source::Rule(t) => format!("change the QoS rule for '{t}'"),
             Source::Connack | Source::Suback => format!(
-                "lower the node's qos to {allowed}, allow QoS {requested} on the broker (mosquitto: max_qos {requested} on the listener; an IoT gateway: its maxQoS setting), or set on_qos_mismatch = \"downgrade\" on the server"
+                "allow QoS {requested} on the broker (mosquitto: max_qos {requested} on the listener; an IoT gateway: its maxQoS setting)"
             ),
         }
+    }
+
+    /// What an operator can change: the node, the limit, or the policy.
+    pub fn fix(&self, requested: u8, allowed: u8) -> String {
+        let policy = match self {
+            Source::Connack | Source::Suback => {
+                "or set on_qos_mismatch = \"downgrade\" on the server"
+            }
+            _ => "or set on_qos_mismatch = \"downgrade\"",
+        };
+        format!(
+            "lower the node's qos to {allowed}, {}, {policy}",
+            self.raise(requested)
+        )
     }
 }
 
