@@ -212,9 +212,8 @@ pub async fn run(
     let mut servers: BTreeMap<(String, u8), ServerReport> = BTreeMap::new();
     for (_, _, ep) in &nodes {
         let key = (ep.url.clone(), ep.version);
-        if !servers.contains_key(&key) {
-            let r = probe_server(ep, config, timeout).await;
-            servers.insert(key, r);
+        if let std::collections::btree_map::Entry::Vacant(slot) = servers.entry(key) {
+            slot.insert(probe_server(ep, config, timeout).await);
         }
     }
     let mut rows = Vec::new();
