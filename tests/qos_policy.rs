@@ -146,9 +146,9 @@ async fn publish_downgrades(version: u8) {
         warnings[0].message
     );
     assert!(
-        warnings[0]
-            .message
-            .ends_with("on_qos_mismatch = \"downgrade\": using QoS 1"),
+        warnings[0].message.contains(
+            "; on_qos_mismatch = \"downgrade\": using QoS 1 (for QoS 2, allow QoS 2 on the broker"
+        ),
         "{}",
         warnings[0].message
     );

@@ -16,7 +16,7 @@ use std::time::Duration;
 use flowbus_runtime::activity::{NewEntry, Severity};
 use flowbus_runtime::config::{Config, ServerConfig};
 
-use crate::qos_policy::{mismatch_text, Decision, Policy, Source};
+use crate::qos_policy::{mismatch_head, mismatch_text, Decision, Policy, Source};
 use flowbus_runtime::engine::Cancel;
 use flowbus_runtime::flow::FlowErrorKind;
 use flowbus_runtime::node::{NodeDecl, Problem, PropKind, PropSpec, ValidateCtx};
@@ -548,15 +548,9 @@ impl PolicyGate {
                             Severity::Warning,
                             bip::QOS_DOWNGRADE,
                             format!(
-                                "{}; on_qos_mismatch = \"downgrade\": using QoS {allowed}",
-                                mismatch_text(
-                                    &log.node,
-                                    topic,
-                                    requested,
-                                    allowed,
-                                    &self.policy.server,
-                                    &source
-                                )
+                                "{}; on_qos_mismatch = \"downgrade\": using QoS {allowed} (for QoS {requested}, {})",
+                                mismatch_head(&log.node, topic, requested, allowed, &self.policy.server, &source),
+                                source.raise(requested)
                             ),
                         )
                         .tag("topic", topic)

@@ -216,7 +216,22 @@ pub fn filter_covers(filter: &str, topic: &str) -> bool {
     }
 }
 
-/// The problem statement in the words of the seed's error, with the fix.
+/// The problem statement in the words of the seed's error.
+pub fn mismatch_head(
+    node: &str,
+    topic: &str,
+    requested: u8,
+    allowed: u8,
+    server: &str,
+    source: &Source,
+) -> String {
+    format!(
+        "QoS policy mismatch on node '{node}', topic '{topic}': requested QoS {requested}, allowed QoS {allowed} on server {server} (limited by {})",
+        source.describe()
+    )
+}
+
+/// The problem statement with the fix (policy `fail`).
 pub fn mismatch_text(
     node: &str,
     topic: &str,
@@ -226,8 +241,8 @@ pub fn mismatch_text(
     source: &Source,
 ) -> String {
     format!(
-        "QoS policy mismatch on node '{node}', topic '{topic}': requested QoS {requested}, allowed QoS {allowed} on server {server} (limited by {}); fix: {}",
-        source.describe(),
+        "{}; fix: {}",
+        mismatch_head(node, topic, requested, allowed, server, source),
         source.fix(requested, allowed)
     )
 }
