@@ -268,6 +268,7 @@ fn cmd_run(
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let mut config = load_config(config)?;
     if !flows.is_empty() {

@@ -2,12 +2,17 @@
 //!
 //! - [`compute`], [`filter`]: Rhai scripts, sharing [`script`] (sandboxed engine, tree
 //!   conversion, errors with script line:column).
+//! - [`mqtt_subscribe`], [`mqtt_publish`]: the MQTT nodes, sharing [`mqtt_client`] (one paho
+//!   client per node, the reconnect supervisor, activity-log events and statistics).
 //! - [`trace`], [`trycatch`], [`throw`], [`timer`]: flow plumbing and a broker-less input.
 //!
 //! [`registry`] maps every type name to its kind.
 
 pub mod compute;
 pub mod filter;
+pub mod mqtt_client;
+pub mod mqtt_publish;
+pub mod mqtt_subscribe;
 pub mod script;
 pub mod throw;
 pub mod timer;
@@ -24,6 +29,8 @@ pub fn registry() -> Registry {
         .register(trace::TraceKind)
         .register(trycatch::TryCatchKind)
         .register(throw::ThrowKind)
-        .register(timer::TimerKind);
+        .register(timer::TimerKind)
+        .register(mqtt_subscribe::SubscribeKind)
+        .register(mqtt_publish::PublishKind);
     r
 }

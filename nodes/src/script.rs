@@ -161,6 +161,11 @@ pub fn engine(limits: &Limits) -> Engine {
         },
     );
     e.register_fn("now", flowbus_runtime::time::now_rfc3339);
+    e.register_fn("now_micros", || -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_micros() as i64)
+    });
     e.register_fn(
         "json_encode",
         |v: Dynamic| -> Result<String, Box<EvalAltResult>> {

@@ -557,6 +557,12 @@ impl Flow {
 
     /// Starts every input node on its own task. Must be called inside a tokio runtime.
     pub fn start(&self) -> RunningFlow {
+        // Outputs before inputs: processing nodes get ready (connect) first.
+        for slot in &self.inner.slots {
+            if let Imp::Processing(p) = &slot.imp {
+                p.clone().start();
+            }
+        }
         let mut tasks = Vec::new();
         for (node, slot) in self.inner.slots.iter().enumerate() {
             if let Imp::Input(i) = &slot.imp {
@@ -625,11 +631,19 @@ impl RunningFlow {
             }
         }
         let inner = &self.flow.inner;
+        // Then the processing nodes, in reverse order, within what is left of the deadline.
+        for slot in inner.slots.iter().rev() {
+            if let Imp::Processing(p) = &slot.imp {
+                if tokio::time::timeout_at(until, p.stop()).await.is_err() {
+                    late.push(slot.id.clone());
+                }
+            }
+        }
         let msg = if late.is_empty() {
             format!("flow '{}' stopped", inner.name)
         } else {
             format!(
-                "flow '{}' stopped; input nodes {} did not finish within {:?} and were aborted",
+                "flow '{}' stopped; nodes {} did not finish within {:?} and were aborted",
                 inner.name,
                 late.join(", "),
                 deadline

@@ -52,6 +52,15 @@ pub trait ProcessingNode: Send + Sync + 'static {
     /// `propagate` returns when that branch has finished).
     fn process<'a>(&'a self, msg: Message, out: Outputs<'a>)
         -> BoxFut<'a, Result<(), NodeFailure>>;
+
+    /// Called when the flow starts, before any input node runs (inside the tokio runtime):
+    /// a node that holds a connection starts connecting here.
+    fn start(self: Arc<Self>) {}
+
+    /// Called when the flow stops, after every input node has finished: release connections.
+    fn stop(&self) -> BoxFut<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// A node without input terminals: it owns its loop (a timer, a subscription).

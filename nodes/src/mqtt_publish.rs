@@ -1,0 +1,494 @@
+//! `MQTTPublish`: publishes `Root.Body` and propagates to `Out` once the broker has
+//! acknowledged it (QoS 1/2), with `LocalEnvironment.WrittenDestination.MQTT.{ClientId, Topic,
+//! QoS, MessageId}`. Topic, QoS, retain and URL can be overridden per message by
+//! `LocalEnvironment.Destination.MQTT.Output.{TopicName, qos, retained, URL}` (and
+//! `UserProperties` on MQTT v5).
+//!
+//! The IIB contract: wait up to `ack_timeout` for the ack; if none, reconnect and retry once;
+//! if still none, exception BIP12099 → `Failure` when connected, otherwise thrown back to the
+//! input node. Publishing while disconnected waits for the connection within the same timeout
+//! and then fails through the same path. QoS 1/2 use a persistent session with Paho file
+//! persistence under the data directory, so publications in flight survive a reconnect or a
+//! restart.
+//!
+//! Ordering: the enqueue (wait for the connection, hand the message to paho) happens under a
+//! FIFO lock, so messages go out in the order they reach the node; only the ack wait overlaps.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flowbus_runtime::activity::Severity;
+use flowbus_runtime::config::Config;
+use flowbus_runtime::engine::Outputs;
+use flowbus_runtime::flow::FlowErrorKind;
+use flowbus_runtime::message::{Exception, ExceptionKind, Message};
+use flowbus_runtime::node::{
+    BoxFut, BuildCtx, BuiltNode, NodeDecl, NodeFailure, NodeKind, NodeSpec, Problem,
+    ProcessingNode, PropKind, PropSpec, ValidateCtx,
+};
+use flowbus_runtime::services::Services;
+use flowbus_runtime::stats::{add, inc};
+use paho_mqtt as paho;
+use serde_json::Value;
+
+use crate::mqtt_client::{
+    bip, check_common, check_topic, client_id, instance_id, normalise_url, resolve_endpoint,
+    Backoff, Conn, ConnSpec, Endpoint, Sampler, COMMON_PROPS,
+};
+
+static SPEC: NodeSpec = NodeSpec {
+    type_name: "MQTTPublish",
+    inputs: &["In"],
+    outputs: &["Out", "Failure"],
+    props: &[
+        COMMON_PROPS[0],
+        COMMON_PROPS[1],
+        COMMON_PROPS[2],
+        COMMON_PROPS[3],
+        COMMON_PROPS[4],
+        COMMON_PROPS[5],
+        PropSpec::opt("topic", PropKind::Str),
+        PropSpec::opt("retain", PropKind::Bool),
+        PropSpec::opt("ack_timeout", PropKind::Duration),
+    ],
+};
+
+/// The MQTTPublish node kind.
+pub struct PublishKind;
+
+impl NodeKind for PublishKind {
+    fn spec(&self) -> &'static NodeSpec {
+        &SPEC
+    }
+
+    fn check(&self, node: &NodeDecl, ctx: &ValidateCtx) -> Vec<Problem> {
+        let mut p = check_common(node, ctx);
+        if let Some(t) = node.str("topic") {
+            if let Err(m) = check_topic(t, false) {
+                p.push(Problem::at(
+                    "topic",
+                    FlowErrorKind::BadValue {
+                        property: "topic".into(),
+                        message: m,
+                    },
+                ));
+            }
+        }
+        if node.duration("ack_timeout").is_some_and(|d| d.is_zero()) {
+            p.push(Problem::at(
+                "ack_timeout",
+                FlowErrorKind::BadValue {
+                    property: "ack_timeout".into(),
+                    message: "must be longer than zero".into(),
+                },
+            ));
+        }
+        p
+    }
+
+    fn build(&self, node: &NodeDecl, ctx: &BuildCtx) -> Result<BuiltNode, Vec<Problem>> {
+        let endpoint = resolve_endpoint(node, &ctx.config)?;
+        let qos = node.int("qos").unwrap_or(0) as i32;
+        Ok(BuiltNode::Processing(Arc::new(Publish {
+            endpoint,
+            topic: node.str("topic").map(str::to_string),
+            qos,
+            retain: node.bool("retain").unwrap_or(false),
+            ack_timeout: node
+                .duration("ack_timeout")
+                .unwrap_or(ctx.config.mqtt.ack_timeout.0),
+            clean_session: node.bool("clean_session").unwrap_or(qos == 0),
+            client_id: node.str("client_id").map(str::to_string),
+            config: ctx.config.clone(),
+            services: ctx.services.clone(),
+            flow: ctx.flow.clone(),
+            node: node.id.clone(),
+            conns: Mutex::new(HashMap::new()),
+            gate: tokio::sync::Mutex::new(()),
+            sampler: Sampler::new(10),
+            seq: AtomicU64::new(0),
+        })))
+    }
+}
+
+struct Publish {
+    endpoint: Endpoint,
+    topic: Option<String>,
+    qos: i32,
+    retain: bool,
+    ack_timeout: Duration,
+    clean_session: bool,
+    client_id: Option<String>,
+    config: Arc<Config>,
+    services: Arc<Services>,
+    flow: String,
+    node: String,
+    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    gate: tokio::sync::Mutex<()>,
+    sampler: Sampler,
+    seq: AtomicU64,
+}
+
+/// Where and how one message is published, after overrides.
+#[derive(Debug, Clone, PartialEq)]
+struct Target {
+    topic: String,
+    qos: i32,
+    retained: bool,
+    url: String,
+    user_properties: Vec<(String, String)>,
+}
+
+fn bad_override(what: String) -> Exception {
+    Exception::new(ExceptionKind::Recoverable, bip::PUBLISH_ERROR, what)
+}
+
+impl Publish {
+    /// Applies `LocalEnvironment.Destination.MQTT.Output` to the node's properties.
+    fn target(&self, msg: &Message) -> Result<Target, Exception> {
+        let o = msg.local(&["Destination", "MQTT", "Output"]);
+        let get = |k: &str| o.and_then(|o| o.get(k)).filter(|v| !v.is_null());
+        let topic = match get("TopicName") {
+            Some(Value::String(t)) => t.clone(),
+            Some(v) => return Err(bad_override(format!("LocalEnvironment.Destination.MQTT.Output.TopicName must be a string, found {v}"))),
+            None => self.topic.clone().ok_or_else(|| {
+                bad_override("no topic: set the node's \"topic\" or LocalEnvironment.Destination.MQTT.Output.TopicName".into())
+            })?,
+        };
+        check_topic(&topic, false).map_err(bad_override)?;
+        let qos = match get("qos") {
+            Some(v) => match v.as_i64() {
+                Some(q @ 0..=2) => q as i32,
+                _ => {
+                    return Err(bad_override(format!(
+                        "LocalEnvironment.Destination.MQTT.Output.qos must be 0, 1 or 2, found {v}"
+                    )))
+                }
+            },
+            None => self.qos,
+        };
+        let retained = match get("retained") {
+            Some(Value::Bool(b)) => *b,
+            Some(v) => return Err(bad_override(format!("LocalEnvironment.Destination.MQTT.Output.retained must be true or false, found {v}"))),
+            None => self.retain,
+        };
+        let url = match get("URL") {
+            Some(Value::String(u)) => normalise_url(u).map_err(|m| {
+                bad_override(format!("LocalEnvironment.Destination.MQTT.Output.URL: {m}"))
+            })?,
+            Some(v) => {
+                return Err(bad_override(format!(
+                    "LocalEnvironment.Destination.MQTT.Output.URL must be a string, found {v}"
+                )))
+            }
+            None => self.endpoint.url.clone(),
+        };
+        let user_properties = match get("UserProperties") {
+            Some(Value::Object(m)) => m
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+                .collect(),
+            Some(v) => return Err(bad_override(format!("LocalEnvironment.Destination.MQTT.Output.UserProperties must be an object, found {v}"))),
+            None => Vec::new(),
+        };
+        Ok(Target {
+            topic,
+            qos,
+            retained,
+            url,
+            user_properties,
+        })
+    }
+
+    /// The connection for a URL (the node's own, or one made for an override).
+    fn conn_for(&self, url: &str) -> Result<Arc<Conn>, Exception> {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = conns.get(url) {
+            return Ok(c.clone());
+        }
+        let endpoint = if url == self.endpoint.url {
+            self.endpoint.clone()
+        } else {
+            self.endpoint.elsewhere(url)
+        };
+        let suffix = (!conns.is_empty()).then_some(conns.len());
+        let cid = match &self.client_id {
+            Some(id) => match suffix {
+                Some(n) => format!("{id}-{n}"),
+                None => id.clone(),
+            },
+            None => client_id(
+                &instance_id(&self.config.data_dir),
+                &self.flow,
+                &self.node,
+                suffix,
+            ),
+        };
+        let persist_dir =
+            (!self.clean_session).then(|| self.config.data_dir.join("mqtt").join(&cid));
+        let conn = Conn::new(ConnSpec {
+            endpoint: &endpoint,
+            client_id: cid,
+            persist_dir,
+            connect_timeout: self.ack_timeout,
+            backoff: Backoff::from_config(&self.config),
+            services: self.services.clone(),
+            flow: &self.flow,
+            node: &self.node,
+        })
+        .map_err(|m| Exception::new(ExceptionKind::Socket, bip::PUBLISH_ERROR, m))?;
+        conn.spawn(Box::new(|_| Box::pin(async {})));
+        conns.insert(url.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    fn paho_message(&self, t: &Target, payload: &[u8], v5: bool) -> paho::Message {
+        let mut b = paho::MessageBuilder::new()
+            .topic(t.topic.as_str())
+            .payload(payload)
+            .qos(t.qos)
+            .retained(t.retained);
+        if v5 && !t.user_properties.is_empty() {
+            let mut props = paho::Properties::new();
+            for (k, v) in &t.user_properties {
+                let _ = props.push_string_pair(paho::PropertyCode::UserProperty, k, v);
+            }
+            b = b.properties(props);
+        }
+        b.finalize()
+    }
+
+    /// One attempt: wait for the connection and enqueue under the FIFO gate, then wait for the
+    /// ack (QoS 1/2) or the write (QoS 0) outside it.
+    async fn attempt(&self, conn: &Conn, m: paho::Message) -> Result<(), String> {
+        let token = {
+            let _turn = self.gate.lock().await;
+            if !conn.wait_connected(self.ack_timeout).await {
+                return Err(format!(
+                    "not connected to {} within {}",
+                    conn.log.url,
+                    humantime::format_duration(self.ack_timeout)
+                ));
+            }
+            conn.client.publish(m)
+        };
+        match tokio::time::timeout(self.ack_timeout, token).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("publish failed: {e}")),
+            Err(_) => Err(format!(
+                "no acknowledgement within {}",
+                humantime::format_duration(self.ack_timeout)
+            )),
+        }
+    }
+}
+
+impl ProcessingNode for Publish {
+    fn process<'a>(
+        &'a self,
+        mut msg: Message,
+        out: Outputs<'a>,
+    ) -> BoxFut<'a, Result<(), NodeFailure>> {
+        Box::pin(async move {
+            let t = self.target(&msg)?;
+            let conn = self.conn_for(&t.url)?;
+            let payload = msg.root.body.to_bytes();
+            let pm = self.paho_message(&t, &payload, conn.v5);
+            let log = &conn.log;
+            if let Err(first) = self.attempt(&conn, pm.clone()).await {
+                log.record(
+                    log.entry(
+                        Severity::Warning,
+                        bip::PUBLISH_ERROR,
+                        format!("Publish to '{}' (QoS {}) failed: {first}; reconnecting and retrying once", t.topic, t.qos),
+                    )
+                    .tag("topic", t.topic.clone())
+                    .tag("qos", t.qos),
+                );
+                conn.request_reconnect();
+                if let Err(second) = self.attempt(&conn, pm).await {
+                    log.record(
+                        log.entry(
+                            Severity::Error,
+                            bip::NOT_ACKNOWLEDGED,
+                            format!(
+                                "Publish to '{}' (QoS {}) failed after the retry: {second}",
+                                t.topic, t.qos
+                            ),
+                        )
+                        .tag("topic", t.topic.clone())
+                        .tag("qos", t.qos),
+                    );
+                    return Err(NodeFailure::Error(
+                        Exception::new(
+                            ExceptionKind::SocketTimeout,
+                            bip::NOT_ACKNOWLEDGED,
+                            format!(
+                                "the publication to '{}' at QoS {} on {} was not acknowledged: first attempt: {first}; retry: {second}",
+                                t.topic, t.qos, t.url
+                            ),
+                        )
+                        .insert(t.topic.clone())
+                        .insert(t.qos.to_string())
+                        .insert(t.url.clone()),
+                    ));
+                }
+            }
+            inc(&log.stats.messages_sent);
+            add(&log.stats.bytes_sent, payload.len() as u64);
+            let (admit, summary) = self.sampler.admit();
+            if let Some(n) = summary {
+                log.record(log.entry(
+                    Severity::Info,
+                    bip::SUMMARY,
+                    format!(
+                        "{n} further messages published in the last second (not logged one by one)"
+                    ),
+                ));
+            }
+            if admit {
+                log.record(
+                    log.entry(
+                        Severity::Info,
+                        bip::PUBLISHED,
+                        format!(
+                            "Published to '{}' (QoS {}, {} bytes)",
+                            t.topic,
+                            t.qos,
+                            payload.len()
+                        ),
+                    )
+                    .tag("topic", t.topic.clone())
+                    .tag("qos", t.qos),
+                );
+            }
+            let id = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+            let mut w = serde_json::Map::new();
+            w.insert("ClientId".into(), Value::from(log.client_id.clone()));
+            w.insert("Topic".into(), Value::from(t.topic));
+            w.insert("QoS".into(), Value::from(t.qos));
+            w.insert("Retained".into(), Value::from(t.retained));
+            w.insert("URL".into(), Value::from(t.url));
+            w.insert("MessageId".into(), Value::from(id));
+            msg.set_local(&["WrittenDestination", "MQTT"], Value::Object(w));
+            out.propagate("Out", msg).await?;
+            Ok(())
+        })
+    }
+
+    fn start(self: Arc<Self>) {
+        // Connect now, so the first message does not wait for it.
+        if let Err(e) = self.conn_for(&self.endpoint.url.clone()) {
+            self.services
+                .activity
+                .record(flowbus_runtime::activity::NewEntry::new(
+                    Severity::Error,
+                    bip::CONNECTION_FAILURE,
+                    "MQTT",
+                    &self.flow,
+                    &self.node,
+                    e.text,
+                ));
+        }
+    }
+
+    fn stop(&self) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            let conns: Vec<Arc<Conn>> = self
+                .conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .drain()
+                .map(|(_, c)| c)
+                .collect();
+            for c in conns {
+                c.shutdown(self.ack_timeout.min(Duration::from_secs(10)))
+                    .await;
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flowbus_runtime::message::Body;
+    use serde_json::json;
+
+    fn node() -> Publish {
+        let config = Arc::new(Config::default());
+        Publish {
+            endpoint: Endpoint {
+                url: "tcp://127.0.0.1:1883".into(),
+                ..resolve_endpoint(
+                    &NodeDecl {
+                        id: "p".into(),
+                        type_name: "MQTTPublish".into(),
+                        props: json!({"url": "tcp://127.0.0.1:1883"})
+                            .as_object()
+                            .cloned()
+                            .unwrap_or_default(),
+                        pointer: String::new(),
+                    },
+                    &config,
+                )
+                .unwrap_or_else(|_| panic!("resolves"))
+            },
+            topic: Some("out/t".into()),
+            qos: 1,
+            retain: false,
+            ack_timeout: Duration::from_secs(1),
+            clean_session: false,
+            client_id: None,
+            config,
+            services: Arc::new(Services::default()),
+            flow: "f".into(),
+            node: "p".into(),
+            conns: Mutex::new(HashMap::new()),
+            gate: tokio::sync::Mutex::new(()),
+            sampler: Sampler::new(1),
+            seq: AtomicU64::new(0),
+        }
+    }
+
+    #[test]
+    fn overrides_take_effect() {
+        let p = node();
+        let mut m = Message::new(Body::Json(json!({})));
+        assert_eq!(p.target(&m).unwrap().topic, "out/t");
+        m.set_local(
+            &["Destination", "MQTT", "Output"],
+            json!({"TopicName": "x/y", "qos": 2, "retained": true, "URL": "mqtt://h:1884", "UserProperties": {"a": "b"}}),
+        );
+        assert_eq!(
+            p.target(&m).unwrap(),
+            Target {
+                topic: "x/y".into(),
+                qos: 2,
+                retained: true,
+                url: "tcp://h:1884".into(),
+                user_properties: vec![("a".into(), "b".into())],
+            }
+        );
+    }
+
+    #[test]
+    fn bad_overrides_are_exceptions_that_say_what_is_wrong() {
+        let p = node();
+        let mut m = Message::new(Body::Json(json!({})));
+        m.set_local(&["Destination", "MQTT", "Output", "qos"], json!(3));
+        assert!(p
+            .target(&m)
+            .unwrap_err()
+            .text
+            .contains("qos must be 0, 1 or 2, found 3"));
+        let mut m = Message::new(Body::Json(json!({})));
+        m.set_local(
+            &["Destination", "MQTT", "Output", "TopicName"],
+            json!("a/+"),
+        );
+        assert!(p.target(&m).unwrap_err().text.contains("wildcard"));
+    }
+}

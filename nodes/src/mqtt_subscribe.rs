@@ -1,0 +1,420 @@
+//! `MQTTSubscribe`: an input node that subscribes to topic filters and propagates each
+//! received message to `Out` with `LocalEnvironment.MQTT.Input.{Topic, QualityOfService,
+//! Duplicate, Retained, UserProperties}`. A payload that does not parse in the node's domain
+//! goes to `Failure` (as a BLOB, with a ParserException).
+//!
+//! Back-pressure: the paho callback runs on the Paho C library's single thread, shared by
+//! every client in the process, so it must never block. It only appends to an unbounded
+//! channel and counts the queue depth. When the depth reaches `queue_high`, the node pauses:
+//! it disconnects, keeping its persistent session, so the broker holds the backlog; when the
+//! flow has worked the queue down to `queue_low`, it reconnects and the broker resumes. The
+//! queue is therefore bounded by `queue_high` plus what was already on the wire (the
+//! broker's in-flight window and socket buffers); receipt never blocks the library thread,
+//! and nothing is dropped here.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use flowbus_runtime::activity::Severity;
+use flowbus_runtime::config::Config;
+use flowbus_runtime::engine::{Dispatcher, InputCtx};
+use flowbus_runtime::flow::FlowErrorKind;
+use flowbus_runtime::message::{Body, Domain, Message};
+use flowbus_runtime::node::{
+    BoxFut, BuildCtx, BuiltNode, InputNode, NodeDecl, NodeKind, NodeSpec, Problem, PropKind,
+    PropSpec, ValidateCtx,
+};
+use flowbus_runtime::services::Services;
+use flowbus_runtime::stats::{add, inc};
+use paho_mqtt as paho;
+use serde_json::Value;
+use tokio::sync::{mpsc, Notify};
+
+use crate::mqtt_client::{
+    bip, check_common, check_topic, client_id, duplicate_flag, instance_id, resolve_endpoint,
+    topics, user_properties, Backoff, Conn, ConnSpec, Endpoint, LogCtx, Sampler, Want,
+    COMMON_PROPS,
+};
+
+static SPEC: NodeSpec = NodeSpec {
+    type_name: "MQTTSubscribe",
+    inputs: &[],
+    outputs: &["Out", "Failure", "Catch"],
+    props: &[
+        COMMON_PROPS[0],
+        COMMON_PROPS[1],
+        COMMON_PROPS[2],
+        COMMON_PROPS[3],
+        COMMON_PROPS[4],
+        COMMON_PROPS[5],
+        PropSpec::req("topic", PropKind::StrOrList),
+        PropSpec::opt("domain", PropKind::Enum(&["JSON", "TEXT", "BLOB"])),
+        PropSpec::opt("instances", PropKind::Int { min: 1, max: 256 }),
+        PropSpec::opt("in_flight", PropKind::Int { min: 1, max: 1024 }),
+        PropSpec::opt(
+            "queue_high",
+            PropKind::Int {
+                min: 1,
+                max: 1_000_000,
+            },
+        ),
+        PropSpec::opt(
+            "queue_low",
+            PropKind::Int {
+                min: 0,
+                max: 1_000_000,
+            },
+        ),
+    ],
+};
+
+/// The MQTTSubscribe node kind.
+pub struct SubscribeKind;
+
+impl NodeKind for SubscribeKind {
+    fn spec(&self) -> &'static NodeSpec {
+        &SPEC
+    }
+
+    fn check(&self, node: &NodeDecl, ctx: &ValidateCtx) -> Vec<Problem> {
+        let mut p = check_common(node, ctx);
+        for t in topics(node) {
+            if let Err(m) = check_topic(&t, true) {
+                p.push(Problem::at(
+                    "topic",
+                    FlowErrorKind::BadValue {
+                        property: "topic".into(),
+                        message: m,
+                    },
+                ));
+            }
+        }
+        let high = node.int("queue_high").unwrap_or(DEFAULT_HIGH as i64);
+        if let Some(low) = node.int("queue_low") {
+            if low >= high {
+                p.push(Problem::at(
+                    "queue_low",
+                    FlowErrorKind::BadValue {
+                        property: "queue_low".into(),
+                        message: format!("{low} must be below queue_high ({high})"),
+                    },
+                ));
+            }
+        }
+        p
+    }
+
+    fn build(&self, node: &NodeDecl, ctx: &BuildCtx) -> Result<BuiltNode, Vec<Problem>> {
+        let endpoint = resolve_endpoint(node, &ctx.config)?;
+        let qos = node.int("qos").unwrap_or(0) as i32;
+        let high = node.int("queue_high").map_or(DEFAULT_HIGH, |n| n as usize);
+        Ok(BuiltNode::Input(Arc::new(Subscribe {
+            endpoint,
+            topics: topics(node),
+            qos,
+            domain: node
+                .str("domain")
+                .and_then(Domain::parse)
+                .unwrap_or(Domain::Json),
+            instances: node.int("instances").unwrap_or(1) as usize,
+            in_flight: node.int("in_flight").unwrap_or(1) as usize,
+            high,
+            low: node.int("queue_low").map_or(high / 4, |n| n as usize),
+            // Persistent sessions for QoS 1/2, so a pause (or a reconnect) loses nothing.
+            clean_session: node.bool("clean_session").unwrap_or(qos == 0),
+            client_id: node.str("client_id").map(str::to_string),
+            config: ctx.config.clone(),
+            services: ctx.services.clone(),
+            flow: ctx.flow.clone(),
+            node: node.id.clone(),
+        })))
+    }
+}
+
+const DEFAULT_HIGH: usize = 1000;
+
+struct Subscribe {
+    endpoint: Endpoint,
+    topics: Vec<String>,
+    qos: i32,
+    domain: Domain,
+    instances: usize,
+    in_flight: usize,
+    high: usize,
+    low: usize,
+    clean_session: bool,
+    client_id: Option<String>,
+    config: Arc<Config>,
+    services: Arc<Services>,
+    flow: String,
+    node: String,
+}
+
+impl InputNode for Subscribe {
+    fn run(self: Arc<Self>, ctx: InputCtx) -> BoxFut<'static, ()> {
+        Box::pin(async move { self.run_loop(ctx).await })
+    }
+}
+
+impl Subscribe {
+    async fn run_loop(&self, ctx: InputCtx) {
+        let cid = self.client_id.clone().unwrap_or_else(|| {
+            client_id(
+                &instance_id(&self.config.data_dir),
+                &self.flow,
+                &self.node,
+                None,
+            )
+        });
+        let persist_dir =
+            (!self.clean_session).then(|| self.config.data_dir.join("mqtt").join(&cid));
+        let conn = match Conn::new(ConnSpec {
+            endpoint: &self.endpoint,
+            client_id: cid,
+            persist_dir,
+            connect_timeout: self.config.mqtt.ack_timeout.0,
+            backoff: Backoff::from_config(&self.config),
+            services: self.services.clone(),
+            flow: &self.flow,
+            node: &self.node,
+        }) {
+            Ok(c) => c,
+            Err(m) => {
+                self.services
+                    .activity
+                    .record(flowbus_runtime::activity::NewEntry::new(
+                        Severity::Error,
+                        bip::CONNECTION_FAILURE,
+                        "MQTT",
+                        &self.flow,
+                        &self.node,
+                        m,
+                    ));
+                return;
+            }
+        };
+        let log = conn.log.clone();
+
+        let (tx, mut rx) = mpsc::unbounded_channel::<paho::Message>();
+        let depth = Arc::new(AtomicUsize::new(0));
+        let high_water = Arc::new(Notify::new());
+        {
+            let depth = depth.clone();
+            let high_water = high_water.clone();
+            let stats = log.stats.clone();
+            let high = self.high;
+            // Runs on the Paho library thread: never block here.
+            conn.client.set_message_callback(move |_, m| {
+                if let Some(m) = m {
+                    inc(&stats.messages_received);
+                    add(&stats.bytes_received, m.payload().len() as u64);
+                    let d = depth.fetch_add(1, Ordering::SeqCst) + 1;
+                    let _ = tx.send(m);
+                    if d >= high {
+                        high_water.notify_one();
+                    }
+                }
+            });
+        }
+        conn.spawn(subscriber(conn.clone(), self.topics.clone(), self.qos));
+
+        let sampler = Sampler::new(10);
+        let mut dispatcher = Dispatcher::new(ctx.clone(), self.instances, self.in_flight);
+        let mut paused = false;
+        loop {
+            tokio::select! {
+                biased;
+                _ = ctx.cancel().cancelled() => break,
+                _ = high_water.notified(), if !paused => {
+                    paused = true;
+                    conn.set_want(Want::Paused);
+                    let mut msg = format!(
+                        "The flow is behind: {} messages queued (queue_high {}); pausing receipt until it is down to {}",
+                        depth.load(Ordering::SeqCst), self.high, self.low
+                    );
+                    if self.clean_session {
+                        msg.push_str("; this subscriber uses a clean session, so messages published while it is paused are not kept by the broker");
+                    }
+                    log.record(log.entry(if self.clean_session { Severity::Warning } else { Severity::Info }, bip::FLOW_CONTROL, msg));
+                }
+                m = rx.recv() => {
+                    let Some(m) = m else { break };
+                    depth.fetch_sub(1, Ordering::SeqCst);
+                    self.deliver(&m, &log, &sampler, &mut dispatcher).await;
+                    if paused && depth.load(Ordering::SeqCst) <= self.low {
+                        paused = false;
+                        conn.set_want(Want::Up);
+                        log.record(log.entry(Severity::Info, bip::FLOW_CONTROL, format!(
+                            "The flow caught up ({} queued); resuming receipt", depth.load(Ordering::SeqCst)
+                        )));
+                    }
+                }
+                _ = dispatcher.progress() => {}
+            }
+        }
+
+        // Shutdown: stop new deliveries, then finish everything already received (paho has
+        // acknowledged it to the broker, so it is ours to deliver).
+        let deadline = self.config.mqtt.ack_timeout.0.min(Duration::from_secs(10));
+        if self.clean_session {
+            if conn.is_connected() {
+                let unsub = conn.client.unsubscribe_many(&self.topics);
+                if let Ok(Ok(_)) = tokio::time::timeout(deadline, unsub).await {
+                    for t in &self.topics {
+                        log.record(
+                            log.entry(
+                                Severity::Info,
+                                bip::SUBSCRIBED,
+                                format!("Unsubscribed from '{t}'"),
+                            )
+                            .tag("topic", t.clone()),
+                        );
+                    }
+                }
+            }
+        } else {
+            // A persistent session keeps its subscription, so what is published while the
+            // daemon is down waits at the broker for the next start instead of being lost.
+            log.record(log.entry(
+                Severity::Info,
+                bip::FLOW_CONTROL,
+                format!(
+                    "Stopping receipt; the broker keeps the subscription to {} and its messages for client id '{}' until it reconnects",
+                    self.topics.iter().map(|t| format!("'{t}'")).collect::<Vec<_>>().join(", "),
+                    log.client_id
+                ),
+            ));
+        }
+        conn.shutdown(deadline).await;
+        conn.client.remove_message_callback();
+        while let Ok(m) = rx.try_recv() {
+            self.deliver(&m, &log, &sampler, &mut dispatcher).await;
+        }
+        dispatcher.drain().await;
+    }
+
+    async fn deliver(
+        &self,
+        m: &paho::Message,
+        log: &LogCtx,
+        sampler: &Sampler,
+        dispatcher: &mut Dispatcher,
+    ) {
+        let qos = m.qos() as i32;
+        let (admit, summary) = sampler.admit();
+        if let Some(n) = summary {
+            log.record(log.entry(
+                Severity::Info,
+                bip::SUMMARY,
+                format!("{n} further messages received in the last second (not logged one by one)"),
+            ));
+        }
+        if admit {
+            log.record(
+                log.entry(
+                    Severity::Info,
+                    bip::RECEIVED,
+                    format!(
+                        "Received a message on '{}' (QoS {qos}, {} bytes)",
+                        m.topic(),
+                        m.payload().len()
+                    ),
+                )
+                .tag("topic", m.topic())
+                .tag("qos", qos),
+            );
+        }
+        let (body, error) = match Body::parse(self.domain, m.payload()) {
+            Ok(b) => (b, None),
+            Err(e) => (Body::Blob(m.payload().to_vec()), Some(e)),
+        };
+        let mut msg = Message::new(body);
+        msg.set_local(&["MQTT", "Input", "Topic"], Value::from(m.topic()));
+        msg.set_local(&["MQTT", "Input", "QualityOfService"], Value::from(qos));
+        msg.set_local(
+            &["MQTT", "Input", "Duplicate"],
+            Value::from(qos > 0 && duplicate_flag(m)),
+        );
+        msg.set_local(&["MQTT", "Input", "Retained"], Value::from(m.retained()));
+        if let Some(up) = user_properties(m.properties()) {
+            msg.set_local(&["MQTT", "Input", "UserProperties"], up);
+        }
+        match error {
+            None => dispatcher.submit(msg).await,
+            Some(e) => dispatcher.submit_failure(msg, e).await,
+        }
+    }
+}
+
+/// What to do on each connect: subscribe; on a reconnect within this run (after a pause or
+/// a lost connection), only when the broker did not keep our session.
+fn subscriber(conn: Arc<Conn>, topics: Vec<String>, qos: i32) -> crate::mqtt_client::OnConnected {
+    let weak = Arc::downgrade(&conn);
+    drop(conn);
+    let subscribed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    Box::new(move |session_present| {
+        let topics = topics.clone();
+        let weak = weak.clone();
+        let first = !subscribed_once.swap(true, Ordering::SeqCst);
+        let resumed = session_present && !first;
+        Box::pin(async move {
+            let Some(conn) = weak.upgrade() else { return };
+            let log = &conn.log;
+            if resumed {
+                // Re-subscribing would make the broker send retained messages again.
+                for t in &topics {
+                    log.record(
+                        log.entry(
+                            Severity::Info,
+                            bip::SUBSCRIBED,
+                            format!("Subscription to '{t}' resumed with the session (QoS {qos})"),
+                        )
+                        .tag("topic", t.clone())
+                        .tag("qos", qos),
+                    );
+                }
+                return;
+            }
+            for t in &topics {
+                match conn.client.subscribe(t.as_str(), qos).await {
+                    Ok(resp) => {
+                        let granted = resp.subscribe_response().unwrap_or(qos);
+                        if granted >= 0x80 {
+                            log.record(
+                                log.entry(
+                                    Severity::Error,
+                                    bip::SUBSCRIBE_FAILED,
+                                    format!("The broker refused the subscription to '{t}' (requested QoS {qos}, reason code 0x{granted:02x}); check the broker's ACL and QoS policy"),
+                                )
+                                .tag("topic", t.clone())
+                                .tag("qos", qos),
+                            );
+                        } else {
+                            let sev = if granted < qos {
+                                Severity::Warning
+                            } else {
+                                Severity::Info
+                            };
+                            log.record(
+                                log.entry(sev, bip::SUBSCRIBED, format!("Subscribed to '{t}' (requested QoS {qos}, granted {granted})"))
+                                    .tag("topic", t.clone())
+                                    .tag("qos", qos)
+                                    .tag("granted_qos", granted),
+                            );
+                        }
+                    }
+                    Err(e) => log.record(
+                        log.entry(
+                            Severity::Error,
+                            bip::SUBSCRIBE_FAILED,
+                            format!("Subscribing to '{t}' (QoS {qos}) failed: {e}"),
+                        )
+                        .tag("topic", t.clone())
+                        .tag("qos", qos),
+                    ),
+                }
+            }
+        })
+    })
+}

@@ -1,0 +1,256 @@
+//! `flowbus run` as a process against a real mosquitto: back-pressure without loss under a
+//! flood, clean shutdown on SIGTERM mid-stream, and MQTT v5 (user properties, a shared
+//! subscription split between two daemons).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::{fast_config, Broker, Client, Daemon};
+use paho_mqtt as paho;
+use serde_json::json;
+
+/// Publishes `n` QoS 1 messages `{"seq": i}` as fast as the client allows (acks awaited in
+/// batches, so many are in flight at once).
+async fn flood(c: &Client, topic: &str, from: u64, n: u64) {
+    let mut pending = Vec::new();
+    for i in from..from + n {
+        pending.push(
+            c.cli
+                .publish(paho::Message::new(topic, json!({"seq": i}).to_string(), 1)),
+        );
+        if pending.len() == 500 {
+            for t in pending.drain(..) {
+                t.await.expect("publish acked");
+            }
+        }
+    }
+    for t in pending {
+        t.await.expect("publish acked");
+    }
+}
+
+/// Reads `{"seq": i}` messages until `n` distinct ones arrived; returns (in arrival order,
+/// duplicates).
+async fn collect(c: &Client, n: usize, timeout: Duration) -> (Vec<u64>, usize) {
+    let until = Instant::now() + timeout;
+    let mut order = Vec::new();
+    let mut seen = BTreeSet::new();
+    let mut dups = 0;
+    while seen.len() < n {
+        let left = until.saturating_duration_since(Instant::now());
+        let Some(m) = c.next(left).await else {
+            panic!("only {} of {n} arrived", seen.len());
+        };
+        let v: serde_json::Value = serde_json::from_slice(m.payload()).expect("json");
+        let seq = v["seq"].as_u64().expect("seq");
+        if seen.insert(seq) {
+            order.push(seq);
+        } else {
+            dups += 1;
+        }
+    }
+    (order, dups)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flood_into_a_slow_flow_loses_nothing_and_memory_stays_bounded() {
+    const N: u64 = 20_000;
+    let broker = Broker::start("");
+    let url = broker.url();
+    let flow = json!({
+        "name": "slow",
+        "nodes": [
+            {"id": "in", "type": "MQTTSubscribe", "url": url, "topic": "bp/in", "qos": 1, "queue_high": 500},
+            {"id": "busy", "type": "Compute", "code": "let i = 0; while i < 300 { i += 1; } Root.Body.done = true;"},
+            {"id": "out", "type": "MQTTPublish", "url": url, "topic": "bp/out", "qos": 1}
+        ],
+        "connections": [{"from": "in.Out", "to": "busy"}, {"from": "busy.Out", "to": "out"}]
+    })
+    .to_string();
+    let mut daemon = Daemon::spawn(&fast_config(""), &[("slow.json", &flow)]);
+    daemon
+        .wait_log("BIP12095", 1, Duration::from_secs(20))
+        .await;
+    let consumer = Client::connect(&url, false).await;
+    consumer.subscribe("bp/out", 1).await;
+    let producer = Client::connect(&url, false).await;
+    let started = Instant::now();
+    flood(&producer, "bp/in", 0, N).await;
+    let published = started.elapsed();
+    let (order, dups) = collect(&consumer, N as usize, Duration::from_secs(240)).await;
+    let total = started.elapsed();
+    assert_eq!(order, (0..N).collect::<Vec<_>>(), "every message, in order");
+    let peak = daemon.peak_rss_kib();
+    println!(
+        "{N} QoS 1 messages: published in {published:?}, all through the slow flow in {total:?}; {dups} duplicates; flowbus peak RSS {} MiB",
+        peak / 1024
+    );
+    // The flow fell behind and the subscriber paused rather than buffering everything.
+    let log = daemon.stderr();
+    assert!(
+        log.contains("BIP12101") && log.contains("pausing receipt"),
+        "back-pressure never engaged:\n{log}"
+    );
+    assert!(log.contains("resuming receipt"));
+    assert!(peak > 0 && peak < 200 * 1024, "peak RSS {peak} KiB");
+    assert!(daemon.terminate(Duration::from_secs(20)).success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_finishes_what_was_received_and_exits_zero() {
+    let a = Broker::start("");
+    let b = Broker::start("");
+    let flow = json!({
+        "name": "relay",
+        "nodes": [
+            {"id": "in", "type": "MQTTSubscribe", "url": a.url(), "topic": "in", "qos": 1},
+            {"id": "work", "type": "Compute", "code": "let i = 0; while i < 2000 { i += 1; }"},
+            {"id": "out", "type": "MQTTPublish", "url": b.url(), "topic": "out", "qos": 1}
+        ],
+        "connections": [{"from": "in.Out", "to": "work"}, {"from": "work.Out", "to": "out"}]
+    })
+    .to_string();
+    let mut daemon = Daemon::spawn(&fast_config(""), &[("relay.json", &flow)]);
+    daemon
+        .wait_log("BIP12095", 1, Duration::from_secs(20))
+        .await;
+    let consumer = Client::connect(&b.url(), false).await;
+    consumer.subscribe("out", 1).await;
+    let producer = Client::connect(&a.url(), false).await;
+    let feed = tokio::spawn(async move {
+        flood(&producer, "in", 0, 5000).await;
+        producer
+    });
+    // Let the stream get going, then stop the daemon in the middle of it.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let status = daemon.terminate(Duration::from_secs(30));
+    assert!(
+        status.success(),
+        "exit status {status:?}; log:\n{}",
+        daemon.stderr()
+    );
+    let _ = feed.await;
+    let stats = daemon.exit_stats();
+    let received = stats["servers"][a.url()]["MessagesReceived"]
+        .as_u64()
+        .unwrap();
+    let sent = stats["servers"][b.url()]["MessagesSent"].as_u64().unwrap();
+    assert!(
+        received > 0 && received < 5000,
+        "stopped mid-stream: received {received}"
+    );
+    assert_eq!(
+        sent, received,
+        "every received message was published before exit"
+    );
+    let mut got = BTreeSet::new();
+    while let Some(m) = consumer.next(Duration::from_millis(500)).await {
+        let v: serde_json::Value = serde_json::from_slice(m.payload()).unwrap();
+        got.insert(v["seq"].as_u64().unwrap());
+    }
+    assert_eq!(
+        got.len() as u64,
+        received,
+        "the consumer has every message the daemon received"
+    );
+    let log = daemon.stderr();
+    assert!(
+        log.contains("Stopping receipt; the broker keeps the subscription to 'in'"),
+        "{log}"
+    );
+    assert!(log.contains("BIP12092"), "disconnected: {log}");
+    assert_eq!(stats["servers"][a.url()]["OpenConnections"], 0);
+}
+
+fn shared_flow(url: &str, worker: &str) -> String {
+    json!({
+        "name": format!("worker-{worker}"),
+        "nodes": [
+            {"id": "in", "type": "MQTTSubscribe", "url": url, "version": 5, "topic": "$share/workers/jobs/#", "qos": 1},
+            {"id": "tag", "type": "Compute", "code": format!(r#"
+                Root.Body.worker = "{worker}";
+                let up = LocalEnvironment.MQTT.Input.UserProperties;
+                if up != () {{ up["handled-by"] = "{worker}"; }} else {{ up = #{{ "handled-by": "{worker}" }}; }}
+                LocalEnvironment.Destination = #{{ MQTT: #{{ Output: #{{ UserProperties: up }} }} }};
+            "#)},
+            {"id": "out", "type": "MQTTPublish", "url": url, "version": 5, "topic": "done", "qos": 1}
+        ],
+        "connections": [{"from": "in.Out", "to": "tag"}, {"from": "tag.Out", "to": "out"}]
+    })
+    .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_shared_subscription_splits_a_stream_between_two_daemons() {
+    const N: u64 = 1000;
+    let broker = Broker::start("");
+    let url = broker.url();
+    let mut a = Daemon::spawn(&fast_config(""), &[("w.json", &shared_flow(&url, "A"))]);
+    let mut b = Daemon::spawn(&fast_config(""), &[("w.json", &shared_flow(&url, "B"))]);
+    a.wait_log("BIP12095", 1, Duration::from_secs(20)).await;
+    b.wait_log("BIP12095", 1, Duration::from_secs(20)).await;
+    let consumer = Client::connect(&url, true).await;
+    consumer.subscribe("done", 1).await;
+    let producer = Client::connect(&url, true).await;
+    // One message with a user property, passed through to the output.
+    let mut props = paho::Properties::new();
+    props
+        .push_string_pair(paho::PropertyCode::UserProperty, "trace-id", "t-42")
+        .unwrap();
+    let first = paho::MessageBuilder::new()
+        .topic("jobs/x")
+        .payload(json!({"seq": 0}).to_string())
+        .qos(1)
+        .properties(props)
+        .finalize();
+    producer.cli.publish(first).await.unwrap();
+    let m = consumer
+        .next(Duration::from_secs(10))
+        .await
+        .expect("first job done");
+    let up: BTreeMap<String, String> = m.properties().user_iter().collect();
+    assert_eq!(
+        up.get("trace-id").map(String::as_str),
+        Some("t-42"),
+        "{up:?}"
+    );
+    assert!(matches!(
+        up.get("handled-by").map(String::as_str),
+        Some("A" | "B")
+    ));
+
+    flood(&producer, "jobs/y", 1, N - 1).await;
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut by_worker: BTreeMap<String, u64> = BTreeMap::new();
+    let mut seen = BTreeSet::from([0u64]);
+    let mut dups = 0;
+    while (seen.len() as u64) < N {
+        let left = until.saturating_duration_since(Instant::now());
+        let m = consumer
+            .next(left)
+            .await
+            .unwrap_or_else(|| panic!("only {} of {N}", seen.len()));
+        let v: serde_json::Value = serde_json::from_slice(m.payload()).unwrap();
+        if !seen.insert(v["seq"].as_u64().unwrap()) {
+            dups += 1;
+        }
+        *by_worker
+            .entry(v["worker"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    assert_eq!(dups, 0, "nothing doubled");
+    assert!(
+        consumer.next(Duration::from_millis(300)).await.is_none(),
+        "nothing extra"
+    );
+    println!("shared subscription split: {by_worker:?}");
+    assert!(
+        by_worker.get("A").copied().unwrap_or(0) > 0
+            && by_worker.get("B").copied().unwrap_or(0) > 0,
+        "{by_worker:?}"
+    );
+    assert!(a.terminate(Duration::from_secs(20)).success());
+    assert!(b.terminate(Duration::from_secs(20)).success());
+}
