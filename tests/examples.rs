@@ -225,6 +225,54 @@ fn every_node_shown_in_the_rhai_doc_is_a_cookbook_node() {
     }
 }
 
+/// The README's flows: each is valid, and one named like a file in `flows/` is that file.
+#[test]
+fn readme_flows_are_valid_and_match_flows_dir() {
+    let readme = std::fs::read_to_string(root().join("README.md")).expect("README.md");
+    let blocks = fenced_blocks(&readme, "json");
+    assert!(
+        blocks.len() >= 2,
+        "README.md has {} json blocks",
+        blocks.len()
+    );
+    let registry = flowbus_nodes::registry();
+    let mut matched = 0;
+    for b in &blocks {
+        let v: Value = serde_json::from_str(b)
+            .unwrap_or_else(|e| panic!("json block in README.md does not parse ({e}):\n{b}"));
+        if let Err(errors) = flowbus_runtime::flow::validate(
+            Path::new("README.md"),
+            b,
+            &registry,
+            &Default::default(),
+        ) {
+            panic!(
+                "README.md flow is invalid:\n{}",
+                flowbus_runtime::flow::FlowErrors(errors)
+            );
+        }
+        let name = v["name"].as_str().expect("README flows have a name");
+        let file = root().join("flows").join(format!("{name}.json"));
+        if file.is_file() {
+            let on_disk: Value =
+                serde_json::from_str(&std::fs::read_to_string(&file).expect("flow")).expect("JSON");
+            assert_eq!(v, on_disk, "README.md shows {} differently", file.display());
+            matched += 1;
+        }
+    }
+    assert!(matched >= 1, "README.md shows none of the flows in flows/");
+    for b in fenced_blocks(&readme, "rhai") {
+        let mut scripts = Vec::new();
+        files_under(&root().join("flows"), "rhai", &mut scripts);
+        assert!(
+            scripts
+                .iter()
+                .any(|f| std::fs::read_to_string(f).expect("script") == b),
+            "README.md shows a script that is not in flows/:\n{b}"
+        );
+    }
+}
+
 // ---- the Rhai cookbook ------------------------------------------------------------------
 
 #[tokio::test]
