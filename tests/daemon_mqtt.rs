@@ -96,6 +96,21 @@ async fn flood_into_a_slow_flow_loses_nothing_and_memory_stays_bounded() {
     assert!(log.contains("resuming receipt"));
     assert!(peak > 0 && peak < 200 * 1024, "peak RSS {peak} KiB");
     assert!(daemon.terminate(Duration::from_secs(20)).success());
+    let stats = daemon.exit_stats();
+    println!("{}", stats["servers"]);
+    println!(
+        "{}",
+        daemon
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("BIP12101")
+                || l.contains("BIP12063")
+                || l.contains("BIP12092")
+                || l.contains("BIP4311"))
+            .take(30)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

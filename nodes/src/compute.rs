@@ -58,8 +58,8 @@ pub(crate) fn exactly_one_of(node: &NodeDecl, a: &str, b: &str) -> Vec<Problem> 
                 message: format!("give either \"{a}\" or \"{b}\", not both"),
             },
         )],
-        (false, false) => vec![Problem::node(FlowErrorKind::MissingProperty(format!(
-            "{a}\" or \"{b}"
+        (false, false) => vec![Problem::node(FlowErrorKind::MissingOneOf(format!(
+            "\"{a}\" or \"{b}\""
         )))],
         _ => Vec::new(),
     }

@@ -4,6 +4,7 @@
 //!   conversion, errors with script line:column).
 //! - [`mqtt_subscribe`], [`mqtt_publish`]: the MQTT nodes, sharing [`mqtt_client`] (one paho
 //!   client per node, the reconnect supervisor, activity-log events and statistics).
+//! - [`qos_policy`]: QoS policy alignment (server `max_qos`, per-topic rules, broker limits).
 //! - [`trace`], [`trycatch`], [`throw`], [`timer`]: flow plumbing and a broker-less input.
 //!
 //! [`registry`] maps every type name to its kind.
@@ -13,6 +14,7 @@ pub mod filter;
 pub mod mqtt_client;
 pub mod mqtt_publish;
 pub mod mqtt_subscribe;
+pub mod qos_policy;
 pub mod script;
 pub mod throw;
 pub mod timer;

@@ -11,10 +11,12 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flowbus_runtime::activity::{NewEntry, Severity};
 use flowbus_runtime::config::{Config, ServerConfig};
+
+use crate::qos_policy::{mismatch_text, Decision, Policy, Source};
 use flowbus_runtime::engine::Cancel;
 use flowbus_runtime::flow::FlowErrorKind;
 use flowbus_runtime::node::{NodeDecl, Problem, PropKind, PropSpec, ValidateCtx};
@@ -54,6 +56,14 @@ pub mod bip {
     pub const SUMMARY: u32 = 12102;
     /// A subscription was refused or granted a lower QoS than requested.
     pub const SUBSCRIBE_FAILED: u32 = 12103;
+    /// A node asked for more QoS than the policy or the broker allows (policy `fail`).
+    pub const QOS_MISMATCH: u32 = 12110;
+    /// A node uses a lower QoS than it asked for (policy `downgrade`); once per node and topic.
+    pub const QOS_DOWNGRADE: u32 = 12111;
+    /// A per-topic QoS rule decided a node's QoS; once per node and topic.
+    pub const QOS_RULE: u32 = 12112;
+    /// The broker's QoS limit was learnt (CONNACK or probe).
+    pub const BROKER_LIMIT: u32 = 12113;
 }
 
 /// Properties both MQTT nodes have.
@@ -79,8 +89,8 @@ pub fn check_common(node: &NodeDecl, _ctx: &ValidateCtx) -> Vec<Problem> {
                     .into(),
             },
         )),
-        (None, None) => p.push(Problem::node(FlowErrorKind::MissingProperty(
-            "server\" or \"url".into(),
+        (None, None) => p.push(Problem::node(FlowErrorKind::MissingOneOf(
+            "\"server\" (a server defined in flowbus.toml) or \"url\"".into(),
         ))),
         (None, Some(url)) => {
             if let Err(m) = normalise_url(url) {
@@ -162,8 +172,27 @@ pub struct Endpoint {
     password: Option<String>,
     /// Keep-alive.
     pub keep_alive: Duration,
-    /// CA file for TLS.
+    /// TLS settings (used with `ssl://`).
+    pub tls: Tls,
+    /// MQTT v5 session expiry of persistent sessions.
+    pub session_expiry: Duration,
+    /// Last will.
+    pub will: Option<flowbus_runtime::config::WillConfig>,
+    /// The QoS policy.
+    pub policy: Policy,
+}
+
+/// TLS settings of a server.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    /// CA certificates (PEM) to trust; the system's default store when absent.
     pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// Verify the server certificate and host name.
+    pub verify: bool,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -182,14 +211,34 @@ impl Endpoint {
     /// The same protocol version at another URL, without credentials or TLS files (those
     /// belong to the configured server).
     pub fn elsewhere(&self, url: &str) -> Endpoint {
+        Endpoint::inline(url, self.version)
+    }
+
+    /// A server given inline by URL: no credentials, default TLS verification, no policy
+    /// beyond what the broker says.
+    pub fn inline(url: &str, version: u8) -> Endpoint {
         Endpoint {
             url: url.to_string(),
             server: None,
-            version: self.version,
+            version,
             username: None,
             password: None,
-            keep_alive: self.keep_alive,
-            ca_file: None,
+            keep_alive: Duration::from_secs(60),
+            tls: Tls {
+                verify: true,
+                ..Tls::default()
+            },
+            session_expiry: Duration::from_secs(86_400),
+            will: None,
+            policy: Policy::open(url),
+        }
+    }
+
+    /// The server's name, or its URL for an inline server (for messages).
+    pub fn label(&self) -> String {
+        match &self.server {
+            Some(name) => format!("'{name}' ({})", self.url),
+            None => self.url.clone(),
         }
     }
 }
@@ -225,15 +274,7 @@ pub fn resolve_endpoint(node: &NodeDecl, config: &Config) -> Result<Endpoint, Ve
             },
         )]
     })?;
-    Ok(Endpoint {
-        url,
-        server: None,
-        version: version_prop.unwrap_or(3),
-        username: None,
-        password: None,
-        keep_alive: Duration::from_secs(60),
-        ca_file: None,
-    })
+    Ok(Endpoint::inline(&url, version_prop.unwrap_or(3)))
 }
 
 fn endpoint_from_server(
@@ -271,8 +312,44 @@ fn endpoint_from_server(
         username: s.username.clone(),
         password,
         keep_alive: s.keep_alive.map_or(Duration::from_secs(60), |d| d.0),
-        ca_file: s.ca_file.clone(),
+        tls: Tls {
+            ca_file: s.ca_file.clone(),
+            cert_file: s.cert_file.clone(),
+            key_file: s.key_file.clone(),
+            verify: s.verify_server.unwrap_or(true),
+        },
+        session_expiry: s
+            .session_expiry
+            .map_or(Duration::from_secs(86_400), |d| d.0),
+        will: s.will.clone(),
+        policy: Policy::from_server(name, s),
     })
+}
+
+/// Paho TLS options from a server's settings; a file that cannot be read is an error that
+/// names it.
+pub fn ssl_options(tls: &Tls) -> Result<paho::SslOptions, String> {
+    let mut ssl = paho::SslOptionsBuilder::new();
+    for f in [&tls.ca_file, &tls.cert_file, &tls.key_file]
+        .into_iter()
+        .flatten()
+    {
+        std::fs::metadata(f).map_err(|e| format!("TLS file {}: {e}", f.display()))?;
+    }
+    if let Some(ca) = &tls.ca_file {
+        ssl.trust_store(ca)
+            .map_err(|e| format!("CA file {}: {e}", ca.display()))?;
+    }
+    if let Some(cert) = &tls.cert_file {
+        ssl.key_store(cert)
+            .map_err(|e| format!("certificate file {}: {e}", cert.display()))?;
+    }
+    if let Some(key) = &tls.key_file {
+        ssl.private_key(key)
+            .map_err(|e| format!("key file {}: {e}", key.display()))?;
+    }
+    ssl.enable_server_cert_auth(tls.verify).verify(tls.verify);
+    Ok(ssl.finalize())
 }
 
 /// The reconnect schedule: `initial`, then `step` longer each attempt, at most `max`.
@@ -364,40 +441,122 @@ impl LogCtx {
     }
 }
 
-/// Limits per-message entries (received, published) to a few per second per node; the rest
-/// are counted and summarised in one entry per second, so high rates neither flood the log nor
-/// evict connection events.
-pub struct Sampler {
-    state: Mutex<(Instant, u32, u64)>,
-    per_second: u32,
+pub use flowbus_runtime::activity::Sampler;
+
+/// Applies a server's QoS policy for one node: decides each topic's QoS, logs the rule that
+/// decided or the downgrade once per topic, and counts downgrades and refusals.
+pub struct PolicyGate {
+    policy: Policy,
+    noted: Mutex<BTreeSet<String>>,
 }
 
-impl Sampler {
-    /// Allows `per_second` individual entries per second.
-    pub fn new(per_second: u32) -> Sampler {
-        Sampler {
-            state: Mutex::new((Instant::now(), 0, 0)),
-            per_second,
+/// How many topics a node notes individually before it stops (a publish node with a topic per
+/// device must not grow this without bound).
+const NOTED_TOPICS: usize = 1000;
+
+impl PolicyGate {
+    /// The gate for a node's endpoint.
+    pub fn new(policy: Policy) -> PolicyGate {
+        PolicyGate {
+            policy,
+            noted: Mutex::new(BTreeSet::new()),
         }
     }
 
-    /// Whether this event gets its own entry; `Some(n)` in `.1` when a summary of `n`
-    /// suppressed events is due first.
-    pub fn admit(&self) -> (bool, Option<u64>) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut summary = None;
-        if st.0.elapsed() >= Duration::from_secs(1) {
-            if st.2 > 0 {
-                summary = Some(st.2);
+    /// The policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn first_time(&self, key: String) -> bool {
+        let mut n = self.noted.lock().unwrap_or_else(|p| p.into_inner());
+        n.len() < NOTED_TOPICS && n.insert(key)
+    }
+
+    /// The QoS to use on `topic`, or the mismatch text (policy `fail`; counted).
+    pub fn apply(&self, conn: &Conn, topic: &str, requested: Option<u8>) -> Result<u8, String> {
+        self.apply_granted(conn, topic, requested, None)
+    }
+
+    /// Like [`apply`](Self::apply), with the QoS a SUBACK granted for this topic as a further
+    /// limit.
+    pub fn apply_granted(
+        &self,
+        conn: &Conn,
+        topic: &str,
+        requested: Option<u8>,
+        granted: Option<u8>,
+    ) -> Result<u8, String> {
+        let log = &conn.log;
+        let mut limit = conn.broker_limit();
+        if let Some(g) = granted {
+            if limit.as_ref().is_none_or(|(l, _)| g < *l) {
+                limit = Some((g, Source::Suback));
             }
-            *st = (Instant::now(), 0, 0);
         }
-        if st.1 < self.per_second {
-            st.1 += 1;
-            (true, summary)
-        } else {
-            st.2 += 1;
-            (false, summary)
+        match self.policy.decide(topic, requested, limit) {
+            Decision::Use { qos, rule } => {
+                if let Some(rule) = rule {
+                    if self.first_time(format!("rule {topic}")) {
+                        log.record(
+                            log.entry(
+                                Severity::Info,
+                                bip::QOS_RULE,
+                                format!("QoS rule '{rule}' of server {} decided QoS {qos} for topic '{topic}'", self.policy.server),
+                            )
+                            .tag("topic", topic)
+                            .tag("qos", qos)
+                            .tag("rule", rule),
+                        );
+                    }
+                }
+                Ok(qos)
+            }
+            Decision::Downgrade {
+                requested,
+                allowed,
+                source,
+            } => {
+                inc(&log.stats.qos_downgrades);
+                if self.first_time(format!("downgrade {topic}")) {
+                    log.record(
+                        log.entry(
+                            Severity::Warning,
+                            bip::QOS_DOWNGRADE,
+                            format!(
+                                "{}; on_qos_mismatch = \"downgrade\": using QoS {allowed}",
+                                mismatch_text(
+                                    &log.node,
+                                    topic,
+                                    requested,
+                                    allowed,
+                                    &self.policy.server,
+                                    &source
+                                )
+                            ),
+                        )
+                        .tag("topic", topic)
+                        .tag("qos", allowed)
+                        .tag("requested_qos", requested),
+                    );
+                }
+                Ok(allowed)
+            }
+            Decision::Fail {
+                requested,
+                allowed,
+                source,
+            } => {
+                inc(&log.stats.qos_mismatches);
+                Err(mismatch_text(
+                    &log.node,
+                    topic,
+                    requested,
+                    allowed,
+                    &self.policy.server,
+                    &source,
+                ))
+            }
         }
     }
 }
@@ -431,6 +590,9 @@ pub struct Conn {
     counted_open: AtomicBool,
     /// Whether the connection uses MQTT v5.
     pub v5: bool,
+    /// The broker's QoS limit and how we learnt it, once known.
+    limit: Mutex<Option<(u8, Source)>>,
+    connect_timeout: Duration,
 }
 
 /// How to create a [`Conn`].
@@ -439,7 +601,9 @@ pub struct ConnSpec<'a> {
     pub endpoint: &'a Endpoint,
     /// The client id.
     pub client_id: String,
-    /// Persistent session (clean session false) with file persistence under this directory.
+    /// Persistent session (clean session false).
+    pub persistent_session: bool,
+    /// Paho file persistence for in-flight publications under this directory.
     pub persist_dir: Option<PathBuf>,
     /// How long a connect attempt may take.
     pub connect_timeout: Duration,
@@ -482,7 +646,7 @@ impl Conn {
             .finalize();
         let client = paho::AsyncClient::new(create)
             .map_err(|e| format!("cannot create the MQTT client for {}: {e}", ep.url))?;
-        let persistent = spec.persist_dir.is_some();
+        let persistent = spec.persistent_session;
         let mut b = if v5 {
             paho::ConnectOptionsBuilder::new_v5()
         } else {
@@ -497,9 +661,10 @@ impl Conn {
             b.clean_start(!persistent);
             if persistent {
                 let mut props = paho::Properties::new();
-                // A day: long enough to ride out a pause or a restart, short enough not to
-                // leave sessions behind for ever.
-                let _ = props.push_u32(paho::PropertyCode::SessionExpiryInterval, 86_400);
+                // Default a day: long enough to ride out a pause or a restart, short enough
+                // not to leave sessions behind for ever.
+                let secs = ep.session_expiry.as_secs().min(u64::from(u32::MAX)) as u32;
+                let _ = props.push_u32(paho::PropertyCode::SessionExpiryInterval, secs);
                 b.properties(props);
             }
         } else {
@@ -511,13 +676,20 @@ impl Conn {
         if let Some(p) = &ep.password {
             b.password(p.as_str());
         }
+        if let Some(w) = &ep.will {
+            let will = if w.retain {
+                paho::Message::new_retained(
+                    w.topic.as_str(),
+                    w.payload.as_bytes(),
+                    i32::from(w.qos),
+                )
+            } else {
+                paho::Message::new(w.topic.as_str(), w.payload.as_bytes(), i32::from(w.qos))
+            };
+            b.will_message(will);
+        }
         if ep.url.starts_with("ssl://") {
-            let mut ssl = paho::SslOptionsBuilder::new();
-            if let Some(ca) = &ep.ca_file {
-                ssl.trust_store(ca)
-                    .map_err(|e| format!("CA file {}: {e}", ca.display()))?;
-            }
-            b.ssl_options(ssl.finalize());
+            b.ssl_options(ssl_options(&ep.tls)?);
         }
         let opts = b.finalize();
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
@@ -546,6 +718,8 @@ impl Conn {
             stop: Cancel::default(),
             counted_open: AtomicBool::new(false),
             v5,
+            limit: Mutex::new(None),
+            connect_timeout: spec.connect_timeout,
         }))
     }
 
@@ -562,6 +736,59 @@ impl Conn {
             Ok(Ok(_))
         );
         ok
+    }
+
+    /// The broker's QoS limit, if known.
+    pub fn broker_limit(&self) -> Option<(u8, Source)> {
+        self.limit.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records a limit the broker showed (the lowest seen wins).
+    pub fn learn_limit(&self, q: u8, source: Source) {
+        let mut l = self.limit.lock().unwrap_or_else(|p| p.into_inner());
+        if l.as_ref().is_none_or(|(old, _)| q < *old) {
+            *l = Some((q, source));
+        }
+    }
+
+    /// Learns the broker's QoS limit for an MQTT 3.1.1 connection, which has no CONNACK
+    /// property for it: subscribes to a private topic at QoS 2 and reads the granted QoS from
+    /// the SUBACK, then unsubscribes. Returns the granted QoS (None when refused or
+    /// unanswered; a broker's ACL may forbid the topic).
+    pub async fn probe_qos(&self) -> Option<u8> {
+        let topic = format!("flowbus/probe/{}", self.log.client_id);
+        let granted = match tokio::time::timeout(
+            self.connect_timeout,
+            self.client.subscribe(topic.as_str(), 2),
+        )
+        .await
+        {
+            Ok(Ok(resp)) => resp.subscribe_response(),
+            _ => None,
+        };
+        let _ = tokio::time::timeout(
+            self.connect_timeout,
+            self.client.unsubscribe(topic.as_str()),
+        )
+        .await;
+        match granted {
+            Some(g @ 0..=2) => {
+                if g < 2 {
+                    self.learn_limit(g as u8, Source::Suback);
+                    self.log.record(
+                        self.log
+                            .entry(
+                                Severity::Info,
+                                bip::BROKER_LIMIT,
+                                format!("The broker allows at most QoS {g} (a probe subscription at QoS 2 was granted {g})"),
+                            )
+                            .tag("max_qos", g),
+                    );
+                }
+                Some(g as u8)
+            }
+            _ => None,
+        }
     }
 
     /// Asks the supervisor to pause (disconnect, keeping the session) or resume.
@@ -659,8 +886,23 @@ impl Conn {
                         )
                         .tag("session_present", session_present),
                     );
+                    if let Some(q) = resp.properties().get_int(paho::PropertyCode::MaximumQos) {
+                        self.learn_limit(q.clamp(0, 2) as u8, Source::Connack);
+                        log.record(
+                            log.entry(
+                                Severity::Info,
+                                bip::BROKER_LIMIT,
+                                format!("The broker allows at most QoS {q} (MQTT v5 CONNACK Maximum QoS)"),
+                            )
+                            .tag("max_qos", q),
+                        );
+                    }
+                    // Subscriptions and the QoS probe happen before the node may use the
+                    // connection, so a publish never goes out above a limit we could know.
+                    let _ =
+                        tokio::time::timeout(self.connect_timeout, on_connected(session_present))
+                            .await;
                     self.connected.send_replace(true);
-                    on_connected(session_present).await;
                     let why = tokio::select! {
                         _ = self.stop.cancelled() => return,
                         _ = lost.recv() => "lost",
@@ -673,7 +915,11 @@ impl Conn {
                             log.record(log.entry(
                                 Severity::Warning,
                                 bip::CONNECTION_LOST,
-                                format!("Lost the connection to {}; reconnecting in {:?}", log.url, self.backoff.delay(0)),
+                                format!(
+                                    "Lost the connection to {}; reconnecting in {:?}",
+                                    log.url,
+                                    self.backoff.delay(0)
+                                ),
                             ));
                             tokio::select! {
                                 _ = self.stop.cancelled() => return,
@@ -689,7 +935,9 @@ impl Conn {
                             ));
                         }
                         _ => {
-                            match self.client.disconnect(None).await {
+                            // A grace period lets paho finish the acknowledgements of what it
+                            // already received, so the broker does not send those again.
+                            match self.client.disconnect_after(Duration::from_secs(1)).await {
                                 Ok(_) => log.record(log.entry(
                                     Severity::Info,
                                     bip::DISCONNECTED,
@@ -762,20 +1010,22 @@ impl Conn {
     }
 }
 
-/// The `Duplicate` flag of a received message. paho-mqtt does not expose it, but its `Debug`
-/// output starts with the C struct, so we read the flag there and stop formatting as soon as
-/// it is found (the payload is never formatted).
-pub fn duplicate_flag(m: &paho::Message) -> bool {
+/// The `Duplicate` flag and packet id of a received message. paho-mqtt exposes neither, but
+/// its `Debug` output starts with the C struct (`... dup: 0, msgid: 7, ...`), so we read them
+/// there and stop formatting as soon as they are found (the payload is never formatted).
+pub fn wire_info(m: &paho::Message) -> (bool, i32) {
     struct Finder {
         buf: String,
-        found: Option<bool>,
+        found: Option<(bool, i32)>,
     }
     impl std::fmt::Write for Finder {
         fn write_str(&mut self, s: &str) -> std::fmt::Result {
             self.buf.push_str(s);
-            if let Some(i) = self.buf.find("dup: ") {
-                if let Some(c) = self.buf[i + 5..].chars().next() {
-                    self.found = Some(c == '1');
+            if let (Some(d), Some(i)) = (self.buf.find("dup: "), self.buf.find("msgid: ")) {
+                let rest = &self.buf[i + 7..];
+                if let Some(end) = rest.find(|c: char| !c.is_ascii_digit() && c != '-') {
+                    let dup = self.buf[d + 5..].starts_with('1');
+                    self.found = Some((dup, rest[..end].parse().unwrap_or(0)));
                     return Err(std::fmt::Error);
                 }
             }
@@ -790,7 +1040,53 @@ pub fn duplicate_flag(m: &paho::Message) -> bool {
         found: None,
     };
     let _ = write!(f, "{m:?}");
-    f.found.unwrap_or(false)
+    f.found.unwrap_or((false, 0))
+}
+
+/// Remembers the last messages received (packet id, topic and payload hash), so that QoS 1
+/// messages the broker sends again after a reconnect — it resends what it had not yet seen
+/// acknowledged, with the `Duplicate` flag — are recognised and not processed twice.
+pub struct Redeliveries {
+    order: std::collections::VecDeque<(i32, u64)>,
+    seen: std::collections::HashMap<(i32, u64), u32>,
+    capacity: usize,
+}
+
+impl Redeliveries {
+    /// Remembers up to `capacity` messages.
+    pub fn new(capacity: usize) -> Redeliveries {
+        Redeliveries {
+            order: std::collections::VecDeque::with_capacity(capacity.min(4096)),
+            seen: std::collections::HashMap::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Records a received message; returns true when it is a redelivery of one already
+    /// received (flagged `Duplicate`, with the same packet id, topic and payload).
+    pub fn is_redelivery(&mut self, dup: bool, msgid: i32, topic: &str, payload: &[u8]) -> bool {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        topic.hash(&mut h);
+        payload.hash(&mut h);
+        let key = (msgid, h.finish());
+        if dup && self.seen.contains_key(&key) {
+            return true;
+        }
+        if self.order.len() == self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                if let Some(n) = self.seen.get_mut(&old) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.seen.remove(&old);
+                    }
+                }
+            }
+        }
+        self.order.push_back(key);
+        *self.seen.entry(key).or_insert(0) += 1;
+        false
+    }
 }
 
 /// v5 user properties as a JSON object (later values of a repeated key win).
@@ -892,23 +1188,27 @@ mod tests {
     }
 
     #[test]
-    fn sampler_admits_a_few_then_summarises() {
-        let s = Sampler::new(2);
-        assert_eq!(s.admit(), (true, None));
-        assert_eq!(s.admit(), (true, None));
-        assert_eq!(s.admit(), (false, None));
-        assert_eq!(s.admit(), (false, None));
-        {
-            let mut st = s.state.lock().unwrap();
-            st.0 -= Duration::from_secs(2);
-        }
-        assert_eq!(s.admit(), (true, Some(2)));
+    fn wire_info_reads_the_c_struct() {
+        let m = paho::Message::new("t", vec![1u8; 100], 1);
+        assert_eq!(wire_info(&m), (false, 0));
     }
 
     #[test]
-    fn duplicate_flag_reads_the_c_struct() {
-        let m = paho::Message::new("t", vec![1u8; 100], 1);
-        assert!(!duplicate_flag(&m));
+    fn redeliveries_are_recognised_by_id_and_content() {
+        let mut r = Redeliveries::new(3);
+        assert!(!r.is_redelivery(false, 1, "t", b"a"));
+        assert!(!r.is_redelivery(false, 2, "t", b"a"));
+        // Same id and content, flagged as a resend: skip.
+        assert!(r.is_redelivery(true, 1, "t", b"a"));
+        // Same content, new id: a new message.
+        assert!(!r.is_redelivery(true, 3, "t", b"a"));
+        // Not flagged: always new (a reused id).
+        assert!(!r.is_redelivery(false, 1, "t", b"a"));
+        // Forgotten after `capacity` newer messages.
+        assert!(!r.is_redelivery(false, 4, "t", b"b"));
+        assert!(!r.is_redelivery(false, 5, "t", b"c"));
+        assert!(!r.is_redelivery(false, 6, "t", b"d"));
+        assert!(!r.is_redelivery(true, 2, "t", b"a"));
     }
 
     #[test]

@@ -230,9 +230,14 @@ pub fn load(decl: &NodeDecl, flow_dir: &Path, code_props: &[&str]) -> Result<Scr
             p,
         )
     } else {
-        return Err(vec![Problem::node(FlowErrorKind::MissingProperty(
-            format!("script or {}", code_props.join(" or ")),
-        ))]);
+        return Err(vec![Problem::node(FlowErrorKind::MissingOneOf(format!(
+            "\"script\" or {}",
+            code_props
+                .iter()
+                .map(|p| format!("\"{p}\""))
+                .collect::<Vec<_>>()
+                .join(" or ")
+        )))]);
     };
     let engine = engine(&limits);
     match engine.compile(&text) {
@@ -310,9 +315,14 @@ impl Script {
             .engine
             .eval_ast_with_scope::<Dynamic>(&mut scope, &self.ast);
         let state = RUN.with(|r| std::mem::replace(&mut *r.borrow_mut(), prev));
+        // Environment is never rolled back: what the script wrote stays, even if it then
+        // failed.
+        let env_value = from_dynamic(&env.flatten_clone(), "Environment");
+        if let Ok(v) = &env_value {
+            *msg.environment.lock() = v.clone();
+        }
         let value = result.map_err(|e| self.exception(&e))?;
-
-        *msg.environment.lock() = from_dynamic(&env.flatten_clone(), "Environment")?;
+        env_value?;
         let domain = msg.root.body.domain();
         let build = |root: Dynamic, le: Dynamic| -> Result<Message, Exception> {
             let mut m = msg.clone();
@@ -534,6 +544,20 @@ mod tests {
             "{}",
             e.text
         );
+    }
+
+    #[test]
+    fn environment_writes_survive_a_failing_script() {
+        let s = load(
+            &decl(json!({"code": "Environment.seen = true;\nthrow \"fail\";"})),
+            Path::new("."),
+            &["code"],
+        )
+        .unwrap_or_else(|_| panic!("compiles"));
+        let msg = Message::new(Body::Json(json!({})));
+        let e = s.run(&msg, T).unwrap_err();
+        assert!(e.text.contains("script threw: fail"), "{}", e.text);
+        assert_eq!(msg.environment.snapshot(), json!({"seen": true}));
     }
 
     #[test]

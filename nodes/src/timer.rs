@@ -41,6 +41,15 @@ impl NodeKind for TimerKind {
     }
 
     fn check(&self, node: &NodeDecl, _ctx: &ValidateCtx) -> Vec<Problem> {
+        if node.duration("interval").is_some_and(|d| d.is_zero()) {
+            return vec![Problem::at(
+                "interval",
+                FlowErrorKind::BadValue {
+                    property: "interval".into(),
+                    message: "must be longer than zero, e.g. \"100ms\"".into(),
+                },
+            )];
+        }
         let text = node.str("domain") == Some("TEXT");
         match node.props.get("payload") {
             Some(v) if text && !v.is_string() => vec![Problem::at(

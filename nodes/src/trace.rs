@@ -41,8 +41,8 @@ impl NodeKind for TraceKind {
     fn check(&self, node: &NodeDecl, _ctx: &ValidateCtx) -> Vec<Problem> {
         let mut p = Vec::new();
         match (node.str("destination"), node.str("file")) {
-            (Some("file"), None) => p.push(Problem::node(FlowErrorKind::MissingProperty(
-                "file (destination is \"file\")".into(),
+            (Some("file"), None) => p.push(Problem::node(FlowErrorKind::MissingOneOf(
+                "\"file\" (the trace file, since \"destination\" is \"file\")".into(),
             ))),
             (Some("log" | "stdout") | None, Some(_)) => p.push(Problem::at(
                 "file",

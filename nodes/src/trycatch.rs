@@ -47,9 +47,20 @@ impl ProcessingNode for TryCatch {
                 return Ok(());
             };
             if out.is_connected("Catch") {
+                out.record_error(
+                    NewEntry::new(
+                        Severity::Warning,
+                        numbers::TRYCATCH_CAUGHT,
+                        "Flow",
+                        out.flow_name(),
+                        out.node_id(),
+                        format!("exception caught by TryCatch '{}', message routed to its Catch terminal: {e}", out.node_id()),
+                    )
+                    .tag("exception", e.to_tree()),
+                );
                 out.propagate("Catch", arrived.with_exception(e)).await?;
             } else {
-                out.services().activity.record(
+                out.record_error(
                     NewEntry::new(
                         Severity::Error,
                         numbers::TRYCATCH_DISCARDED,

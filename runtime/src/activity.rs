@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -128,6 +129,44 @@ impl Filter {
             && self.severity.is_none_or(|s| e.severity >= s)
             && self.number.as_ref().is_none_or(|n| *n == e.number)
             && self.after_seq.is_none_or(|s| e.seq > s)
+    }
+}
+
+/// Limits per-message entries (received, published, errors) to a few per second per node; the rest
+/// are counted and summarised in one entry per second, so high rates neither flood the log nor
+/// evict connection events.
+pub struct Sampler {
+    state: Mutex<(Instant, u32, u64)>,
+    per_second: u32,
+}
+
+impl Sampler {
+    /// Allows `per_second` individual entries per second.
+    pub fn new(per_second: u32) -> Sampler {
+        Sampler {
+            state: Mutex::new((Instant::now(), 0, 0)),
+            per_second,
+        }
+    }
+
+    /// Whether this event gets its own entry; `Some(n)` in `.1` when a summary of `n`
+    /// suppressed events is due first.
+    pub fn admit(&self) -> (bool, Option<u64>) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut summary = None;
+        if st.0.elapsed() >= Duration::from_secs(1) {
+            if st.2 > 0 {
+                summary = Some(st.2);
+            }
+            *st = (Instant::now(), 0, 0);
+        }
+        if st.1 < self.per_second {
+            st.1 += 1;
+            (true, summary)
+        } else {
+            st.2 += 1;
+            (false, summary)
+        }
     }
 }
 
@@ -265,6 +304,20 @@ mod tests {
             ..Filter::default()
         });
         assert_eq!(last[0].message, "m2");
+    }
+
+    #[test]
+    fn sampler_admits_a_few_then_summarises() {
+        let s = Sampler::new(2);
+        assert_eq!(s.admit(), (true, None));
+        assert_eq!(s.admit(), (true, None));
+        assert_eq!(s.admit(), (false, None));
+        assert_eq!(s.admit(), (false, None));
+        {
+            let mut st = s.state.lock().unwrap();
+            st.0 -= Duration::from_secs(2);
+        }
+        assert_eq!(s.admit(), (true, Some(2)));
     }
 
     #[test]

@@ -183,6 +183,51 @@ pub struct ServerConfig {
     /// CA certificates for TLS.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[serde(default)]
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Verify the server's certificate and host name (default true).
+    #[serde(default)]
+    pub verify_server: Option<bool>,
+    /// MQTT v5 session expiry for persistent sessions (default one day).
+    #[serde(default)]
+    pub session_expiry: Option<Dur>,
+    /// Last will, published by the broker if the connection drops.
+    #[serde(default)]
+    pub will: Option<WillConfig>,
+    /// Per-topic QoS rules (the "hybrid QoS" strategy), first match wins.
+    #[serde(default)]
+    pub qos_rules: Vec<QosRule>,
+}
+
+/// `[servers.NAME.will]`.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct WillConfig {
+    /// Topic of the will message.
+    pub topic: String,
+    /// Payload (text).
+    #[serde(default)]
+    pub payload: String,
+    /// QoS 0, 1 or 2.
+    #[serde(default)]
+    pub qos: u8,
+    /// Retained.
+    #[serde(default)]
+    pub retain: bool,
+}
+
+/// `[[servers.NAME.qos_rules]]`: the QoS to use for topics matching a filter.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QosRule {
+    /// A topic filter (`devices/+/provision`, `telemetry/#`).
+    pub topic: String,
+    /// The QoS for matching topics.
+    pub qos: u8,
 }
 
 /// A configuration problem.
@@ -235,6 +280,20 @@ impl Config {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             cfg.data_dir = dir.join(&cfg.data_dir);
             cfg.flows = cfg.flows.iter().map(|f| dir.join(f)).collect();
+            // Files a server names are relative to the configuration file, too.
+            for server in cfg.servers.values_mut() {
+                for f in [
+                    &mut server.ca_file,
+                    &mut server.cert_file,
+                    &mut server.key_file,
+                    &mut server.password_file,
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    *f = dir.join(&*f);
+                }
+            }
         }
         Ok(cfg)
     }
@@ -279,6 +338,27 @@ impl Config {
                 return fail(
                     &format!("[servers.{name}]"),
                     format!("servers.{name}.max_qos must be 0, 1 or 2"),
+                );
+            }
+            if s.will.as_ref().is_some_and(|w| w.qos > 2) {
+                return fail(
+                    &format!("[servers.{name}"),
+                    format!("servers.{name}.will.qos must be 0, 1 or 2"),
+                );
+            }
+            if let Some(r) = s.qos_rules.iter().find(|r| r.qos > 2) {
+                return fail(
+                    &r.topic,
+                    format!(
+                        "servers.{name}.qos_rules: qos {} for '{}' must be 0, 1 or 2",
+                        r.qos, r.topic
+                    ),
+                );
+            }
+            if s.cert_file.is_some() != s.key_file.is_some() {
+                return fail(
+                    &format!("[servers.{name}"),
+                    format!("servers.{name}: mutual TLS needs both cert_file and key_file"),
                 );
             }
             if s.version.is_some_and(|v| v != 3 && v != 5) {

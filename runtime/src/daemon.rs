@@ -59,7 +59,7 @@ impl Daemon {
         let mut failed = Vec::new();
         let files = match flow_files(&self.config.flows) {
             Ok(f) => f,
-            Err(e) => return vec![FlowErrors(vec![e])],
+            Err(e) => return vec![e],
         };
         for file in files {
             match self.start_file(file) {

@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::activity::{NewEntry, Severity};
+use crate::activity::{NewEntry, Sampler, Severity};
 use crate::message::{numbers, Exception, ExceptionKind, Message};
 use crate::node::{BoxFut, BuiltNode, InputNode, NodeFailure, ProcessingNode, Thrown};
 use crate::services::Services;
@@ -82,6 +82,7 @@ pub(crate) struct Terminal {
 pub(crate) struct NodeCounters {
     pub(crate) invocations: AtomicU64,
     pub(crate) errors: AtomicU64,
+    pub(crate) discards: AtomicU64,
     pub(crate) busy_nanos: AtomicU64,
 }
 
@@ -96,6 +97,8 @@ pub(crate) struct Slot {
     pub(crate) imp: Imp,
     pub(crate) outputs: Vec<Terminal>,
     pub(crate) counters: NodeCounters,
+    /// Rate limit for this node's per-message error entries.
+    pub(crate) error_log: Sampler,
 }
 
 /// The shared state of a built flow.
@@ -178,6 +181,21 @@ impl FlowInner {
                 inc(&slot.counters.errors);
                 let e = e.locate(&self.name, &slot.id, slot.type_name);
                 if self.is_connected(node, "Failure") {
+                    self.log_error(
+                        node,
+                        NewEntry::new(
+                            Severity::Warning,
+                            numbers::NODE_EXCEPTION,
+                            "Flow",
+                            &self.name,
+                            &slot.id,
+                            format!(
+                                "error in node '{}', message routed to its Failure terminal: {e}",
+                                slot.id
+                            ),
+                        )
+                        .tag("exception", e.to_tree()),
+                    );
                     self.propagate(node, "Failure", arrived.with_exception(e))
                         .await
                 } else {
@@ -189,6 +207,26 @@ impl FlowInner {
 
     fn log(&self, e: NewEntry) {
         self.services.activity.record(e);
+    }
+
+    /// Records a per-message error entry of `node`, at most a few per second; the rest are
+    /// counted and summarised.
+    pub(crate) fn log_error(&self, node: usize, e: NewEntry) {
+        let slot = &self.slots[node];
+        let (admit, summary) = slot.error_log.admit();
+        if let Some(n) = summary {
+            self.log(NewEntry::new(
+                Severity::Warning,
+                numbers::ERRORS_SUMMARISED,
+                "Flow",
+                &self.name,
+                &slot.id,
+                format!("{n} further error entries of node '{}' in the last second were not logged one by one (see the statistics)", slot.id),
+            ));
+        }
+        if admit {
+            self.log(e);
+        }
     }
 }
 
@@ -223,6 +261,11 @@ impl<'a> Outputs<'a> {
     /// Activity log and statistics.
     pub fn services(&self) -> &'a Arc<Services> {
         &self.flow.services
+    }
+
+    /// Records a per-message error entry for this node, rate-limited like the engine's own.
+    pub fn record_error(&self, e: NewEntry) {
+        self.flow.log_error(self.node, e);
     }
 }
 
@@ -299,12 +342,27 @@ impl InputCtx {
             inc(&slot.counters.errors);
             let e = exception.locate(&flow.name, &slot.id, slot.type_name);
             if flow.is_connected(node, "Failure") {
-                match flow.propagate(node, "Failure", msg.with_exception(e)).await {
+                flow.log_error(
+                    node,
+                    NewEntry::new(
+                        Severity::Warning,
+                        numbers::NODE_EXCEPTION,
+                        "Flow",
+                        &flow.name,
+                        &slot.id,
+                        format!("input node '{}' could not take a message; routed to its Failure terminal: {e}", slot.id),
+                    )
+                    .tag("exception", e.to_tree()),
+                );
+                match flow
+                    .propagate(node, "Failure", msg.with_exception(e.clone()))
+                    .await
+                {
                     Ok(()) => Disposition::Caught,
-                    Err(Thrown(e2)) => discard(&flow, node, e2),
+                    Err(Thrown(e2)) => discard(&flow, node, e2, Some(&e)),
                 }
             } else {
-                discard(&flow, node, e)
+                discard(&flow, node, e, None)
             }
         })
     }
@@ -316,39 +374,71 @@ async fn catch_or_discard(
     original: Message,
     e: Exception,
 ) -> Disposition {
-    if flow.is_connected(node, "Catch") {
-        match flow
-            .propagate(node, "Catch", original.with_exception(e))
-            .await
-        {
-            Ok(()) => Disposition::Caught,
-            // An exception on the Catch path: nothing left to catch it.
-            Err(Thrown(e2)) => discard(flow, node, e2),
-        }
-    } else {
-        discard(flow, node, e)
-    }
-}
-
-fn discard(flow: &FlowInner, node: usize, e: Exception) -> Disposition {
     let slot = &flow.slots[node];
-    if let Some(o) = &flow.observer {
-        o.on_discard(&slot.id, &e);
+    if !flow.is_connected(node, "Catch") {
+        return discard(flow, node, e, None);
     }
-    flow.log(
+    flow.log_error(
+        node,
         NewEntry::new(
-            Severity::Error,
-            numbers::ROLLED_BACK_DISCARDED,
+            Severity::Warning,
+            numbers::INPUT_CAUGHT,
             "Flow",
             &flow.name,
             &slot.id,
             format!(
-                "message rolled back to input node '{}' and discarded (Catch not connected): {e}",
+                "message rolled back to input node '{}' and routed to its Catch terminal: {e}",
                 slot.id
             ),
         )
         .tag("exception", e.to_tree()),
     );
+    match flow
+        .propagate(node, "Catch", original.with_exception(e.clone()))
+        .await
+    {
+        Ok(()) => Disposition::Caught,
+        // An exception on the Catch path: nothing left to catch it.
+        Err(Thrown(e2)) => discard(flow, node, e2, Some(&e)),
+    }
+}
+
+/// Logs an exception nothing handled and counts the discarded message. `original` is the
+/// exception a failing Catch (or Failure) path was handling.
+fn discard(
+    flow: &FlowInner,
+    node: usize,
+    e: Exception,
+    original: Option<&Exception>,
+) -> Disposition {
+    let slot = &flow.slots[node];
+    inc(&slot.counters.discards);
+    if let Some(o) = &flow.observer {
+        o.on_discard(&slot.id, &e);
+    }
+    let message = match original {
+        None => format!(
+            "message rolled back to input node '{}' and discarded (its Catch terminal is not connected): {e}",
+            slot.id
+        ),
+        Some(first) => format!(
+            "message rolled back to input node '{}' and discarded: its error path failed too: {e}; the exception it was handling: {first}",
+            slot.id
+        ),
+    };
+    let mut entry = NewEntry::new(
+        Severity::Error,
+        numbers::ROLLED_BACK_DISCARDED,
+        "Flow",
+        &flow.name,
+        &slot.id,
+        message,
+    )
+    .tag("exception", e.to_tree());
+    if let Some(first) = original {
+        entry = entry.tag("original_exception", first.to_tree());
+    }
+    flow.log_error(node, entry);
     Disposition::Discarded(e)
 }
 
@@ -374,7 +464,7 @@ fn guarded(
             )
             .locate(&flow.name, &flow.slots[node].id, flow.slots[node].type_name);
             flow.fail(e.to_string());
-            discard(&flow, node, e)
+            discard(&flow, node, e, None)
         }
     })
 }
@@ -483,6 +573,8 @@ pub struct NodeStatsSnapshot {
     pub invocations: u64,
     /// Errors raised in the node.
     pub errors: u64,
+    /// Messages discarded at this (input) node after an exception nothing handled.
+    pub discards: u64,
     /// Total time in the node, downstream included, in microseconds.
     pub busy_micros: u64,
     /// Messages per output terminal.
@@ -545,6 +637,7 @@ impl Flow {
                 type_name: s.type_name.to_string(),
                 invocations: s.counters.invocations.load(Ordering::Relaxed),
                 errors: s.counters.errors.load(Ordering::Relaxed),
+                discards: s.counters.discards.load(Ordering::Relaxed),
                 busy_micros: s.counters.busy_nanos.load(Ordering::Relaxed) / 1000,
                 terminals: s
                     .outputs
@@ -691,6 +784,7 @@ pub(crate) fn assemble(
                 })
                 .collect(),
             counters: NodeCounters::default(),
+            error_log: Sampler::new(10),
         })
         .collect();
     for (from, terminal, to) in edges {

@@ -59,10 +59,10 @@ pub enum Body {
 impl Body {
     /// Parses a payload in the given domain. A payload that is not valid JSON (or not UTF-8
     /// for `TEXT`) is a `ParserException` (BIP5705) that names the byte offset.
-    pub fn parse(domain: Domain, payload: &[u8]) -> Result<Body, Exception> {
+    pub fn parse(domain: Domain, payload: &[u8]) -> Result<Body, Box<Exception>> {
         match domain {
             Domain::Json => serde_json::from_slice(payload).map(Body::Json).map_err(|e| {
-                Exception::new(
+                Box::new(Exception::new(
                     ExceptionKind::Parser,
                     numbers::JSON_PARSER_ERROR,
                     format!(
@@ -73,17 +73,17 @@ impl Body {
                         payload.len(),
                         preview(payload)
                     ),
-                )
+                ))
             }),
             Domain::Text => String::from_utf8(payload.to_vec()).map(Body::Text).map_err(|e| {
-                Exception::new(
+                Box::new(Exception::new(
                     ExceptionKind::Parser,
                     numbers::TEXT_PARSER_ERROR,
                     format!(
                         "payload is not valid UTF-8 text (byte {}); use domain BLOB for binary payloads",
                         e.utf8_error().valid_up_to()
                     ),
-                )
+                ))
             }),
             Domain::Blob => Ok(Body::Blob(payload.to_vec())),
         }
@@ -327,11 +327,11 @@ pub struct Exception {
     /// 1 information, 2 warning, 3 error.
     pub severity: u8,
     /// The flow the exception was raised in (filled by the engine).
-    pub flow: String,
+    pub flow: Arc<str>,
     /// The node id the exception was raised in (filled by the engine).
-    pub node: String,
+    pub node: Arc<str>,
     /// The node's type (filled by the engine).
-    pub node_type: String,
+    pub node_type: &'static str,
     /// Message inserts (values the text refers to).
     pub inserts: Vec<String>,
     /// The nested, more detailed cause.
@@ -346,9 +346,9 @@ impl Exception {
             number,
             text: text.into(),
             severity: SEVERITY_ERROR,
-            flow: String::new(),
-            node: String::new(),
-            node_type: String::new(),
+            flow: Arc::from(""),
+            node: Arc::from(""),
+            node_type: "",
             inserts: Vec::new(),
             cause: None,
         }
@@ -368,13 +368,13 @@ impl Exception {
 
     /// Sets the location where it is still empty (the innermost-first rule: an exception keeps
     /// the node that raised it).
-    pub fn locate(mut self, flow: &str, node: &str, node_type: &str) -> Exception {
+    pub fn locate(mut self, flow: &str, node: &str, node_type: &'static str) -> Exception {
         if self.flow.is_empty() {
-            self.flow = flow.to_string();
+            self.flow = Arc::from(flow);
         }
         if self.node.is_empty() {
-            self.node = node.to_string();
-            self.node_type = node_type.to_string();
+            self.node = Arc::from(node);
+            self.node_type = node_type;
         }
         if let Some(c) = self.cause.take() {
             self.cause = Some(Box::new(c.locate(flow, node, node_type)));
@@ -399,9 +399,9 @@ impl Exception {
         m.insert("Number".into(), Value::from(self.number));
         m.insert("Text".into(), Value::from(self.text.clone()));
         m.insert("Severity".into(), Value::from(self.severity));
-        m.insert("Flow".into(), Value::from(self.flow.clone()));
-        m.insert("Node".into(), Value::from(self.node.clone()));
-        m.insert("Type".into(), Value::from(self.node_type.clone()));
+        m.insert("Flow".into(), Value::from(&*self.flow));
+        m.insert("Node".into(), Value::from(&*self.node));
+        m.insert("Type".into(), Value::from(self.node_type));
         m.insert(
             "Label".into(),
             Value::from(format!("{}.{}", self.flow, self.node)),
@@ -447,7 +447,8 @@ impl std::error::Error for Exception {}
 /// Message numbers raised by the engine and the built-in nodes (documented in
 /// `docs/nodes.md`).
 pub mod numbers {
-    /// A node raised an exception (wraps the detailed cause; IIB's BIP2230).
+    /// A node raised an exception; with its Failure terminal connected, the message was routed
+    /// there (IIB's BIP2230).
     pub const NODE_EXCEPTION: u32 = 2230;
     /// A Rhai script failed at run time (error, limit, or bad value).
     pub const SCRIPT_ERROR: u32 = 2488;
@@ -456,6 +457,12 @@ pub mod numbers {
     pub const ROLLED_BACK_DISCARDED: u32 = 2628;
     /// An exception reached a TryCatch node whose Catch terminal is not connected.
     pub const TRYCATCH_DISCARDED: u32 = 2629;
+    /// An exception was caught by a TryCatch node and the message routed to its Catch terminal.
+    pub const TRYCATCH_CAUGHT: u32 = 2630;
+    /// An exception reached the input node and the message was routed to its Catch terminal.
+    pub const INPUT_CAUGHT: u32 = 2631;
+    /// Per-message error entries of a node were summarised (rate limit).
+    pub const ERRORS_SUMMARISED: u32 = 2632;
     /// A Throw node's default number (IIB's BIP3001).
     pub const USER_EXCEPTION: u32 = 3001;
     /// The payload is not valid JSON.

@@ -60,7 +60,7 @@ impl Broker {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence_location {}/\nmax_queued_messages 100000\nmax_inflight_messages 100\nset_tcp_nodelay true\nlog_dest none\n{}\n",
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence_location {}/\nmax_queued_messages 100000\nmax_inflight_messages 20\nset_tcp_nodelay true\nlog_dest none\n{}\n",
                 dir.display(),
                 if extra.contains("persistence true") { extra.to_string() } else { format!("persistence false\n{extra}") }
             ),

@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use super::validate::{validate, ValidatedFlow};
+use super::validate::{validate_all, ValidatedFlow};
 use super::{FlowError, FlowErrorKind, FlowErrors};
 use crate::config::Config;
 use crate::engine::{assemble, Flow};
@@ -29,6 +29,9 @@ pub fn build_flow(
     let mut nodes = Vec::new();
     for ix in v.graph.node_indices() {
         let decl = &v.graph[ix];
+        if v.invalid.contains(&decl.id) {
+            continue;
+        }
         // Validation resolved every type.
         let Some(kind) = registry.get(&decl.type_name) else {
             continue;
@@ -43,7 +46,8 @@ pub fn build_flow(
             ),
         }
     }
-    if !errors.is_empty() {
+    // A partial flow (nodes that failed validation were skipped) is never assembled.
+    if !errors.is_empty() || !v.invalid.is_empty() {
         return Err(errors);
     }
     // Node indices of a graph without removals are 0..n in insertion order, the same order
@@ -84,22 +88,37 @@ pub fn load_flow(
     let vctx = ValidateCtx {
         servers: config.servers.keys().cloned().collect(),
     };
-    let v = validate(path, &text, registry, &vctx).map_err(FlowErrors)?;
-    build_flow(&v, registry, config, services).map_err(FlowErrors)
+    match validate_all(path, &text, registry, &vctx) {
+        (Some(v), errors) if errors.is_empty() => {
+            build_flow(&v, registry, config, services).map_err(FlowErrors)
+        }
+        (Some(v), mut errors) => {
+            // Build the nodes that did validate too, so their script errors are reported in
+            // the same run; the flow itself is not started.
+            if let Err(more) = build_flow(&v, registry, config, services) {
+                errors.extend(more);
+                errors.sort_by_key(|e| e.pos.map(|p| (p.line, p.column)));
+            }
+            Err(FlowErrors(errors))
+        }
+        (None, errors) => Err(FlowErrors(errors)),
+    }
 }
 
 /// The flow files under the given paths: files as given, directories scanned (not
 /// recursively) for `*.json`, sorted.
-pub fn flow_files(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>, FlowError> {
+pub fn flow_files(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf>, FlowErrors> {
     let mut out = Vec::new();
     for p in paths {
         if p.is_dir() {
-            let rd = std::fs::read_dir(p).map_err(|e| FlowError {
-                file: p.clone(),
-                pos: None,
-                node: None,
-                terminal: None,
-                kind: FlowErrorKind::Io(e.to_string()),
+            let rd = std::fs::read_dir(p).map_err(|e| {
+                FlowErrors(vec![FlowError {
+                    file: p.clone(),
+                    pos: None,
+                    node: None,
+                    terminal: None,
+                    kind: FlowErrorKind::Io(e.to_string()),
+                }])
             })?;
             let mut files: Vec<_> = rd
                 .filter_map(|e| e.ok().map(|e| e.path()))

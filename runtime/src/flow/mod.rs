@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 pub use build::{build_flow, flow_files, load_flow};
 pub use spans::Pos;
-pub use validate::{validate, ValidatedFlow};
+pub use validate::{validate, validate_all, ValidatedFlow};
 
 /// One problem with a flow file.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,18 +33,28 @@ pub struct FlowError {
 
 impl fmt::Display for FlowError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
+        let mut s = self.file.display().to_string();
         if let Some(p) = self.pos {
-            write!(f, ":{}:{}", p.line, p.column)?;
+            s.push_str(&format!(":{}:{}", p.line, p.column));
         }
-        f.write_str(": ")?;
+        s.push_str(": ");
         if let Some(n) = &self.node {
-            write!(f, "node '{n}': ")?;
+            s.push_str(&format!("node '{n}': "));
         }
         if let Some(t) = &self.terminal {
-            write!(f, "terminal '{t}': ")?;
+            s.push_str(&format!("terminal '{t}': "));
         }
-        write!(f, "{}", self.kind)
+        s.push_str(&self.kind.to_string());
+        // Names come from the file: never let a control character break the line or reach
+        // the terminal.
+        for c in s.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                f.write_fmt(format_args!("{c}"))?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -100,6 +110,19 @@ pub enum FlowErrorKind {
     /// A required property is missing.
     #[error("missing required property '{0}'")]
     MissingProperty(String),
+    /// One of several alternative properties must be given.
+    #[error("missing property: give {0}")]
+    MissingOneOf(String),
+    /// The same key appears twice in one JSON object (JSON parsers keep only one of them).
+    #[error("duplicate key '{key}' (first at line {first_line}, column {first_column}); a JSON object keeps only one of them, so remove the other")]
+    DuplicateKey {
+        /// The key.
+        key: String,
+        /// Line of the first occurrence.
+        first_line: u32,
+        /// Column of the first occurrence.
+        first_column: u32,
+    },
     /// A property value is invalid or out of range.
     #[error("invalid value for '{property}': {message}")]
     BadValue {
@@ -202,7 +225,8 @@ pub fn did_you_mean<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str
         .into_iter()
         .map(|c| (edit_distance(&word.to_lowercase(), &c.to_lowercase()), c))
         .filter(|(d, c)| *d <= (c.len() / 3).max(1))
-        .min_by_key(|(d, _)| *d);
+        // Ties go to the alphabetically first name, so the hint is the same on every run.
+        .min_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(b.1)));
     match best {
         Some((_, c)) => format!(" (did you mean '{c}'?)"),
         None => String::new(),

@@ -18,6 +18,7 @@ pub struct Pos {
 pub struct Spans {
     values: HashMap<String, Pos>,
     keys: HashMap<String, Pos>,
+    duplicates: Vec<(String, Pos, Pos)>,
 }
 
 impl Spans {
@@ -39,6 +40,11 @@ impl Spans {
     /// Where the value at `pointer` starts (e.g. `/nodes/2/qos`).
     pub fn value(&self, pointer: &str) -> Option<Pos> {
         self.values.get(pointer).copied()
+    }
+
+    /// Keys that appear twice in one object: (pointer, first position, second position).
+    pub fn duplicates(&self) -> &[(String, Pos, Pos)] {
+        &self.duplicates
     }
 
     /// Where the key of the member at `pointer` starts, falling back to its value, then to the
@@ -145,7 +151,11 @@ impl Scanner<'_> {
                     let len = path.len();
                     path.push('/');
                     path.push_str(&escape(&key));
-                    self.spans.keys.insert(path.clone(), key_pos);
+                    if let Some(first) = self.spans.keys.insert(path.clone(), key_pos) {
+                        // Keep the first position for messages about the member.
+                        self.spans.keys.insert(path.clone(), first);
+                        self.spans.duplicates.push((path.clone(), first, key_pos));
+                    }
                     self.ws();
                     if self.src.get(self.i) == Some(&b':') {
                         self.bump();
@@ -235,6 +245,19 @@ mod tests {
         assert_eq!(
             s.key_or_value("/nodes/1/nope"),
             Some(Pos { line: 4, column: 5 })
+        );
+    }
+
+    #[test]
+    fn records_duplicate_keys() {
+        let s = Spans::index("{\"a\": 1,\n \"a\": 2}");
+        assert_eq!(
+            s.duplicates(),
+            &[(
+                "/a".to_string(),
+                Pos { line: 1, column: 2 },
+                Pos { line: 2, column: 2 }
+            )]
         );
     }
 

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use petgraph::graph::{DiGraph, NodeIndex};
+use petgraph::visit::EdgeRef;
 use serde_json::{Map, Value};
 
 use super::spans::{escape, Pos, Spans};
@@ -33,6 +34,9 @@ pub struct ValidatedFlow {
     pub graph: DiGraph<NodeDecl, Edge>,
     /// Positions in the file, for errors found when building.
     pub spans: Spans,
+    /// Ids of nodes that failed validation (only in a partial result of [`validate_all`]);
+    /// building skips them.
+    pub invalid: std::collections::HashSet<String>,
 }
 
 impl ValidatedFlow {
@@ -75,6 +79,9 @@ struct Checker<'a> {
     file: &'a Path,
     spans: Spans,
     errors: Vec<FlowError>,
+    /// Every well-formed node id, including nodes that failed validation, so a connection to
+    /// such a node does not add a second, misleading error.
+    declared: std::collections::HashSet<String>,
 }
 
 impl Checker<'_> {
@@ -145,25 +152,44 @@ pub fn validate(
     registry: &Registry,
     ctx: &ValidateCtx,
 ) -> Result<ValidatedFlow, Vec<FlowError>> {
+    match validate_all(file, text, registry, ctx) {
+        (Some(v), errors) if errors.is_empty() => Ok(v),
+        (_, errors) => Err(errors),
+    }
+}
+
+/// Like [`validate`], but also returns the part of the flow that is valid (the nodes that
+/// passed, and the connections between them) next to the errors, so that those nodes can
+/// still be built and their script errors reported in the same run. `None` when the text is
+/// not a JSON object.
+pub fn validate_all(
+    file: &Path,
+    text: &str,
+    registry: &Registry,
+    ctx: &ValidateCtx,
+) -> (Option<ValidatedFlow>, Vec<FlowError>) {
     let root: Value = match serde_json::from_str(text) {
         Ok(v) => v,
         Err(e) => {
-            return Err(vec![FlowError {
+            let error = FlowError {
                 file: file.to_path_buf(),
+                // serde_json says column 0 at the start of a line (e.g. at the end of input).
                 pos: Some(Pos {
-                    line: e.line() as u32,
-                    column: e.column() as u32,
+                    line: (e.line() as u32).max(1),
+                    column: (e.column() as u32).max(1),
                 }),
                 node: None,
                 terminal: None,
                 kind: FlowErrorKind::Syntax(syntax_message(&e)),
-            }])
+            };
+            return (None, vec![error]);
         }
     };
     let mut c = Checker {
         file,
         spans: Spans::index(text),
         errors: Vec::new(),
+        declared: Default::default(),
     };
     let Value::Object(top) = &root else {
         c.wrong_type(
@@ -173,8 +199,27 @@ pub fn validate(
             "a JSON object with \"nodes\" and \"connections\"",
             &root,
         );
-        return Err(c.errors);
+        return (None, c.errors);
     };
+    for (pointer, first, second) in c.spans.duplicates().to_vec() {
+        let key = pointer
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .replace("~1", "/")
+            .replace("~0", "~");
+        c.errors.push(FlowError {
+            file: file.to_path_buf(),
+            pos: Some(second),
+            node: None,
+            terminal: None,
+            kind: FlowErrorKind::DuplicateKey {
+                key,
+                first_line: first.line,
+                first_column: first.column,
+            },
+        });
+    }
     c.unknown_fields(top, "", None, FLOW_FIELDS);
 
     let stem = file
@@ -277,22 +322,23 @@ pub fn validate(
         ),
     }
 
-    // Cycles: any strongly connected component with more than one node, or a self-loop.
+    // Cycles: any strongly connected component with more than one node, or a self-loop. The
+    // message shows one real cycle through the component, from its alphabetically first node.
     for scc in petgraph::algo::tarjan_scc(&graph) {
         let self_loop = scc.len() == 1 && graph.contains_edge(scc[0], scc[0]);
         if scc.len() > 1 || self_loop {
-            let mut names: Vec<&str> = scc.iter().map(|i| graph[*i].id.as_str()).collect();
-            names.sort_unstable();
-            let first = names[0].to_string();
-            let pointer = graph
-                .node_indices()
-                .find(|i| graph[*i].id == first)
-                .map(|i| graph[i].pointer.clone())
-                .unwrap_or_default();
-            let mut shown = names.join(" → ");
-            shown.push_str(" → ");
-            shown.push_str(&first);
-            c.push(&pointer, Some(&first), None, FlowErrorKind::Cycle(shown));
+            let Some(&start) = scc.iter().min_by(|a, b| graph[**a].id.cmp(&graph[**b].id)) else {
+                continue;
+            };
+            let path = cycle_through(&graph, start, &scc);
+            let shown = path
+                .iter()
+                .chain(std::iter::once(&start))
+                .map(|i| graph[*i].id.as_str())
+                .collect::<Vec<_>>()
+                .join(" → ");
+            let (id, pointer) = (graph[start].id.clone(), graph[start].pointer.clone());
+            c.push(&pointer, Some(&id), None, FlowErrorKind::Cycle(shown));
         }
     }
 
@@ -312,18 +358,49 @@ pub fn validate(
         );
     }
 
-    if c.errors.is_empty() {
-        Ok(ValidatedFlow {
-            name,
-            description,
-            file: file.to_path_buf(),
-            graph,
-            spans: c.spans,
-        })
-    } else {
-        c.errors.sort_by_key(|e| e.pos.map(|p| (p.line, p.column)));
-        Err(c.errors)
+    c.errors.sort_by_key(|e| e.pos.map(|p| (p.line, p.column)));
+    let invalid = c.errors.iter().filter_map(|e| e.node.clone()).collect();
+    let v = ValidatedFlow {
+        name,
+        description,
+        file: file.to_path_buf(),
+        graph,
+        spans: c.spans,
+        invalid,
+    };
+    (Some(v), c.errors)
+}
+
+/// The nodes of a shortest cycle from `start` back to itself inside `scc` (breadth-first,
+/// following connections in file order).
+fn cycle_through(
+    graph: &DiGraph<NodeDecl, Edge>,
+    start: NodeIndex,
+    scc: &[NodeIndex],
+) -> Vec<NodeIndex> {
+    let mut prev: HashMap<NodeIndex, NodeIndex> = HashMap::new();
+    let mut queue = std::collections::VecDeque::from([start]);
+    while let Some(n) = queue.pop_front() {
+        let mut next: Vec<_> = graph.edges(n).map(|e| (e.id(), e.target())).collect();
+        next.sort_by_key(|(e, _)| *e);
+        for (_, t) in next {
+            if t == start {
+                let mut path = vec![n];
+                let mut cur = n;
+                while cur != start {
+                    cur = prev[&cur];
+                    path.push(cur);
+                }
+                path.reverse();
+                return path;
+            }
+            if scc.contains(&t) && !prev.contains_key(&t) {
+                prev.insert(t, n);
+                queue.push_back(t);
+            }
+        }
     }
+    vec![start]
 }
 
 fn syntax_message(e: &serde_json::Error) -> String {
@@ -390,6 +467,9 @@ fn check_node(
         }
     };
     let node = id.as_deref();
+    if let Some(i) = &id {
+        c.declared.insert(i.clone());
+    }
     let kind = match obj.get("type") {
         Some(Value::String(t)) => match registry.get(t) {
             Some(k) => Some(k.clone()),
@@ -701,6 +781,8 @@ fn resolve<'s>(
             let kind = registry.get(&graph[*ix].type_name)?.clone();
             Some((*ix, kind, term))
         }
+        // The node exists but has errors of its own, reported already.
+        None if c.declared.contains(id) || c.declared.contains(s) => None,
         None => {
             c.push(
                 pointer,
