@@ -88,6 +88,15 @@ fn traces(h: &Harness) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The activity-log entries with this number, as `(severity, node, text)`.
+fn entries(h: &Harness, number: &str) -> Vec<(Severity, String, String)> {
+    h.activity()
+        .iter()
+        .filter(|e| e.number == number)
+        .map(|e| (e.severity, e.node.clone(), e.message.clone()))
+        .collect()
+}
+
 fn trace(node: &str, text: &str) -> (String, String) {
     (node.to_string(), text.to_string())
 }
@@ -497,7 +506,7 @@ async fn cookbook_script_error_to_failure_with_line_and_column() {
     );
     let e = failed[0].exception_list.as_ref().expect("ExceptionList");
     assert_eq!(e.number, 2488);
-    assert_eq!(e.node, "kelvin");
+    assert_eq!(&*e.node, "kelvin");
     assert_eq!(e.inserts, ["kelvin.rhai", "4", "5"]);
     assert_eq!(
         bodies(&h, "report.Out"),
@@ -679,6 +688,15 @@ async fn error_handling_failure_terminal() {
             ),
         ]
     );
+    // The handled error is in the activity log too, as a warning.
+    assert_eq!(
+        entries(&h, "BIP2230"),
+        [(
+            Severity::Warning,
+            "check".to_string(),
+            "error in node 'check', message routed to its Failure terminal: BIP2488 RecoverableException in failure-terminal.check: Rhai error in check.rhai at line 3, column 5: script threw: corrupt reading".to_string()
+        )]
+    );
     let errors = h.flow().node_stats();
     let check = errors.iter().find(|s| s.node == "check").expect("check");
     assert_eq!(check.errors, 1);
@@ -712,6 +730,14 @@ async fn error_handling_trycatch_rolls_back_the_try_path() {
             ),
         ]
     );
+    assert_eq!(
+        entries(&h, "BIP2630"),
+        [(
+            Severity::Warning,
+            "guard".to_string(),
+            "exception caught by TryCatch 'guard', message routed to its Catch terminal: BIP3100 UserException in trycatch.reject: temperature above the limit of 50 C".to_string()
+        )]
+    );
     let caught = h.messages("guard.Catch");
     assert_eq!(caught.len(), 1);
     assert_eq!(caught[0].local(&["Variables", "stage"]), None);
@@ -733,6 +759,14 @@ async fn error_handling_input_catch_gets_the_original_message() {
         )]
     );
     assert!(h.discards().is_empty());
+    assert_eq!(
+        entries(&h, "BIP2631"),
+        [(
+            Severity::Warning,
+            "tick".to_string(),
+            "message rolled back to input node 'tick' and routed to its Catch terminal: BIP2488 RecoverableException in input-catch.store: Rhai error in store.rhai at line 3, column 1: script threw: store unavailable".to_string()
+        )]
+    );
 }
 
 #[tokio::test]
@@ -763,7 +797,7 @@ async fn error_handling_uncaught_exception_is_logged_and_discarded() {
     let Disposition::Discarded(e) = d else {
         panic!("{d:?}")
     };
-    assert_eq!((e.number, e.node.as_str()), (3200, "fail"));
+    assert_eq!((e.number, &*e.node), (3200, "fail"));
     let errors: Vec<_> = h
         .activity()
         .into_iter()
@@ -774,10 +808,13 @@ async fn error_handling_uncaught_exception_is_logged_and_discarded() {
     assert_eq!(errors[0].node, "tick");
     assert_eq!(
         errors[0].message,
-        "message rolled back to input node 'tick' and discarded (Catch not connected): BIP3200 UserException in discard.fail: no route for this message"
+        "message rolled back to input node 'tick' and discarded (its Catch terminal is not connected): BIP3200 UserException in discard.fail: no route for this message"
     );
     assert_eq!(
         errors[0].tags["exception"]["UserException"]["Text"],
         "no route for this message"
     );
+    let tick = h.flow().node_stats();
+    let tick = tick.iter().find(|s| s.node == "tick").expect("tick");
+    assert_eq!(tick.discards, 1);
 }
