@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Runs the flowbus daemon on the flows in flows/ (what `make run` does).
 #
-# - A configuration (FLOWBUS_CONFIG, or ./flowbus.toml) that defines [servers.*] says where the
-#   brokers are: flowbus just runs with it.
-# - Otherwise, when a flow in flows/ has an MQTT node, a private mosquitto is started for the
-#   run on 127.0.0.1:1883 (the daemon's default broker), or on a free port when 1883 is taken;
-#   its URL is exported as FLOWBUS_MQTT_URL and FLOWBUS_MQTT_PORT. It is stopped when flowbus
-#   exits.
-# - Flows without MQTT nodes (the Timer demo in flows/ today) need no broker: none is started.
+# - The configuration is FLOWBUS_CONFIG, or ./flowbus.toml (the gateway scenario: servers on
+#   127.0.0.1:1883).
+# - Every server the configuration puts on this machine (tcp://127.0.0.1:PORT or
+#   tcp://localhost:PORT) that nothing listens on gets a private mosquitto for the run, stopped
+#   when flowbus exits. A broker already listening there is used as it is.
+# - Without a configuration, when a flow in flows/ has an MQTT node, a private mosquitto is
+#   started on 127.0.0.1:1883 (the default broker), or on a free port when 1883 is taken; its URL
+#   is exported as FLOWBUS_MQTT_URL and FLOWBUS_MQTT_PORT.
 #
 # Extra arguments go to `flowbus run`, e.g. `scripts/run.sh --shutdown-timeout 2s`.
 set -euo pipefail
@@ -33,6 +34,12 @@ args+=("$@")
 
 servers_configured() {
   [[ -n $config ]] && grep -Eq '^[[:space:]]*\[servers\.' "$config"
+}
+
+# The ports of the configured servers on this machine.
+local_server_ports() {
+  grep -Eo 'url[[:space:]]*=[[:space:]]*"(tcp|mqtt)://(127\.0\.0\.1|localhost):[0-9]+"' "$config" |
+    grep -Eo '[0-9]+"$' | tr -d '"' | sort -u
 }
 
 flows_use_mqtt() {
@@ -74,8 +81,8 @@ start_broker() {
     echo "run.sh: the flows need an MQTT broker and mosquitto is not installed (run scripts/setup.sh)" >&2
     exit 1
   fi
-  local port=1883
-  if ! port_free "$port"; then
+  local port=${1:-1883}
+  if [[ -z ${1:-} ]] && ! port_free "$port"; then
     port=$(free_port) || {
       echo "run.sh: no free port for a private mosquitto" >&2
       exit 1
@@ -85,6 +92,7 @@ start_broker() {
   workdir=$(mktemp -d)
   cat >"$workdir/mosquitto.conf" <<EOF
 listener $port 127.0.0.1
+set_tcp_nodelay true
 allow_anonymous true
 persistence false
 log_dest stderr
@@ -111,7 +119,14 @@ EOF
   exit 1
 }
 
-if ! servers_configured && flows_use_mqtt; then
+if servers_configured; then
+  for port in $(local_server_ports); do
+    if port_free "$port"; then
+      start_broker "$port"
+      break # one private broker; flowbus.toml's servers on this machine share it
+    fi
+  done
+elif flows_use_mqtt; then
   start_broker
 fi
 
