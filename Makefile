@@ -1,18 +1,59 @@
-# Benchmarks (timed runs stay out of `make test`). See benches/bridge/README.md and
-# docs/PERFORMANCE.md.
-.PHONY: bench bench-nodered bench-quick bench-micro bench-lint
+# flowbus developer commands. `make test` and `make run` are the two that matter; both first run
+# scripts/setup.sh, which installs (as root) or names (otherwise) the system packages needed.
 
-bench:            ## end-to-end bridge benchmark (~15 min on 2 cores)
+CARGO ?= cargo
+
+.PHONY: test run check fmt setup build bench bench-nodered bench-quick bench-micro bench-profile bench-lint
+
+## test: install what is missing, then run every test of the workspace
+test: setup
+	$(CARGO) test --workspace
+
+## run: install what is missing, then run the daemon on the flows in flows/ (Ctrl-C stops it)
+run: setup
+	scripts/run.sh
+
+## check: formatting and clippy with warnings as errors
+check:
+	scripts/setup.sh --lint
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+## fmt: format the code
+fmt:
+	$(CARGO) fmt --all
+
+## build: a release build of the flowbus binary (target/release/flowbus)
+build: setup
+	$(CARGO) build --release
+
+setup:
+	scripts/setup.sh
+
+# Benchmarks: timed runs stay out of `make test`. The bench package (benches/bridge) is not a
+# workspace member, so `test` and `check` never build it. See benches/bridge/README.md and
+# docs/PERFORMANCE.md.
+
+## bench: the end-to-end bridge benchmark, QoS 0/1/2, 3 repetitions, nodelay and default broker (~20 min)
+bench: setup
 	benches/bridge/run.sh
 
-bench-nodered:    ## the same, with Node-RED 4 installed from npm into target/bench-nodered
+## bench-nodered: the same with Node-RED 4, installed from npm into target/bench-nodered
+bench-nodered: setup
 	benches/bridge/run.sh --nodered
 
-bench-quick:      ## one repetition, smaller runs (~3 min)
+## bench-quick: one repetition, smaller runs, nodelay broker only (~4 min)
+bench-quick: setup
 	benches/bridge/run.sh --quick
 
-bench-micro:      ## criterion microbenchmarks of the engine path (no MQTT)
-	cd benches/bridge && cargo bench --bench engine
+## bench-micro: criterion microbenchmarks of the engine path (no MQTT) and of flow validation
+bench-micro:
+	cd benches/bridge && $(CARGO) bench --bench engine
 
-bench-lint:       ## fmt, clippy and unit tests of the bench package
-	cd benches/bridge && cargo fmt --check && cargo clippy --all-targets -- -D warnings && cargo test --release
+## bench-profile: perf profile of flowbus bridging at full load (QOS=1 by default)
+bench-profile: setup
+	benches/bridge/profile.sh --qos $(or $(QOS),1)
+
+## bench-lint: fmt, clippy -D warnings and unit tests of the bench package
+bench-lint:
+	cd benches/bridge && $(CARGO) fmt --check && $(CARGO) clippy --all-targets -- -D warnings && $(CARGO) test --release
