@@ -12,6 +12,7 @@
 # Output: target/bench-results/<time>/{results.jsonl,report.md,logs/}; report.md is printed.
 set -euo pipefail
 
+ORIG_ARGS=("$@")
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
 
@@ -29,6 +30,9 @@ INSTANCES_X=4          # the "more instances" flowbus variant
 QUIET_WAIT=${BENCH_QUIET_WAIT:-60}          # wait up to this many seconds for the machine to be idle before a run
 OUT=""
 BUILD=1
+MAIN_TABLE=1
+QUICKACK=0
+IN_NETNS=0
 
 usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; cat <<EOF
 Options:
@@ -38,6 +42,10 @@ Options:
                      (default "$SYSTEMS"; --nodered appends nodered)
   --nodered          add Node-RED 4 (npm install into target/bench-nodered)
   --no-nagle-table   skip the table against mosquitto's default socket settings
+  --default-only     only the table against mosquitto's default (with --reps repetitions)
+  --quickack         run everything in a private network namespace whose loopback routes
+                     carry 'quickack 1' (no delayed ACKs: the client-side cure for Nagle
+                     stalls); needs root (unshare, ip). Labels get a '-quickack' suffix
   --n N --secs S     throughput phase size and time cap (default $N, $SECS s)
   --lat-n N --rate R latency phase (default $LAT_N messages at $RATE msg/s)
   --window W         end-to-end window of the throughput phase (default $WINDOW)
@@ -62,10 +70,27 @@ while [[ $# -gt 0 ]]; do
     --quick) REPS=1; N=10000; LAT_N=2000; NAGLE_TABLE=0; shift ;;
     --out) OUT="$2"; shift 2 ;;
     --no-build) BUILD=0; shift ;;
+    --default-only) MAIN_TABLE=0; NAGLE_TABLE=1; shift ;;
+    --quickack) QUICKACK=1; shift ;;
+    --in-netns) IN_NETNS=1; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "run.sh: unknown option $1" >&2; usage >&2; exit 2 ;;
   esac
 done
+if [[ $QUICKACK == 1 && $IN_NETNS == 0 ]]; then
+  command -v unshare >/dev/null && command -v ip >/dev/null || { echo "run.sh: --quickack needs unshare and ip (iproute2)" >&2; exit 1; }
+  # Same arguments, inside a new network namespace (its own loopback).
+  exec unshare -n -- "$0" "${ORIG_ARGS[@]}" --in-netns
+fi
+if [[ $IN_NETNS == 1 ]]; then
+  ip link set lo up
+  if [[ $QUICKACK == 1 ]]; then
+    # Delayed ACKs off for every loopback connection: route attribute quickack.
+    ip route change local 127.0.0.0/8 dev lo table local proto kernel scope host src 127.0.0.1 quickack 1
+    ip route change local 127.0.0.1 dev lo table local proto kernel scope host src 127.0.0.1 quickack 1
+  fi
+fi
+SUFFIX=""; [[ $QUICKACK == 1 ]] && SUFFIX="-quickack"
 if [[ $NODERED == 1 && " $SYSTEMS " != *" nodered "* ]]; then SYSTEMS="$SYSTEMS nodered"; fi
 
 OUT="${OUT:-$ROOT/target/bench-results/$(date +%Y%m%d-%H%M%S)}"
@@ -281,22 +306,27 @@ run_one() { # label nodelay system qos rep
   if [[ " $SYSTEMS " == *" nodered "* ]]; then
     echo "node-red: $(node -p "require('$NR_DIR/node_modules/node-red/package.json').version") on node $(node --version)"
   fi
-  echo "command: $0 $*"
+  echo "command: $0 ${ORIG_ARGS[*]}"
   echo "parameters: reps=$REPS qos=[$QOS] systems=[$SYSTEMS] n=$N secs=$SECS window=$WINDOW lat_n=$LAT_N rate=$RATE"
 } > "$OUT/machine.txt"
 
 say "results in $OUT"
-for rep in $(seq "$REPS"); do
-  for q in $QOS; do
-    for sys in $SYSTEMS; do
-      run_one nodelay "true" "$sys" "$q" "$rep"
+if [[ $MAIN_TABLE == 1 ]]; then
+  for rep in $(seq "$REPS"); do
+    for q in $QOS; do
+      for sys in $SYSTEMS; do
+        run_one "nodelay$SUFFIX" "true" "$sys" "$q" "$rep"
+      done
     done
   done
-done
+fi
 if [[ $NAGLE_TABLE == 1 ]]; then
-  for q in $QOS; do
-    for sys in $SYSTEMS; do
-      run_one default "false" "$sys" "$q" 1
+  DREPS=1; [[ $MAIN_TABLE == 0 ]] && DREPS=$REPS
+  for rep in $(seq "$DREPS"); do
+    for q in $QOS; do
+      for sys in $SYSTEMS; do
+        run_one "default$SUFFIX" "false" "$sys" "$q" "$rep"
+      done
     done
   done
 fi

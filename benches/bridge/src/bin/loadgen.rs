@@ -358,6 +358,8 @@ fn main() {
     let cpu = || pid.and_then(procfs::cpu_seconds);
     let bcpu = || broker_pid.and_then(procfs::cpu_seconds);
     let own = || procfs::cpu_seconds(std::process::id());
+    let ctx = || pid.and_then(procfs::context_switches);
+    let ctx0 = ctx();
     let (cpu0, bcpu0, own0, busy0) = (cpu(), bcpu(), own(), procfs::machine_busy_seconds());
 
     // Phase 1: throughput.
@@ -401,6 +403,7 @@ fn main() {
         wait_for(&shared, run_t, sent_t, idle);
     }
     let (cpu1, bcpu1) = (cpu(), bcpu());
+    let ctx1 = ctx();
 
     // Phase 2: latency at a fixed rate.
     let run_l = base + 2;
@@ -462,6 +465,11 @@ fn main() {
             "cpu_s_throughput": diff(cpu0, cpu1),
             "cpu_s_latency": diff(cpu1, cpu2),
             "cpu_s": diff(cpu0, cpu2),
+            // Context switches of the system's threads per message in the throughput phase.
+            "ctx_switches_per_msg": match (ctx0, ctx1, tput["received"].as_u64()) {
+                (Some(a), Some(b), Some(n)) if n > 0 => Some(round((b - a) as f64 / n as f64, 2)),
+                _ => None,
+            },
             "peak_rss_kib": pid.and_then(procfs::peak_rss_kib),
             "rss_kib": pid.and_then(procfs::rss_kib),
         },

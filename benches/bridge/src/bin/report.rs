@@ -47,6 +47,7 @@ struct Cell {
     rss_mb: Vec<f64>,
     cpu: Vec<f64>,
     cpu_us_per_msg: Vec<f64>,
+    ctx_per_msg: Vec<f64>,
     other: Vec<f64>,
     lost: u64,
     dups: u64,
@@ -166,6 +167,9 @@ fn main() {
                 c.cpu_us_per_msg.push(cpu / n * 1e6);
             }
         }
+        if let Some(x) = f(&r["sut"]["ctx_switches_per_msg"]) {
+            c.ctx_per_msg.push(x);
+        }
         if let Some(x) = f(&r["other_cpu_share"]) {
             c.other.push(x);
         }
@@ -189,14 +193,31 @@ fn main() {
         md,
         "Throughput: messages received / (last receive − first send), closed loop (at most `window` messages in flight end to end). \
 Latency: at a fixed rate, receive − send. Lost/dup/order: summed over all runs of the cell (both phases). \
-CPU: the system under test during both phases; µs/msg: its CPU in the throughput phase per message. \
+CPU: the system under test during both phases; µs/msg: its CPU in the throughput phase per message; \
+ctx sw/msg: context switches of its threads per message in the throughput phase. \
 Other load: CPU used by unrelated processes during the run, in cores (above ~0.1 the run was disturbed).\n"
     );
-    for (label, systems) in &cells {
+    // The main table (nodelay) first, then the default-broker one, then anything else.
+    let mut labels: Vec<&String> = cells.keys().collect();
+    labels.sort_by_key(|l| match l.as_str() {
+        "nodelay" => (0, l.to_string()),
+        "default" => (1, l.to_string()),
+        "nodelay-quickack" => (2, l.to_string()),
+        "default-quickack" => (3, l.to_string()),
+        other => (4, other.to_string()),
+    });
+    for label in labels {
+        let systems = &cells[label];
         let title = match label.as_str() {
             "nodelay" => "Broker with `set_tcp_nodelay true`".to_string(),
             "default" => {
                 "Broker with mosquitto's default (`set_tcp_nodelay false`: Nagle on)".to_string()
+            }
+            "nodelay-quickack" => {
+                "Broker with `set_tcp_nodelay true`, client routes with `quickack 1`".to_string()
+            }
+            "default-quickack" => {
+                "Broker with mosquitto's default (Nagle on), client routes with `quickack 1` (no delayed ACKs)".to_string()
             }
             other => format!("Label `{other}`"),
         };
@@ -208,9 +229,9 @@ Other load: CPU used by unrelated processes during the run, in cores (above ~0.1
         let _ = writeln!(md, "## {title} — medians of {reps} run(s)\n");
         let _ = writeln!(
             md,
-            "| system | QoS | msg/s | p50 ms | p99 ms | max ms | lost / dup / order | peak RSS MB | CPU s | CPU µs/msg | other load |"
+            "| system | QoS | msg/s | p50 ms | p99 ms | max ms | lost / dup / order | peak RSS MB | CPU s | CPU µs/msg | ctx sw/msg | other load |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
         let names = sort_systems(systems.keys().cloned().collect());
         for s in &names {
             for (q, c) in &systems[s] {
@@ -223,7 +244,7 @@ Other load: CPU used by unrelated processes during the run, in cores (above ~0.1
                 }
                 let _ = writeln!(
                     md,
-                    "| {}{} | {q} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} | {} |",
+                    "| {}{} | {q} | {} | {} | {} | {} | {} / {} / {} | {} | {} | {} | {} | {} |",
                     describe(s),
                     flags,
                     fmt_rate(median(&c.rate)),
@@ -236,6 +257,7 @@ Other load: CPU used by unrelated processes during the run, in cores (above ~0.1
                     fmt_num(median(&c.rss_mb), 1),
                     fmt_num(median(&c.cpu), 2),
                     fmt_num(median(&c.cpu_us_per_msg), 1),
+                    fmt_num(median(&c.ctx_per_msg), 1),
                     fmt_num(median(&c.other), 2),
                 );
             }
