@@ -34,7 +34,7 @@ setup:
 # workspace member, so `test` and `check` never build it. See benches/bridge/README.md and
 # docs/PERFORMANCE.md.
 
-## bench: the end-to-end bridge benchmark, QoS 0/1/2, 3 repetitions, nodelay and default broker (~20 min)
+## bench: the end-to-end bridge benchmark, QoS 0/1/2, 3 repetitions, nodelay and default broker (~12 min)
 bench: setup
 	benches/bridge/run.sh
 

@@ -4,7 +4,7 @@
 # mosquitto on loopback, measured by the same load generator. See README.md beside this file
 # and docs/PERFORMANCE.md.
 #
-#   benches/bridge/run.sh                      # full run (~15 min on 2 cores)
+#   benches/bridge/run.sh                      # full run (~12 min on 2 idle cores, ~15 with --nodered)
 #   benches/bridge/run.sh --nodered            # also Node-RED 4 (installed from npm into a scratch dir)
 #   benches/bridge/run.sh --quick              # 1 repetition, smaller N, nodelay table only (~3 min)
 #   benches/bridge/run.sh --systems "flowbus bridge-pipelined" --qos "1" --reps 5
@@ -22,9 +22,9 @@ SYSTEMS="broker bridge-wait bridge-pipelined flowbus flowbus-x4"
 NODERED=0
 NAGLE_TABLE=1          # also one repetition against mosquitto's default (set_tcp_nodelay false)
 N=20000                # throughput phase: messages (sending stops after SECS)
-SECS=8
+SECS=6
 WINDOW=500             # throughput phase: most messages between send and receive
-LAT_N=5000             # latency phase: messages at RATE msg/s
+LAT_N=3000             # latency phase: messages at RATE msg/s
 RATE=1000
 INSTANCES_X=4          # the "more instances" flowbus variant
 QUIET_WAIT=${BENCH_QUIET_WAIT:-60}          # wait up to this many seconds for the machine to be idle before a run
