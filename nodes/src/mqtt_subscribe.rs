@@ -191,8 +191,9 @@ impl Subscribe {
                         "MQTT",
                         &self.flow,
                         &self.node,
-                        m,
+                        m.clone(),
                     ));
+                ctx.fail_flow(m);
                 return;
             }
         };
