@@ -96,6 +96,7 @@ impl Admin {
             .and_then(Value::as_str)
             .map(str::to_string)
             .unwrap_or_else(|| json.to_string());
+        msg.push_str(&format!(" (HTTP {status})"));
         for d in json
             .get("details")
             .and_then(Value::as_array)
@@ -110,7 +111,7 @@ impl Admin {
             msg.push_str("\n  ");
             msg.push_str(line);
         }
-        bail!("{msg} (HTTP {status})")
+        bail!("{msg}")
     }
 }
 
@@ -323,7 +324,7 @@ impl LogPrinter {
             return writeln!(out, "{e}");
         }
         let sev = s(e, "severity");
-        let sev_cell = format!("{sev:<7}");
+        let sev_cell = format!("{sev:<8}");
         let sev_cell = match sev.as_str() {
             "error" => paint(self.colour, "31;1", &sev_cell),
             "warning" => paint(self.colour, "33", &sev_cell),
@@ -338,7 +339,7 @@ impl LogPrinter {
             fw = self.flow_w,
             nw = self.node_w
         );
-        let indent = 24 + 1 + 7 + 1 + 9 + 1 + self.flow_w + 1 + self.node_w + 1;
+        let indent = 24 + 1 + 8 + 1 + 9 + 1 + self.flow_w + 1 + self.node_w + 1;
         let msg = s(e, "message");
         let mut lines = msg.lines();
         writeln!(out, "{prefix}{}", lines.next().unwrap_or_default())?;
@@ -354,7 +355,7 @@ impl LogPrinter {
         }
         writeln!(
             out,
-            "{:<24} {:<7} {:<9} {:<fw$} {:<nw$} MESSAGE",
+            "{:<24} {:<8} {:<9} {:<fw$} {:<nw$} MESSAGE",
             "TIME",
             "SEVERITY",
             "NUMBER",

@@ -392,6 +392,9 @@ pub struct Conn {
     reconnect_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
     lost_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
     stop: Cancel,
+    /// The supervisor task, awaited on shutdown so the client is released before a new
+    /// version of the flow creates one with the same id (and persistence directory).
+    supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
     counted_open: AtomicBool,
     /// Whether the connection uses MQTT v5.
     pub v5: bool,
@@ -510,6 +513,7 @@ impl Conn {
             reconnect_rx: Mutex::new(Some(reconnect_rx)),
             lost_rx: Mutex::new(Some(lost_rx)),
             stop: Cancel::default(),
+            supervisor: Mutex::new(None),
             counted_open: AtomicBool::new(false),
             v5,
         }))
@@ -566,7 +570,8 @@ impl Conn {
     /// Starts the supervisor task.
     pub fn spawn(self: &Arc<Self>, on_connected: OnConnected) {
         let me = self.clone();
-        tokio::spawn(async move { me.supervise(on_connected).await });
+        let h = tokio::spawn(async move { me.supervise(on_connected).await });
+        *self.supervisor.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
     }
 
     async fn supervise(self: Arc<Self>, on_connected: OnConnected) {
@@ -713,6 +718,14 @@ impl Conn {
     /// Stops the supervisor and disconnects (bounded by `timeout`).
     pub async fn shutdown(&self, timeout: Duration) {
         self.stop.cancel();
+        let supervisor = self
+            .supervisor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = supervisor {
+            let _ = tokio::time::timeout(timeout, h).await;
+        }
         if !self.client.is_connected() {
             self.mark_closed();
             return;

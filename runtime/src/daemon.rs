@@ -119,12 +119,35 @@ enum Run {
     Running {
         running: RunningFlow,
         order: u64,
-        stop_monitor: Cancel,
+        monitor: Monitor,
     },
     Stopping,
     Stopped,
     Failed(String),
     Invalid,
+}
+
+/// The task that stops a flow when it fails.
+struct Monitor {
+    stop: Cancel,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Monitor {
+    /// Ends the monitor and waits for it, so it no longer holds the flow.
+    async fn end(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Stops a flow and lets go of it: when this returns, its clients are released, so a new
+/// version can create clients with the same ids and persistence directories.
+async fn stop_and_release(running: RunningFlow, monitor: Option<Monitor>, deadline: Duration) {
+    if let Some(m) = monitor {
+        m.end().await;
+    }
+    running.stop(deadline).await;
 }
 
 struct Slot {
@@ -439,32 +462,33 @@ impl Daemon {
     /// through the same path as at daemon start. A flow an operator stopped stays stopped.
     async fn install(&self, flow: Flow, file: PathBuf, source: String, fp: u64) -> FlowView {
         let name = flow.name().to_string();
-        let (old_running, keep_stopped, version) = {
+        let (old_running, old_flow, keep_stopped, version) = {
             let mut t = self.table();
             match t.flows.get_mut(&name) {
                 Some(slot) => {
                     let keep_stopped = matches!(slot.run, Run::Stopped);
-                    let old = std::mem::replace(&mut slot.run, Run::Stopping);
-                    let old = match old {
+                    let old = match std::mem::replace(&mut slot.run, Run::Stopping) {
                         Run::Running {
-                            running,
-                            stop_monitor,
-                            ..
-                        } => {
-                            stop_monitor.cancel();
-                            Some(running)
-                        }
+                            running, monitor, ..
+                        } => Some((running, monitor)),
                         _ => None,
                     };
-                    (old, keep_stopped, slot.version + 1)
+                    (old, slot.flow.take(), keep_stopped, slot.version + 1)
                 }
-                None => (None, false, 1),
+                None => (None, None, false, 1),
             }
         };
         let redeploy = old_running.is_some();
-        if let Some(old) = old_running {
-            old.stop(self.inner.config.daemon.shutdown_timeout.0).await;
+        if let Some((running, monitor)) = old_running {
+            stop_and_release(
+                running,
+                Some(monitor),
+                self.inner.config.daemon.shutdown_timeout.0,
+            )
+            .await;
         }
+        // The old version is gone before the new one connects: never two subscriptions.
+        drop(old_flow);
         let now = crate::time::now_rfc3339();
         let (run, started_at) = if keep_stopped {
             (Run::Stopped, None)
@@ -510,20 +534,24 @@ impl Daemon {
     /// Starts a built flow and a monitor that stops it if it fails.
     fn run(&self, flow: &Flow) -> Run {
         let running = flow.start();
-        let stop_monitor = Cancel::default();
+        let stop = Cancel::default();
         let me = self.clone();
         let watched = flow.clone();
-        let stopped = stop_monitor.clone();
-        tokio::spawn(async move {
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
             tokio::select! {
-                _ = watched.failed() => me.on_failed(watched).await,
+                // Handled on a task of its own: it takes the ops lock, which whoever ends
+                // this monitor may hold.
+                _ = watched.failed() => {
+                    tokio::spawn(async move { me.on_failed(watched).await });
+                }
                 _ = stopped.cancelled() => {}
             }
         });
         Run::Running {
             running,
             order: self.inner.order.fetch_add(1, Ordering::SeqCst),
-            stop_monitor,
+            monitor: Monitor { stop, task },
         }
     }
 
@@ -675,21 +703,21 @@ impl Daemon {
                 .ok_or_else(|| DaemonError::Conflict(name.into()))?;
             match std::mem::replace(&mut slot.run, Run::Stopping) {
                 Run::Running {
-                    running,
-                    stop_monitor,
-                    ..
-                } => {
-                    stop_monitor.cancel();
-                    Some(running)
-                }
+                    running, monitor, ..
+                } => Some((running, monitor)),
                 other => {
                     slot.run = other;
                     None
                 }
             }
         };
-        if let Some(r) = running {
-            r.stop(self.inner.config.daemon.shutdown_timeout.0).await;
+        if let Some((r, monitor)) = running {
+            stop_and_release(
+                r,
+                Some(monitor),
+                self.inner.config.daemon.shutdown_timeout.0,
+            )
+            .await;
             if let Some(slot) = self.table().flows.get_mut(name) {
                 slot.run = Run::Stopped;
             }
@@ -969,9 +997,9 @@ impl Daemon {
                         Run::Running {
                             running,
                             order,
-                            stop_monitor,
+                            monitor,
                         } => {
-                            stop_monitor.cancel();
+                            monitor.stop.cancel();
                             Some((order, slot.name.clone(), running))
                         }
                         other => {
