@@ -104,6 +104,23 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
     },
+    /// Check every MQTT server the flows use: reachability, TLS, authentication, the broker's
+    /// QoS limit, and per node the requested QoS, the limit, the verdict and the fix. Exit 1 on
+    /// any mismatch or unreachable server.
+    Doctor {
+        /// The runtime configuration (default: ./flowbus.toml when it exists).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Flow files or directories (default: the configuration's `flows`).
+        #[arg(long = "flows")]
+        flows: Vec<PathBuf>,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// How long each connection attempt may take.
+        #[arg(long, default_value = "5s", value_parser = humantime_duration)]
+        timeout: Duration,
+    },
     /// Draw a flow's graph.
     Graph {
         /// The flow file.
@@ -189,6 +206,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Validate { paths, config } => cmd_validate(&paths, config.as_deref()),
+        Command::Doctor {
+            config,
+            flows,
+            json,
+            timeout,
+        } => cmd_doctor(config.as_deref(), flows, json, timeout),
         Command::Graph {
             flow,
             format,
@@ -386,6 +409,58 @@ fn render_svg(dot: &str) -> Result<Vec<u8>> {
         );
     }
     Ok(out.stdout)
+}
+
+fn cmd_doctor(
+    config: Option<&Path>,
+    flows: Vec<PathBuf>,
+    json: bool,
+    timeout: Duration,
+) -> Result<ExitCode> {
+    let config = load_config(config)?;
+    let paths = if flows.is_empty() {
+        config.flows.clone()
+    } else {
+        flows
+    };
+    let files = flow_files(&paths).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let registry = flowbus_nodes::registry();
+    let ctx = ValidateCtx {
+        servers: config.servers.keys().cloned().collect(),
+    };
+    let mut valid = Vec::new();
+    let mut invalid = 0;
+    for f in &files {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        match validate(f, &text, &registry, &ctx) {
+            Ok(v) => valid.push(v),
+            Err(e) => {
+                invalid += 1;
+                eprintln!("{}", FlowErrors(e));
+            }
+        }
+    }
+    if invalid > 0 {
+        bail!("{invalid} flow file(s) are invalid; fix them first (flowbus validate)");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let report = rt
+        .block_on(flowbus_nodes::doctor::run(&config, &valid, timeout))
+        .map_err(|e| anyhow::anyhow!(e))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", flowbus_nodes::doctor::render(&report));
+    }
+    Ok(if report.ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn cmd_run(

@@ -207,11 +207,11 @@ fn binary_reads_flowbus_toml_of_the_working_directory() {
 #[test]
 fn binary_accepts_a_valid_flow() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = flowbus(root, &["validate", "flows/heartbeat.json"]);
+    let out = flowbus(root, &["validate", "flows/telemetry.json"]);
     assert_eq!(out.status.code(), Some(0), "stderr:\n{}", text(&out.stderr));
     assert_eq!(
         text(&out.stdout),
-        "ok: flows/heartbeat.json (flow 'heartbeat')\n"
+        "ok: flows/telemetry.json (flow 'telemetry')\n"
     );
     assert_eq!(text(&out.stderr), "");
 }
@@ -223,7 +223,7 @@ fn binary_reports_each_invalid_file_among_valid_ones() {
         root,
         &[
             "validate",
-            "flows/heartbeat.json",
+            "flows/telemetry.json",
             "tests/flow_errors/duplicate_id/flow.json",
         ],
     );
@@ -231,7 +231,7 @@ fn binary_reports_each_invalid_file_among_valid_ones() {
     assert_eq!(out.status.code(), Some(1), "stderr:\n{stderr}");
     assert_eq!(
         text(&out.stdout),
-        "ok: flows/heartbeat.json (flow 'heartbeat')\n"
+        "ok: flows/telemetry.json (flow 'telemetry')\n"
     );
     let dir = cases_dir().join("duplicate_id");
     let mut expected: Vec<String> = expected_lines(&dir)

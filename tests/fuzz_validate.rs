@@ -669,17 +669,20 @@ fn mutated_flows_through_the_binary_exit_0_or_1_without_panicking() {
     files.push(("empty".into(), Vec::new()));
     files.push((
         "valid".into(),
-        std::fs::read(root().join("flows/heartbeat.json")).expect("the demo flow"),
+        std::fs::read(root().join("flows/telemetry.json")).expect("the demo flow"),
     ));
     std::fs::copy(
-        root().join("flows/heartbeat.rhai"),
-        dir.join("heartbeat.rhai"),
+        root().join("flows/telemetry.rhai"),
+        dir.join("telemetry.rhai"),
     )
     .expect("copy the demo script");
+    // The demo flows name the server defined in the project's flowbus.toml.
+    std::fs::copy(root().join("flowbus.toml"), dir.join("flowbus.toml"))
+        .expect("copy the demo configuration");
     let mut exit_codes = Vec::new();
     for (i, (how, bytes)) in files.iter().enumerate() {
         let name = if how == "valid" {
-            String::from("heartbeat.json")
+            String::from("telemetry.json")
         } else {
             format!("variant-{i}.json")
         };

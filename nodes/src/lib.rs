@@ -4,15 +4,19 @@
 //!   conversion, errors with script line:column).
 //! - [`mqtt_subscribe`], [`mqtt_publish`]: the MQTT nodes, sharing [`mqtt_client`] (one paho
 //!   client per node, the reconnect supervisor, activity-log events and statistics).
+//! - [`doctor`]: `flowbus doctor`, which probes every server the flows use.
+//! - [`qos_policy`]: QoS policy alignment (server `max_qos`, per-topic rules, broker limits).
 //! - [`trace`], [`trycatch`], [`throw`], [`timer`]: flow plumbing and a broker-less input.
 //!
 //! [`registry`] maps every type name to its kind.
 
 pub mod compute;
+pub mod doctor;
 pub mod filter;
 pub mod mqtt_client;
 pub mod mqtt_publish;
 pub mod mqtt_subscribe;
+pub mod qos_policy;
 pub mod script;
 pub mod throw;
 pub mod timer;

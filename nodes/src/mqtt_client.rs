@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use flowbus_runtime::activity::{NewEntry, Severity};
 use flowbus_runtime::config::{Config, ServerConfig};
+
+use crate::qos_policy::{mismatch_head, mismatch_text, Decision, Policy, Source};
 use flowbus_runtime::engine::Cancel;
 use flowbus_runtime::flow::FlowErrorKind;
 use flowbus_runtime::node::{NodeDecl, Problem, PropKind, PropSpec, ValidateCtx};
@@ -54,6 +56,14 @@ pub mod bip {
     pub const SUMMARY: u32 = 12102;
     /// A subscription was refused or granted a lower QoS than requested.
     pub const SUBSCRIBE_FAILED: u32 = 12103;
+    /// A node asked for more QoS than the policy or the broker allows (policy `fail`).
+    pub const QOS_MISMATCH: u32 = 12110;
+    /// A node uses a lower QoS than it asked for (policy `downgrade`); once per node and topic.
+    pub const QOS_DOWNGRADE: u32 = 12111;
+    /// A per-topic QoS rule decided a node's QoS; once per node and topic.
+    pub const QOS_RULE: u32 = 12112;
+    /// The broker's QoS limit was learnt (CONNACK or probe).
+    pub const BROKER_LIMIT: u32 = 12113;
 }
 
 /// Properties both MQTT nodes have.
@@ -162,8 +172,27 @@ pub struct Endpoint {
     password: Option<String>,
     /// Keep-alive.
     pub keep_alive: Duration,
-    /// CA file for TLS.
+    /// TLS settings (used with `ssl://`).
+    pub tls: Tls,
+    /// MQTT v5 session expiry of persistent sessions.
+    pub session_expiry: Duration,
+    /// Last will.
+    pub will: Option<flowbus_runtime::config::WillConfig>,
+    /// The QoS policy.
+    pub policy: Policy,
+}
+
+/// TLS settings of a server.
+#[derive(Debug, Clone, Default)]
+pub struct Tls {
+    /// CA certificates (PEM) to trust; the system's default store when absent.
     pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    /// Client private key (PEM).
+    pub key_file: Option<PathBuf>,
+    /// Verify the server certificate and host name.
+    pub verify: bool,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -182,14 +211,34 @@ impl Endpoint {
     /// The same protocol version at another URL, without credentials or TLS files (those
     /// belong to the configured server).
     pub fn elsewhere(&self, url: &str) -> Endpoint {
+        Endpoint::inline(url, self.version)
+    }
+
+    /// A server given inline by URL: no credentials, default TLS verification, no policy
+    /// beyond what the broker says.
+    pub fn inline(url: &str, version: u8) -> Endpoint {
         Endpoint {
             url: url.to_string(),
             server: None,
-            version: self.version,
+            version,
             username: None,
             password: None,
-            keep_alive: self.keep_alive,
-            ca_file: None,
+            keep_alive: Duration::from_secs(60),
+            tls: Tls {
+                verify: true,
+                ..Tls::default()
+            },
+            session_expiry: Duration::from_secs(86_400),
+            will: None,
+            policy: Policy::open(url),
+        }
+    }
+
+    /// The server's name, or its URL for an inline server (for messages).
+    pub fn label(&self) -> String {
+        match &self.server {
+            Some(name) => format!("'{name}' ({})", self.url),
+            None => self.url.clone(),
         }
     }
 }
@@ -225,15 +274,7 @@ pub fn resolve_endpoint(node: &NodeDecl, config: &Config) -> Result<Endpoint, Ve
             },
         )]
     })?;
-    Ok(Endpoint {
-        url,
-        server: None,
-        version: version_prop.unwrap_or(3),
-        username: None,
-        password: None,
-        keep_alive: Duration::from_secs(60),
-        ca_file: None,
-    })
+    Ok(Endpoint::inline(&url, version_prop.unwrap_or(3)))
 }
 
 fn endpoint_from_server(
@@ -271,8 +312,68 @@ fn endpoint_from_server(
         username: s.username.clone(),
         password,
         keep_alive: s.keep_alive.map_or(Duration::from_secs(60), |d| d.0),
-        ca_file: s.ca_file.clone(),
+        tls: Tls {
+            ca_file: s.ca_file.clone(),
+            cert_file: s.cert_file.clone(),
+            key_file: s.key_file.clone(),
+            verify: s.verify_server.unwrap_or(true),
+        },
+        session_expiry: s
+            .session_expiry
+            .map_or(Duration::from_secs(86_400), |d| d.0),
+        will: s.will.clone(),
+        policy: Policy::from_server(name, s),
     })
+}
+
+/// Paho TLS options from a server's settings; a file that cannot be read is an error that
+/// names it.
+pub fn ssl_options(tls: &Tls) -> Result<paho::SslOptions, String> {
+    let mut ssl = paho::SslOptionsBuilder::new();
+    for f in [&tls.ca_file, &tls.cert_file, &tls.key_file]
+        .into_iter()
+        .flatten()
+    {
+        std::fs::metadata(f).map_err(|e| format!("TLS file {}: {e}", f.display()))?;
+    }
+    if let Some(ca) = &tls.ca_file {
+        ssl.trust_store(ca)
+            .map_err(|e| format!("CA file {}: {e}", ca.display()))?;
+    }
+    if let Some(cert) = &tls.cert_file {
+        ssl.key_store(cert)
+            .map_err(|e| format!("certificate file {}: {e}", cert.display()))?;
+    }
+    if let Some(key) = &tls.key_file {
+        ssl.private_key(key)
+            .map_err(|e| format!("key file {}: {e}", key.display()))?;
+    }
+    ssl.enable_server_cert_auth(tls.verify).verify(tls.verify);
+    Ok(ssl.finalize())
+}
+
+/// A paho error in words an operator can act on (paho-mqtt 0.14 prints a refused CONNACK
+/// as "(0)", and TLS failures only as a connect failure).
+pub fn describe_error(e: &paho::Error, url: &str) -> String {
+    use paho::ConnectReturnCode as C;
+    match e {
+        paho::Error::ConnectReturn(code) => {
+            let what = match code {
+                C::UnacceptableProtocolVersion => "it does not support this MQTT version (set version = 3 or 5 for the server)",
+                C::IdentifierRejected => "it rejected the client id (set client_id on the node)",
+                C::ServerUnavailable => "the MQTT service is unavailable",
+                C::BadUserNameOrPassword => "bad user name or password (check username and password_env/password_file)",
+                C::NotAuthorized => "not authorized (check username, password and the broker's ACL)",
+                C::Accepted => "accepted",
+            };
+            format!("the broker refused the connection: {what} (CONNACK return code {})", *code as i32)
+        }
+        paho::Error::ReasonCode(rc, _) => format!("the broker refused the connection: {rc}"),
+        paho::Error::TcpTlsConnectFailure if url.starts_with("ssl://") => {
+            "TCP/TLS connect failure (TLS handshake failed: check ca_file, the server certificate's host name, and cert_file/key_file if the broker requires a client certificate)".to_string()
+        }
+        other => other.to_string(),
+    }
 }
 
 /// The reconnect schedule: `initial`, then `step` longer each attempt, at most `max`.
@@ -366,6 +467,118 @@ impl LogCtx {
 
 pub use flowbus_runtime::activity::Sampler;
 
+/// Applies a server's QoS policy for one node: decides each topic's QoS, logs the rule that
+/// decided or the downgrade once per topic, and counts downgrades and refusals.
+pub struct PolicyGate {
+    policy: Policy,
+    noted: Mutex<BTreeSet<String>>,
+}
+
+/// How many topics a node notes individually before it stops (a publish node with a topic per
+/// device must not grow this without bound).
+const NOTED_TOPICS: usize = 1000;
+
+impl PolicyGate {
+    /// The gate for a node's endpoint.
+    pub fn new(policy: Policy) -> PolicyGate {
+        PolicyGate {
+            policy,
+            noted: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    fn first_time(&self, key: String) -> bool {
+        let mut n = self.noted.lock().unwrap_or_else(|p| p.into_inner());
+        n.len() < NOTED_TOPICS && n.insert(key)
+    }
+
+    /// The QoS to use on `topic`, or the mismatch text (policy `fail`; counted).
+    pub fn apply(&self, conn: &Conn, topic: &str, requested: Option<u8>) -> Result<u8, String> {
+        self.apply_granted(conn, topic, requested, None)
+    }
+
+    /// Like [`apply`](Self::apply), with the QoS a SUBACK granted for this topic as a further
+    /// limit.
+    pub fn apply_granted(
+        &self,
+        conn: &Conn,
+        topic: &str,
+        requested: Option<u8>,
+        granted: Option<u8>,
+    ) -> Result<u8, String> {
+        let log = &conn.log;
+        let mut limit = conn.broker_limit();
+        if let Some(g) = granted {
+            if limit.as_ref().is_none_or(|(l, _)| g < *l) {
+                limit = Some((g, Source::Suback));
+            }
+        }
+        match self.policy.decide(topic, requested, limit) {
+            Decision::Use { qos, rule } => {
+                if let Some(rule) = rule {
+                    if self.first_time(format!("rule {topic}")) {
+                        log.record(
+                            log.entry(
+                                Severity::Info,
+                                bip::QOS_RULE,
+                                format!("QoS rule '{rule}' of server {} decided QoS {qos} for topic '{topic}'", self.policy.server),
+                            )
+                            .tag("topic", topic)
+                            .tag("qos", qos)
+                            .tag("rule", rule),
+                        );
+                    }
+                }
+                Ok(qos)
+            }
+            Decision::Downgrade {
+                requested,
+                allowed,
+                source,
+            } => {
+                inc(&log.stats.qos_downgrades);
+                if self.first_time(format!("downgrade {topic}")) {
+                    log.record(
+                        log.entry(
+                            Severity::Warning,
+                            bip::QOS_DOWNGRADE,
+                            format!(
+                                "{}; on_qos_mismatch = \"downgrade\": using QoS {allowed} (for QoS {requested}, {})",
+                                mismatch_head(&log.node, topic, requested, allowed, &self.policy.server, &source),
+                                source.raise(requested)
+                            ),
+                        )
+                        .tag("topic", topic)
+                        .tag("qos", allowed)
+                        .tag("requested_qos", requested),
+                    );
+                }
+                Ok(allowed)
+            }
+            Decision::Fail {
+                requested,
+                allowed,
+                source,
+            } => {
+                inc(&log.stats.qos_mismatches);
+                Err(mismatch_text(
+                    &log.node,
+                    topic,
+                    requested,
+                    allowed,
+                    &self.policy.server,
+                    &source,
+                ))
+            }
+        }
+    }
+}
+
 /// What the supervisor should do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Want {
@@ -398,6 +611,9 @@ pub struct Conn {
     counted_open: AtomicBool,
     /// Whether the connection uses MQTT v5.
     pub v5: bool,
+    /// The broker's QoS limit and how we learnt it, once known.
+    limit: Mutex<Option<(u8, Source)>>,
+    connect_timeout: Duration,
 }
 
 /// How to create a [`Conn`].
@@ -466,9 +682,10 @@ impl Conn {
             b.clean_start(!persistent);
             if persistent {
                 let mut props = paho::Properties::new();
-                // A day: long enough to ride out a pause or a restart, short enough not to
-                // leave sessions behind for ever.
-                let _ = props.push_u32(paho::PropertyCode::SessionExpiryInterval, 86_400);
+                // Default a day: long enough to ride out a pause or a restart, short enough
+                // not to leave sessions behind for ever.
+                let secs = ep.session_expiry.as_secs().min(u64::from(u32::MAX)) as u32;
+                let _ = props.push_u32(paho::PropertyCode::SessionExpiryInterval, secs);
                 b.properties(props);
             }
         } else {
@@ -480,13 +697,20 @@ impl Conn {
         if let Some(p) = &ep.password {
             b.password(p.as_str());
         }
+        if let Some(w) = &ep.will {
+            let will = if w.retain {
+                paho::Message::new_retained(
+                    w.topic.as_str(),
+                    w.payload.as_bytes(),
+                    i32::from(w.qos),
+                )
+            } else {
+                paho::Message::new(w.topic.as_str(), w.payload.as_bytes(), i32::from(w.qos))
+            };
+            b.will_message(will);
+        }
         if ep.url.starts_with("ssl://") {
-            let mut ssl = paho::SslOptionsBuilder::new();
-            if let Some(ca) = &ep.ca_file {
-                ssl.trust_store(ca)
-                    .map_err(|e| format!("CA file {}: {e}", ca.display()))?;
-            }
-            b.ssl_options(ssl.finalize());
+            b.ssl_options(ssl_options(&ep.tls)?);
         }
         let opts = b.finalize();
         let (lost_tx, lost_rx) = mpsc::unbounded_channel();
@@ -516,6 +740,8 @@ impl Conn {
             supervisor: Mutex::new(None),
             counted_open: AtomicBool::new(false),
             v5,
+            limit: Mutex::new(None),
+            connect_timeout: spec.connect_timeout,
         }))
     }
 
@@ -532,6 +758,81 @@ impl Conn {
             Ok(Ok(_))
         );
         ok
+    }
+
+    /// The broker's QoS limit, if known.
+    pub fn broker_limit(&self) -> Option<(u8, Source)> {
+        self.limit.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records a limit the broker showed (the lowest seen wins).
+    pub fn learn_limit(&self, q: u8, source: Source) {
+        let mut l = self.limit.lock().unwrap_or_else(|p| p.into_inner());
+        if l.as_ref().is_none_or(|(old, _)| q < *old) {
+            *l = Some((q, source));
+        }
+    }
+
+    /// Connects once, without the supervisor (for `flowbus doctor`); returns the broker's
+    /// CONNACK Maximum QoS (MQTT v5) if it sent one.
+    pub async fn connect_once(&self, timeout: Duration) -> Result<Option<u8>, String> {
+        match tokio::time::timeout(timeout, self.client.connect(self.opts.clone())).await {
+            Ok(Ok(resp)) => {
+                let max = resp
+                    .properties()
+                    .get_int(paho::PropertyCode::MaximumQos)
+                    .map(|q| q.clamp(0, 2) as u8);
+                if let Some(q) = max {
+                    self.learn_limit(q, Source::Connack);
+                }
+                Ok(max)
+            }
+            Ok(Err(e)) => Err(describe_error(&e, &self.log.url)),
+            Err(_) => Err(format!(
+                "no answer within {}",
+                humantime::format_duration(timeout)
+            )),
+        }
+    }
+
+    /// Learns the broker's QoS limit for an MQTT 3.1.1 connection, which has no CONNACK
+    /// property for it: subscribes to a private topic at QoS 2 and reads the granted QoS from
+    /// the SUBACK, then unsubscribes. Returns the granted QoS (None when refused or
+    /// unanswered; a broker's ACL may forbid the topic).
+    pub async fn probe_qos(&self) -> Option<u8> {
+        let topic = format!("flowbus/probe/{}", self.log.client_id);
+        let granted = match tokio::time::timeout(
+            self.connect_timeout,
+            self.client.subscribe(topic.as_str(), 2),
+        )
+        .await
+        {
+            Ok(Ok(resp)) => resp.subscribe_response(),
+            _ => None,
+        };
+        let _ = tokio::time::timeout(
+            self.connect_timeout,
+            self.client.unsubscribe(topic.as_str()),
+        )
+        .await;
+        match granted {
+            Some(g @ 0..=2) => {
+                if g < 2 {
+                    self.learn_limit(g as u8, Source::Suback);
+                    self.log.record(
+                        self.log
+                            .entry(
+                                Severity::Info,
+                                bip::BROKER_LIMIT,
+                                format!("The broker allows at most QoS {g} (a probe subscription at QoS 2 was granted {g})"),
+                            )
+                            .tag("max_qos", g),
+                    );
+                }
+                Some(g as u8)
+            }
+            _ => None,
+        }
     }
 
     /// Asks the supervisor to pause (disconnect, keeping the session) or resume.
@@ -630,8 +931,23 @@ impl Conn {
                         )
                         .tag("session_present", session_present),
                     );
+                    if let Some(q) = resp.properties().get_int(paho::PropertyCode::MaximumQos) {
+                        self.learn_limit(q.clamp(0, 2) as u8, Source::Connack);
+                        log.record(
+                            log.entry(
+                                Severity::Info,
+                                bip::BROKER_LIMIT,
+                                format!("The broker allows at most QoS {q} (MQTT v5 CONNACK Maximum QoS)"),
+                            )
+                            .tag("max_qos", q),
+                        );
+                    }
+                    // Subscriptions and the QoS probe happen before the node may use the
+                    // connection, so a publish never goes out above a limit we could know.
+                    let _ =
+                        tokio::time::timeout(self.connect_timeout, on_connected(session_present))
+                            .await;
                     self.connected.send_replace(true);
-                    on_connected(session_present).await;
                     let why = tokio::select! {
                         _ = self.stop.cancelled() => return,
                         _ = lost.recv() => "lost",
@@ -682,6 +998,7 @@ impl Conn {
                     }
                 }
                 Err(e) => {
+                    let e = describe_error(&e, &log.url);
                     inc(&log.stats.failed_connections);
                     let delay = self.backoff.delay(failures);
                     if failures == 0 {

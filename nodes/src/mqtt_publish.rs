@@ -35,7 +35,7 @@ use serde_json::Value;
 
 use crate::mqtt_client::{
     bip, check_common, check_topic, client_id, instance_id, normalise_url, resolve_endpoint,
-    Backoff, Conn, ConnSpec, Endpoint, Sampler, COMMON_PROPS,
+    Backoff, Conn, ConnSpec, Endpoint, PolicyGate, Sampler, COMMON_PROPS,
 };
 
 static SPEC: NodeSpec = NodeSpec {
@@ -90,7 +90,8 @@ impl NodeKind for PublishKind {
 
     fn build(&self, node: &NodeDecl, ctx: &BuildCtx) -> Result<BuiltNode, Vec<Problem>> {
         let endpoint = resolve_endpoint(node, &ctx.config)?;
-        let qos = node.int("qos").unwrap_or(0) as i32;
+        let qos = node.int("qos").map(|q| q as u8);
+        let endpoint_policy = endpoint.policy.clone();
         Ok(BuiltNode::Processing(Arc::new(Publish {
             endpoint,
             topic: node.str("topic").map(str::to_string),
@@ -99,7 +100,9 @@ impl NodeKind for PublishKind {
             ack_timeout: node
                 .duration("ack_timeout")
                 .unwrap_or(ctx.config.mqtt.ack_timeout.0),
-            clean_session: node.bool("clean_session").unwrap_or(qos == 0),
+            // Persistent unless the node publishes at QoS 0 only (a rule or an override may
+            // still ask for more, so only an explicit qos 0 makes the session clean).
+            clean_session: node.bool("clean_session").unwrap_or(qos == Some(0)),
             client_id: node.str("client_id").map(str::to_string),
             config: ctx.config.clone(),
             services: ctx.services.clone(),
@@ -109,6 +112,7 @@ impl NodeKind for PublishKind {
             gate: tokio::sync::Mutex::new(()),
             sampler: Sampler::new(10),
             seq: AtomicU64::new(0),
+            policy: PolicyGate::new(endpoint_policy),
         })))
     }
 }
@@ -116,7 +120,7 @@ impl NodeKind for PublishKind {
 struct Publish {
     endpoint: Endpoint,
     topic: Option<String>,
-    qos: i32,
+    qos: Option<u8>,
     retain: bool,
     ack_timeout: Duration,
     clean_session: bool,
@@ -129,13 +133,15 @@ struct Publish {
     gate: tokio::sync::Mutex<()>,
     sampler: Sampler,
     seq: AtomicU64,
+    policy: PolicyGate,
 }
 
 /// Where and how one message is published, after overrides.
 #[derive(Debug, Clone, PartialEq)]
 struct Target {
     topic: String,
-    qos: i32,
+    /// Requested by an override or the node; `None` lets a QoS rule choose.
+    qos: Option<u8>,
     retained: bool,
     url: String,
     user_properties: Vec<(String, String)>,
@@ -160,7 +166,7 @@ impl Publish {
         check_topic(&topic, false).map_err(bad_override)?;
         let qos = match get("qos") {
             Some(v) => match v.as_i64() {
-                Some(q @ 0..=2) => q as i32,
+                Some(q @ 0..=2) => Some(q as u8),
                 _ => {
                     return Err(bad_override(format!(
                         "LocalEnvironment.Destination.MQTT.Output.qos must be 0, 1 or 2, found {v}"
@@ -240,16 +246,29 @@ impl Publish {
             node: &self.node,
         })
         .map_err(|m| Exception::new(ExceptionKind::Socket, bip::PUBLISH_ERROR, m))?;
-        conn.spawn(Box::new(|_| Box::pin(async {})));
+        // MQTT 3.1.1 has no CONNACK property for the broker's QoS limit: probe it on each
+        // connect, before the node publishes, so a publish above it is caught here instead of
+        // getting the connection dropped by the broker (mosquitto's max_qos).
+        let weak = Arc::downgrade(&conn);
+        conn.spawn(Box::new(move |_| {
+            let weak = weak.clone();
+            Box::pin(async move {
+                if let Some(c) = weak.upgrade() {
+                    if !c.v5 {
+                        c.probe_qos().await;
+                    }
+                }
+            })
+        }));
         conns.insert(url.to_string(), conn.clone());
         Ok(conn)
     }
 
-    fn paho_message(&self, t: &Target, payload: &[u8], v5: bool) -> paho::Message {
+    fn paho_message(&self, t: &Target, qos: u8, payload: &[u8], v5: bool) -> paho::Message {
         let mut b = paho::MessageBuilder::new()
             .topic(t.topic.as_str())
             .payload(payload)
-            .qos(t.qos)
+            .qos(i32::from(qos))
             .retained(t.retained);
         if v5 && !t.user_properties.is_empty() {
             let mut props = paho::Properties::new();
@@ -261,29 +280,101 @@ impl Publish {
         b.finalize()
     }
 
-    /// One attempt: wait for the connection and enqueue under the FIFO gate, then wait for the
-    /// ack (QoS 1/2) or the write (QoS 0) outside it.
-    async fn attempt(&self, conn: &Conn, m: paho::Message) -> Result<(), String> {
-        let token = {
+    /// One attempt: under the FIFO gate, wait for the connection, apply the QoS policy (the
+    /// broker's limit is known once connected) and hand the message to paho; then wait for
+    /// the ack (QoS 1/2) or the write (QoS 0) outside the gate. Returns the QoS used.
+    async fn attempt(&self, conn: &Conn, t: &Target, payload: &[u8]) -> Result<u8, Attempt> {
+        let (qos, token) = {
             let _turn = self.gate.lock().await;
             if !conn.wait_connected(self.ack_timeout).await {
-                return Err(format!(
+                return Err(Attempt::Failed(format!(
                     "not connected to {} within {}",
                     conn.log.url,
                     humantime::format_duration(self.ack_timeout)
-                ));
+                )));
             }
-            conn.client.publish(m)
+            let qos = self
+                .policy
+                .apply(conn, &t.topic, t.qos)
+                .map_err(Attempt::Policy)?;
+            (
+                qos,
+                conn.client
+                    .publish(self.paho_message(t, qos, payload, conn.v5)),
+            )
         };
         match tokio::time::timeout(self.ack_timeout, token).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("publish failed: {e}")),
-            Err(_) => Err(format!(
+            Ok(Ok(())) => Ok(qos),
+            Ok(Err(e)) => Err(Attempt::Failed(format!("publish failed: {e}"))),
+            Err(_) => Err(Attempt::Failed(format!(
                 "no acknowledgement within {}",
                 humantime::format_duration(self.ack_timeout)
-            )),
+            ))),
         }
     }
+
+    /// Publishes with the IIB contract: one retry after a reconnect, then BIP12099.
+    async fn publish(&self, conn: &Conn, t: &Target, payload: &[u8]) -> Result<u8, Exception> {
+        let log = &conn.log;
+        let requested = t
+            .qos
+            .map_or_else(|| "by rule".to_string(), |q| q.to_string());
+        let first = match self.attempt(conn, t, payload).await {
+            Ok(q) => return Ok(q),
+            Err(Attempt::Policy(text)) => return Err(policy_exception(text)),
+            Err(Attempt::Failed(why)) => why,
+        };
+        log.record(
+            log.entry(
+                Severity::Warning,
+                bip::PUBLISH_ERROR,
+                format!("Publish to '{}' (QoS {requested}) failed: {first}; reconnecting and retrying once", t.topic),
+            )
+            .tag("topic", t.topic.clone())
+            .tag("qos", t.qos.map_or(Value::Null, Value::from)),
+        );
+        conn.request_reconnect();
+        let second = match self.attempt(conn, t, payload).await {
+            Ok(q) => return Ok(q),
+            Err(Attempt::Policy(text)) => return Err(policy_exception(text)),
+            Err(Attempt::Failed(why)) => why,
+        };
+        log.record(
+            log.entry(
+                Severity::Error,
+                bip::NOT_ACKNOWLEDGED,
+                format!(
+                    "Publish to '{}' (QoS {requested}) failed after the retry: {second}",
+                    t.topic
+                ),
+            )
+            .tag("topic", t.topic.clone())
+            .tag("qos", t.qos.map_or(Value::Null, Value::from)),
+        );
+        Err(Exception::new(
+            ExceptionKind::SocketTimeout,
+            bip::NOT_ACKNOWLEDGED,
+            format!(
+                "the publication to '{}' at QoS {requested} on {} was not acknowledged: first attempt: {first}; retry: {second}",
+                t.topic, t.url
+            ),
+        )
+        .insert(t.topic.clone())
+        .insert(requested)
+        .insert(t.url.clone()))
+    }
+}
+
+/// Why an attempt did not succeed.
+enum Attempt {
+    /// The QoS policy refused the publish (never retried: it would fail the same way).
+    Policy(String),
+    /// Not connected, not acknowledged, or an error from paho.
+    Failed(String),
+}
+
+fn policy_exception(text: String) -> Exception {
+    Exception::new(ExceptionKind::Configuration, bip::QOS_MISMATCH, text)
 }
 
 impl ProcessingNode for Publish {
@@ -296,47 +387,8 @@ impl ProcessingNode for Publish {
             let t = self.target(&msg)?;
             let conn = self.conn_for(&t.url)?;
             let payload = msg.root.body.to_bytes();
-            let pm = self.paho_message(&t, &payload, conn.v5);
+            let qos = self.publish(&conn, &t, &payload).await?;
             let log = &conn.log;
-            if let Err(first) = self.attempt(&conn, pm.clone()).await {
-                log.record(
-                    log.entry(
-                        Severity::Warning,
-                        bip::PUBLISH_ERROR,
-                        format!("Publish to '{}' (QoS {}) failed: {first}; reconnecting and retrying once", t.topic, t.qos),
-                    )
-                    .tag("topic", t.topic.clone())
-                    .tag("qos", t.qos),
-                );
-                conn.request_reconnect();
-                if let Err(second) = self.attempt(&conn, pm).await {
-                    log.record(
-                        log.entry(
-                            Severity::Error,
-                            bip::NOT_ACKNOWLEDGED,
-                            format!(
-                                "Publish to '{}' (QoS {}) failed after the retry: {second}",
-                                t.topic, t.qos
-                            ),
-                        )
-                        .tag("topic", t.topic.clone())
-                        .tag("qos", t.qos),
-                    );
-                    return Err(NodeFailure::Error(
-                        Exception::new(
-                            ExceptionKind::SocketTimeout,
-                            bip::NOT_ACKNOWLEDGED,
-                            format!(
-                                "the publication to '{}' at QoS {} on {} was not acknowledged: first attempt: {first}; retry: {second}",
-                                t.topic, t.qos, t.url
-                            ),
-                        )
-                        .insert(t.topic.clone())
-                        .insert(t.qos.to_string())
-                        .insert(t.url.clone()),
-                    ));
-                }
-            }
             inc(&log.stats.messages_sent);
             add(&log.stats.bytes_sent, payload.len() as u64);
             let (admit, summary) = self.sampler.admit();
@@ -350,26 +402,28 @@ impl ProcessingNode for Publish {
                 ));
             }
             if admit {
-                log.record(
-                    log.entry(
+                let mut e = log
+                    .entry(
                         Severity::Info,
                         bip::PUBLISHED,
                         format!(
-                            "Published to '{}' (QoS {}, {} bytes)",
+                            "Published to '{}' (QoS {qos}, {} bytes)",
                             t.topic,
-                            t.qos,
                             payload.len()
                         ),
                     )
                     .tag("topic", t.topic.clone())
-                    .tag("qos", t.qos),
-                );
+                    .tag("qos", qos);
+                if let Some(rule) = self.policy.policy().rule_for(&t.topic) {
+                    e = e.tag("rule", rule.topic.clone());
+                }
+                log.record(e);
             }
             let id = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
             let mut w = serde_json::Map::new();
             w.insert("ClientId".into(), Value::from(log.client_id.clone()));
             w.insert("Topic".into(), Value::from(t.topic));
-            w.insert("QoS".into(), Value::from(t.qos));
+            w.insert("QoS".into(), Value::from(qos));
             w.insert("Retained".into(), Value::from(t.retained));
             w.insert("URL".into(), Value::from(t.url));
             w.insert("MessageId".into(), Value::from(id));
@@ -435,7 +489,7 @@ mod tests {
             )
             .unwrap_or_else(|_| panic!("resolves")),
             topic: Some("out/t".into()),
-            qos: 1,
+            qos: Some(1),
             retain: false,
             ack_timeout: Duration::from_secs(1),
             clean_session: false,
@@ -448,6 +502,7 @@ mod tests {
             gate: tokio::sync::Mutex::new(()),
             sampler: Sampler::new(1),
             seq: AtomicU64::new(0),
+            policy: PolicyGate::new(crate::qos_policy::Policy::open("tcp://127.0.0.1:1883")),
         }
     }
 
@@ -464,7 +519,7 @@ mod tests {
             p.target(&m).unwrap(),
             Target {
                 topic: "x/y".into(),
-                qos: 2,
+                qos: Some(2),
                 retained: true,
                 url: "tcp://h:1884".into(),
                 user_properties: vec![("a".into(), "b".into())],

@@ -33,8 +33,8 @@ use tokio::sync::{mpsc, Notify};
 
 use crate::mqtt_client::{
     bip, check_common, check_topic, client_id, instance_id, resolve_endpoint, topics,
-    user_properties, wire_info, Backoff, Conn, ConnSpec, Endpoint, LogCtx, Redeliveries, Sampler,
-    Want, COMMON_PROPS,
+    user_properties, wire_info, Backoff, Conn, ConnSpec, Endpoint, LogCtx, OnConnected, PolicyGate,
+    Redeliveries, Sampler, Want, COMMON_PROPS,
 };
 
 static SPEC: NodeSpec = NodeSpec {
@@ -107,11 +107,18 @@ impl NodeKind for SubscribeKind {
 
     fn build(&self, node: &NodeDecl, ctx: &BuildCtx) -> Result<BuiltNode, Vec<Problem>> {
         let endpoint = resolve_endpoint(node, &ctx.config)?;
-        let qos = node.int("qos").unwrap_or(0) as i32;
+        let qos = node.int("qos").map(|q| q as u8);
+        let topics = topics(node);
+        // A rule may choose QoS 1/2 for a topic the node leaves unspecified.
+        let any_qos = topics.iter().any(|t| {
+            qos.or(endpoint.policy.rule_for(t).map(|r| r.qos))
+                .unwrap_or(0)
+                > 0
+        });
         let high = node.int("queue_high").map_or(DEFAULT_HIGH, |n| n as usize);
         Ok(BuiltNode::Input(Arc::new(Subscribe {
             endpoint,
-            topics: topics(node),
+            topics,
             qos,
             domain: node
                 .str("domain")
@@ -122,7 +129,7 @@ impl NodeKind for SubscribeKind {
             high,
             low: node.int("queue_low").map_or(high / 4, |n| n as usize),
             // Persistent sessions for QoS 1/2, so a pause (or a reconnect) loses nothing.
-            clean_session: node.bool("clean_session").unwrap_or(qos == 0),
+            clean_session: node.bool("clean_session").unwrap_or(!any_qos),
             client_id: node.str("client_id").map(str::to_string),
             config: ctx.config.clone(),
             services: ctx.services.clone(),
@@ -137,7 +144,7 @@ const DEFAULT_HIGH: usize = 1000;
 struct Subscribe {
     endpoint: Endpoint,
     topics: Vec<String>,
-    qos: i32,
+    qos: Option<u8>,
     domain: Domain,
     instances: usize,
     in_flight: usize,
@@ -220,7 +227,12 @@ impl Subscribe {
                 }
             });
         }
-        conn.spawn(subscriber(conn.clone(), self.topics.clone(), self.qos));
+        conn.spawn(subscriber(
+            conn.clone(),
+            self.topics.clone(),
+            self.qos,
+            Arc::new(PolicyGate::new(self.endpoint.policy.clone())),
+        ));
 
         let sampler = Sampler::new(10);
         let mut redeliveries = Redeliveries::new((self.high * 8).max(8192));
@@ -363,70 +375,120 @@ impl Subscribe {
 }
 
 /// What to do on each connect: subscribe; on a reconnect within this run (after a pause or
-/// a lost connection), only when the broker did not keep our session.
-fn subscriber(conn: Arc<Conn>, topics: Vec<String>, qos: i32) -> crate::mqtt_client::OnConnected {
+/// a lost connection), only when the broker did not keep our session. Each topic's QoS goes
+/// through the server's QoS policy first.
+fn subscriber(
+    conn: Arc<Conn>,
+    topics: Vec<String>,
+    qos: Option<u8>,
+    gate: Arc<PolicyGate>,
+) -> OnConnected {
     let weak = Arc::downgrade(&conn);
     drop(conn);
     let subscribed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
     Box::new(move |session_present| {
         let topics = topics.clone();
         let weak = weak.clone();
+        let gate = gate.clone();
         let first = !subscribed_once.swap(true, Ordering::SeqCst);
         let resumed = session_present && !first;
         Box::pin(async move {
             let Some(conn) = weak.upgrade() else { return };
             let log = &conn.log;
-            if resumed {
-                // Re-subscribing would make the broker send retained messages again.
-                for t in &topics {
+            for t in &topics {
+                let want = match gate.apply(&conn, t, qos) {
+                    Ok(q) => q,
+                    Err(text) => {
+                        log.record(
+                            log.entry(
+                                Severity::Error,
+                                bip::QOS_MISMATCH,
+                                format!("{text}; not subscribed"),
+                            )
+                            .tag("topic", t.clone())
+                            .tag("requested_qos", qos.map_or(Value::Null, Value::from)),
+                        );
+                        continue;
+                    }
+                };
+                if resumed {
+                    // Re-subscribing would make the broker send retained messages again.
                     log.record(
                         log.entry(
                             Severity::Info,
                             bip::SUBSCRIBED,
-                            format!("Subscription to '{t}' resumed with the session (QoS {qos})"),
+                            format!("Subscription to '{t}' resumed with the session (QoS {want})"),
                         )
                         .tag("topic", t.clone())
-                        .tag("qos", qos),
+                        .tag("qos", want),
                     );
+                    continue;
                 }
-                return;
-            }
-            for t in &topics {
-                match conn.client.subscribe(t.as_str(), qos).await {
+                match conn.client.subscribe(t.as_str(), i32::from(want)).await {
                     Ok(resp) => {
-                        let granted = resp.subscribe_response().unwrap_or(qos);
-                        if granted >= 0x80 {
+                        let granted = resp.subscribe_response().unwrap_or(i32::from(want));
+                        if !(0..=2).contains(&granted) {
                             log.record(
                                 log.entry(
                                     Severity::Error,
                                     bip::SUBSCRIBE_FAILED,
-                                    format!("The broker refused the subscription to '{t}' (requested QoS {qos}, reason code 0x{granted:02x}); check the broker's ACL and QoS policy"),
+                                    format!("The broker refused the subscription to '{t}' (requested QoS {want}, reason code 0x{granted:02x}); check the broker's ACL and QoS policy"),
                                 )
                                 .tag("topic", t.clone())
-                                .tag("qos", qos),
+                                .tag("qos", want),
                             );
-                        } else {
-                            let sev = if granted < qos {
-                                Severity::Warning
-                            } else {
-                                Severity::Info
-                            };
-                            log.record(
-                                log.entry(sev, bip::SUBSCRIBED, format!("Subscribed to '{t}' (requested QoS {qos}, granted {granted})"))
-                                    .tag("topic", t.clone())
-                                    .tag("qos", qos)
-                                    .tag("granted_qos", granted),
-                            );
+                            continue;
                         }
+                        let granted = granted as u8;
+                        if granted < want {
+                            // The broker granted less than we asked: the policy decides
+                            // whether that is acceptable.
+                            if let Err(text) =
+                                gate.apply_granted(&conn, t, Some(want), Some(granted))
+                            {
+                                log.record(
+                                    log.entry(
+                                        Severity::Error,
+                                        bip::QOS_MISMATCH,
+                                        format!("{text}; unsubscribed"),
+                                    )
+                                    .tag("topic", t.clone())
+                                    .tag("requested_qos", want)
+                                    .tag("granted_qos", granted),
+                                );
+                                let _ = conn.client.unsubscribe(t.as_str()).await;
+                                continue;
+                            }
+                        }
+                        let sev = if granted < want {
+                            Severity::Warning
+                        } else {
+                            Severity::Info
+                        };
+                        let mut e = log
+                            .entry(
+                                sev,
+                                bip::SUBSCRIBED,
+                                format!(
+                                    "Subscribed to '{t}' (requested QoS {want}, granted {granted})"
+                                ),
+                            )
+                            .tag("topic", t.clone())
+                            .tag("qos", want)
+                            .tag("granted_qos", granted);
+                        if let Some(rule) = gate.policy().rule_for(t) {
+                            e = e.tag("rule", rule.topic.clone());
+                        }
+                        log.record(e);
                     }
                     Err(e) => log.record(
                         log.entry(
                             Severity::Error,
                             bip::SUBSCRIBE_FAILED,
-                            format!("Subscribing to '{t}' (QoS {qos}) failed: {e}"),
+                            format!("Subscribing to '{t}' (QoS {want}) failed: {e}"),
                         )
                         .tag("topic", t.clone())
-                        .tag("qos", qos),
+                        .tag("qos", want),
                     ),
                 }
             }

@@ -69,7 +69,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            max_operations: 10_000_000,
+            max_operations: 1_000_000,
             max_string_size: 16 * 1024 * 1024,
             max_array_size: 1_000_000,
             max_map_size: 100_000,
@@ -102,12 +102,12 @@ struct RunState {
     local_env: Dynamic,
     propagated: Vec<(String, Dynamic, Dynamic)>,
     terminals: &'static [&'static str],
-    started: Instant,
-    timeout: Duration,
 }
 
 thread_local! {
     static RUN: RefCell<Option<RunState>> = const { RefCell::new(None) };
+    /// When the running script started and its time limit (for the progress callback).
+    static TIMING: std::cell::Cell<Option<(Instant, Duration)>> = const { std::cell::Cell::new(None) };
 }
 
 /// Creates the sandboxed engine for a node.
@@ -127,13 +127,10 @@ pub fn engine(limits: &Limits) -> Engine {
         if ops % 1024 != 0 {
             return None;
         }
-        RUN.with(|r| {
-            r.borrow().as_ref().and_then(|st| {
-                (st.started.elapsed() > st.timeout).then(|| {
-                    Dynamic::from(format!(
-                        "script ran longer than its timeout ({:?})",
-                        st.timeout
-                    ))
+        TIMING.with(|t| {
+            t.get().and_then(|(started, timeout)| {
+                (started.elapsed() > timeout).then(|| {
+                    Dynamic::from(format!("script ran longer than its timeout ({timeout:?})"))
                 })
             })
         })
@@ -143,15 +140,14 @@ pub fn engine(limits: &Limits) -> Engine {
         |terminal: &str| -> Result<(), Box<EvalAltResult>> {
             RUN.with(|r| {
                 let mut r = r.borrow_mut();
-                let st = r
-                    .as_mut()
-                    .ok_or("propagate() is only available while a Compute script runs")?;
+                let st = r.as_mut().ok_or_else(|| {
+                    fn_error("propagate() is only available while a Compute script runs".into())
+                })?;
                 if !st.terminals.contains(&terminal) {
-                    return Err(format!(
+                    return Err(fn_error(format!(
                         "propagate(\"{terminal}\"): no such terminal (use one of {})",
                         st.terminals.join(", ")
-                    )
-                    .into());
+                    )));
                 }
                 let root = st.root.flatten_clone();
                 let le = st.local_env.flatten_clone();
@@ -169,16 +165,51 @@ pub fn engine(limits: &Limits) -> Engine {
     e.register_fn(
         "json_encode",
         |v: Dynamic| -> Result<String, Box<EvalAltResult>> {
-            serde_json::to_string(&v).map_err(|e| e.to_string().into())
+            serde_json::to_string(&v).map_err(|e| fn_error(format!("json_encode: {e}")))
         },
     );
     e.register_fn(
         "json_decode",
         |s: &str| -> Result<Dynamic, Box<EvalAltResult>> {
-            serde_json::from_str::<Dynamic>(s).map_err(|e| format!("json_decode: {e}").into())
+            serde_json::from_str::<Dynamic>(s).map_err(|e| fn_error(format!("json_decode: {e}")))
         },
     );
     e
+}
+
+/// An error from one of our functions: shown as what it is, not as something the script threw.
+fn fn_error(message: String) -> Box<EvalAltResult> {
+    Box::new(EvalAltResult::ErrorSystem(
+        message,
+        Box::new(std::fmt::Error),
+    ))
+}
+
+/// Checks the sizes a script's output trees reach. Rhai checks `max_map_size` only on values an
+/// operation returns, so a map grown key by key is caught here (its memory is bounded meanwhile
+/// by `max_operations`).
+fn check_sizes(d: &Dynamic, limits: &Limits, tree: &str) -> Result<(), String> {
+    if let Some(m) = d.read_lock::<RMap>() {
+        if m.len() > limits.max_map_size {
+            return Err(format!(
+                "a map in {tree} has {} entries, over the node's max_map_size ({})",
+                m.len(),
+                limits.max_map_size
+            ));
+        }
+        return m.values().try_for_each(|v| check_sizes(v, limits, tree));
+    }
+    if let Some(a) = d.read_lock::<rhai::Array>() {
+        if a.len() > limits.max_array_size {
+            return Err(format!(
+                "an array in {tree} has {} items, over the node's max_array_size ({})",
+                a.len(),
+                limits.max_array_size
+            ));
+        }
+        return a.iter().try_for_each(|v| check_sizes(v, limits, tree));
+    }
+    Ok(())
 }
 
 /// Where a script came from (for messages).
@@ -194,6 +225,35 @@ pub struct Script {
     ast: AST,
     source: Source,
     limits: Limits,
+    uses: Uses,
+}
+
+/// Which trees (and `propagate`) a script names at all. A tree it never names is not converted
+/// to Rhai and back: the message keeps its own (shared, copy-on-write) tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Uses {
+    root: bool,
+    local_env: bool,
+    environment: bool,
+    exception_list: bool,
+    propagate: bool,
+}
+
+impl Uses {
+    fn of(text: &str) -> Uses {
+        // Whole identifiers only (`Environment` inside `LocalEnvironment` does not count).
+        // Conservative: a name in a comment or a string counts too.
+        let words: std::collections::HashSet<&str> = text
+            .split(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .collect();
+        Uses {
+            root: words.contains("Root"),
+            local_env: words.contains("LocalEnvironment"),
+            environment: words.contains("Environment"),
+            exception_list: words.contains("ExceptionList"),
+            propagate: words.contains("propagate"),
+        }
+    }
 }
 
 /// Reads (`script`) or takes (`code`/`expression`) a node's script and compiles it. Problems
@@ -246,6 +306,7 @@ pub fn load(decl: &NodeDecl, flow_dir: &Path, code_props: &[&str]) -> Result<Scr
             ast,
             source,
             limits,
+            uses: Uses::of(&text),
         }),
         Err(e) => {
             let (line, column) = line_col(e.position());
@@ -288,53 +349,95 @@ impl Script {
         msg: &Message,
         terminals: &'static [&'static str],
     ) -> Result<Outcome, Exception> {
-        let root = root_to_dynamic(&msg.root).into_shared();
-        let le = to_dynamic(&msg.local_env).into_shared();
-        let env = to_dynamic(&msg.environment.snapshot()).into_shared();
+        let u = self.uses;
+        // `propagate` reads the current Root and LocalEnvironment from a native function, so
+        // those two must be shared values then; otherwise plain values are cheaper.
+        let share = |d: Dynamic| if u.propagate { d.into_shared() } else { d };
         let mut scope = Scope::new();
-        scope.push_dynamic("Root", root.clone());
-        scope.push_dynamic("LocalEnvironment", le.clone());
-        scope.push_dynamic("Environment", env.clone());
-        let el = msg.exception_list.as_ref().map_or_else(
-            || Dynamic::from_map(RMap::new()),
-            |e| to_dynamic(&e.to_tree()),
-        );
-        scope.push_constant_dynamic("ExceptionList", el);
-
-        let prev = RUN.with(|r| {
-            r.borrow_mut().replace(RunState {
-                root: root.clone(),
-                local_env: le.clone(),
+        if u.root || u.propagate {
+            scope.push_dynamic("Root", share(root_to_dynamic(&msg.root)));
+        }
+        if u.local_env || u.propagate {
+            scope.push_dynamic("LocalEnvironment", share(to_dynamic(&msg.local_env)));
+        }
+        if u.environment {
+            scope.push_dynamic("Environment", to_dynamic(&msg.environment.snapshot()));
+        }
+        if u.exception_list {
+            let el = msg.exception_list.as_ref().map_or_else(
+                || Dynamic::from_map(RMap::new()),
+                |e| to_dynamic(&e.to_tree()),
+            );
+            scope.push_constant_dynamic("ExceptionList", el);
+        }
+        let prev = u.propagate.then(|| {
+            let handle = |name: &str| scope.get(name).cloned().unwrap_or(Dynamic::UNIT);
+            let state = RunState {
+                root: handle("Root"),
+                local_env: handle("LocalEnvironment"),
                 propagated: Vec::new(),
                 terminals,
-                started: Instant::now(),
-                timeout: self.limits.timeout,
-            })
+            };
+            RUN.with(|r| r.borrow_mut().replace(state))
         });
-        let result = self
-            .engine
-            .eval_ast_with_scope::<Dynamic>(&mut scope, &self.ast);
-        let state = RUN.with(|r| std::mem::replace(&mut *r.borrow_mut(), prev));
+        let result = TIMING.with(|t| {
+            let outer = t.replace(Some((Instant::now(), self.limits.timeout)));
+            let r = self
+                .engine
+                .eval_ast_with_scope::<Dynamic>(&mut scope, &self.ast);
+            t.set(outer);
+            r
+        });
+        let state = match prev {
+            Some(prev) => RUN.with(|r| std::mem::replace(&mut *r.borrow_mut(), prev)),
+            None => None,
+        };
         // Environment is never rolled back: what the script wrote stays, even if it then
         // failed.
-        let env_value = from_dynamic(&env.flatten_clone(), "Environment");
-        if let Ok(v) = &env_value {
-            *msg.environment.lock() = v.clone();
-        }
+        let env_written = if u.environment {
+            let env = scope
+                .get("Environment")
+                .map_or(Dynamic::UNIT, Dynamic::flatten_clone);
+            from_dynamic(&env, "Environment").map(|v| *msg.environment.lock() = v)
+        } else {
+            Ok(())
+        };
         let value = result.map_err(|e| self.exception(&e))?;
-        env_value?;
+        env_written?;
         let domain = msg.root.body.domain();
-        let build = |root: Dynamic, le: Dynamic| -> Result<Message, Exception> {
+        let build = |root: Option<Dynamic>, le: Option<Dynamic>| -> Result<Message, Exception> {
             let mut m = msg.clone();
-            m.root = Arc::new(root_from_dynamic(root, domain)?);
-            m.local_env = Arc::new(from_dynamic(&le, "LocalEnvironment")?);
+            if let Some(r) = root {
+                m.root = Arc::new(root_from_dynamic(r, domain)?);
+            }
+            if let Some(l) = le {
+                m.local_env = Arc::new(from_dynamic(&l, "LocalEnvironment")?);
+            }
             Ok(m)
         };
         let mut propagated = Vec::new();
         for (t, r, l) in state.map(|s| s.propagated).unwrap_or_default() {
-            propagated.push((t, build(r, l)?));
+            propagated.push((t, build(Some(r), Some(l))?));
         }
-        let message = build(root.flatten_clone(), le.flatten_clone())?;
+        let take = |name: &str, used: bool| {
+            if used || u.propagate {
+                scope.get(name).map(Dynamic::flatten_clone)
+            } else {
+                None
+            }
+        };
+        for name in ["Root", "LocalEnvironment"] {
+            if let Some(d) = scope.get(name) {
+                check_sizes(d, &self.limits, name).map_err(|m| {
+                    Exception::new(
+                        ExceptionKind::Recoverable,
+                        numbers::SCRIPT_ERROR,
+                        format!("Rhai error in {}: {m}", self.source.name),
+                    )
+                })?;
+            }
+        }
+        let message = build(take("Root", u.root), take("LocalEnvironment", u.local_env))?;
         Ok(Outcome {
             value,
             message,
@@ -354,7 +457,8 @@ impl Script {
                 self.limits.max_string_size, self.limits.max_array_size, self.limits.max_map_size
             ),
             EvalAltResult::ErrorTerminated(reason, _) => reason.to_string(),
-            EvalAltResult::ErrorRuntime(v, _) => format!("script threw: {v}"),
+EvalAltResult::ErrorRuntime(v, _) => format!("script threw: {v}"),
+            EvalAltResult::ErrorSystem(m, _) => m.clone(),
             other => other.to_string(),
         };
         let mut what = what;
@@ -558,6 +662,38 @@ mod tests {
         let e = s.run(&msg, T).unwrap_err();
         assert!(e.text.contains("script threw: fail"), "{}", e.text);
         assert_eq!(msg.environment.snapshot(), json!({"seen": true}));
+    }
+
+    #[test]
+    fn maps_grown_key_by_key_are_held_to_max_map_size() {
+        let s = load(
+            &decl(
+                json!({"code": "for i in 0..100 { Root.Body[`k${i}`] = i; }", "max_map_size": 10}),
+            ),
+            Path::new("."),
+            &["code"],
+        )
+        .unwrap_or_else(|_| panic!("compiles"));
+        let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
+        assert!(
+            e.text
+                .contains("has 100 entries, over the node's max_map_size (10)"),
+            "{}",
+            e.text
+        );
+    }
+
+    #[test]
+    fn errors_of_helper_functions_are_not_called_throws() {
+        let s = load(
+            &decl(json!({"code": "json_decode(\"{oops\")"})),
+            Path::new("."),
+            &["code"],
+        )
+        .unwrap_or_else(|_| panic!("compiles"));
+        let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
+        assert!(e.text.contains(": json_decode: "), "{}", e.text);
+        assert!(!e.text.contains("threw"), "{}", e.text);
     }
 
     #[test]

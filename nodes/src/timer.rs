@@ -1,4 +1,5 @@
-//! `Timer`: an input node that produces a message every `interval` (at most `count` of them;
+//! `Timer`: an input node that produces a message every `interval` (the first one interval
+//! after the start) (at most `count` of them;
 //! 0 means no limit) with `payload` as its body — for demos and tests without a broker.
 //! `LocalEnvironment.Timer.Input.Count` holds the message's number, from 1.
 
@@ -95,7 +96,12 @@ impl InputNode for Timer {
     fn run(self: Arc<Self>, ctx: InputCtx) -> BoxFut<'static, ()> {
         Box::pin(async move {
             let mut dispatcher = Dispatcher::new(ctx.clone(), 1, 1);
-            let mut tick = tokio::time::interval(self.interval);
+            // The first message comes one interval after the start, as with IIB's timer nodes
+            // (and so that the flows it feeds have subscribed by then).
+            let mut tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + self.interval,
+                self.interval,
+            );
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut n = 0u64;
             while self.count == 0 || n < self.count {

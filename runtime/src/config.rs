@@ -306,6 +306,20 @@ impl Config {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             cfg.data_dir = dir.join(&cfg.data_dir);
             cfg.flows = cfg.flows.iter().map(|f| dir.join(f)).collect();
+            // Files a server names are relative to the configuration file, too.
+            for server in cfg.servers.values_mut() {
+                for f in [
+                    &mut server.ca_file,
+                    &mut server.cert_file,
+                    &mut server.key_file,
+                    &mut server.password_file,
+                ]
+                .into_iter()
+                .flatten()
+                {
+                    *f = dir.join(&*f);
+                }
+            }
         }
         Ok(cfg)
     }

@@ -29,6 +29,8 @@ pub mod names {
     pub const MQTT_FAILED_CONNECTIONS: &str = "flowbus_mqtt_failed_connections_total";
     /// QoS downgrades applied by policy.
     pub const MQTT_QOS_DOWNGRADES: &str = "flowbus_mqtt_qos_downgrades_total";
+    /// Subscriptions and publications refused by the QoS policy.
+    pub const MQTT_QOS_MISMATCHES: &str = "flowbus_mqtt_qos_mismatches_total";
     /// Messages propagated through a node terminal.
     pub const NODE_MESSAGES: &str = "flowbus_node_messages_total";
     /// Errors raised in a node.
@@ -72,6 +74,8 @@ pub struct ServerStats {
     pub failed_connections: AtomicU64,
     /// `QosDowngrades`.
     pub qos_downgrades: AtomicU64,
+    /// `QosMismatches`: subscriptions and publications refused by the QoS policy.
+    pub qos_mismatches: AtomicU64,
     /// `RedeliveriesSkipped`: QoS 1 messages the broker sent again after a reconnect that had
     /// already been received and processed.
     pub redeliveries_skipped: AtomicU64,
@@ -97,6 +101,8 @@ pub struct ServerSnapshot {
     pub failed_connections: u64,
     /// QoS downgrades.
     pub qos_downgrades: u64,
+    /// QoS mismatches refused.
+    pub qos_mismatches: u64,
     /// Redeliveries recognised and skipped.
     pub redeliveries_skipped: u64,
 }
@@ -114,6 +120,7 @@ impl ServerStats {
             bytes_sent: r(&self.bytes_sent),
             failed_connections: r(&self.failed_connections),
             qos_downgrades: r(&self.qos_downgrades),
+            qos_mismatches: r(&self.qos_mismatches),
             redeliveries_skipped: r(&self.redeliveries_skipped),
         }
     }

@@ -53,6 +53,32 @@ impl Broker {
         Broker::start_on(free_port(), extra)
     }
 
+    /// Starts mosquitto with a whole configuration written by `conf` from the main port and
+    /// the scratch directory (for TLS and per-listener settings).
+    pub fn start_with(conf: impl FnOnce(u16, &Path) -> String) -> Broker {
+        let port = free_port();
+        let dir = scratch("broker");
+        let text = conf(port, &dir);
+        Broker::launch(port, dir, &text)
+    }
+
+    fn launch(port: u16, dir: PathBuf, text: &str) -> Broker {
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(&conf, text).expect("write mosquitto.conf");
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777));
+        }
+        let mut b = Broker {
+            port,
+            conf,
+            child: None,
+            dir,
+        };
+        b.spawn();
+        b
+    }
+
     /// Starts mosquitto on a given port.
     pub fn start_on(port: u16, extra: &str) -> Broker {
         let dir = scratch("broker");

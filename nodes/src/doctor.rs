@@ -1,0 +1,419 @@
+//! `flowbus doctor`: for every server the flows use, connect once, learn what the broker
+//! allows (MQTT v5 CONNACK `Maximum QoS`, a probe subscription at QoS 2 on a private topic),
+//! and report the TLS handshake and authentication results; then, for every MQTT node and
+//! topic, the QoS it asks for, the limit, the verdict and the fix.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flowbus_runtime::config::Config;
+use flowbus_runtime::flow::ValidatedFlow;
+use flowbus_runtime::services::Services;
+use serde::Serialize;
+
+use crate::mqtt_client::{resolve_endpoint, topics, Backoff, Conn, ConnSpec, Endpoint};
+use crate::qos_policy::{Decision, Source};
+
+/// What doctor learnt about one server.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ServerReport {
+    /// The configured name, or the URL of an inline server.
+    pub server: String,
+    /// The URL.
+    pub url: String,
+    /// `3.1.1` or `5`.
+    pub version: String,
+    /// Whether a connection succeeded.
+    pub reachable: bool,
+    /// `-` (plain TCP), `ok` or the handshake error.
+    pub tls: String,
+    /// `anonymous`, `ok as <user>`, or the refusal.
+    pub auth: String,
+    /// The broker's limit, when learnt.
+    pub max_qos: Option<u8>,
+    /// How it was learnt (`CONNACK`, `probe`), or why not.
+    pub max_qos_source: String,
+    /// The connection error, if any.
+    pub error: Option<String>,
+}
+
+/// One row per MQTT node and topic.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct NodeReport {
+    /// Flow.
+    pub flow: String,
+    /// Node id.
+    pub node: String,
+    /// `MQTTSubscribe` or `MQTTPublish`.
+    #[serde(rename = "type")]
+    pub node_type: String,
+    /// The server (name or URL).
+    pub server: String,
+    /// The topic (filter).
+    pub topic: String,
+    /// The QoS the node asks for (or its rule chooses).
+    pub requested: u8,
+    /// The tightest limit, if any.
+    pub limit: Option<u8>,
+    /// What sets the limit.
+    pub limit_source: String,
+    /// `ok`, `mismatch`, `downgrade to N`, or `unreachable`.
+    pub verdict: String,
+    /// What to do (empty when ok).
+    pub fix: String,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Report {
+    /// Servers.
+    pub servers: Vec<ServerReport>,
+    /// Nodes.
+    pub nodes: Vec<NodeReport>,
+    /// No mismatch and every server reachable.
+    pub ok: bool,
+}
+
+fn classify(e: &str) -> (String, String) {
+    let lower = e.to_lowercase();
+    let tls = if lower.contains("ssl") || lower.contains("tls") || lower.contains("certificate") {
+        format!("failed: {e}")
+    } else {
+        "not reached".into()
+    };
+    let auth = if lower.contains("authori")
+        || lower.contains("user name or password")
+        || lower.contains("bad user")
+    {
+        format!("refused: {e}")
+    } else {
+        "not reached".into()
+    };
+    (tls, auth)
+}
+
+async fn probe_server(ep: &Endpoint, config: &Config, timeout: Duration) -> ServerReport {
+    let services = Arc::new(Services::default());
+    let label = ep.server.clone().unwrap_or_else(|| ep.url.clone());
+    let client_id = format!(
+        "flowbus-doctor-{}-{}",
+        std::process::id(),
+        label.replace(['/', ':', '+', '#'], "_")
+    );
+    let mut report = ServerReport {
+        server: label,
+        url: ep.url.clone(),
+        version: if ep.version == 5 {
+            "5".into()
+        } else {
+            "3.1.1".into()
+        },
+        reachable: false,
+        tls: if ep.url.starts_with("ssl://") {
+            "not reached".into()
+        } else {
+            "-".into()
+        },
+        auth: "not reached".into(),
+        max_qos: None,
+        max_qos_source: "unknown".into(),
+        error: None,
+    };
+    let conn = match Conn::new(ConnSpec {
+        endpoint: ep,
+        client_id,
+        persistent_session: false,
+        persist_dir: None,
+        connect_timeout: timeout,
+        backoff: Backoff::from_config(config),
+        services,
+        flow: "doctor",
+        node: "doctor",
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            report.error = Some(e);
+            return report;
+        }
+    };
+    let connect = conn.connect_once(timeout).await;
+    match connect {
+        Err(e) => {
+            let (tls, auth) = classify(&e);
+            if ep.url.starts_with("ssl://") {
+                report.tls = tls;
+            }
+            report.auth = auth;
+            report.error = Some(e);
+        }
+        Ok(connack_max) => {
+            report.reachable = true;
+            if ep.url.starts_with("ssl://") {
+                report.tls = if ep.tls.verify {
+                    "ok (certificate and host name verified)".into()
+                } else {
+                    "ok (not verified: verify_server = false)".into()
+                };
+            }
+            report.auth = match &ep.username {
+                Some(u) => format!("ok as '{u}'"),
+                None => "anonymous".into(),
+            };
+            if let Some(q) = connack_max {
+                report.max_qos = Some(q);
+                report.max_qos_source = "CONNACK".into();
+            }
+            match conn.probe_qos().await {
+                Some(g) if report.max_qos.is_none_or(|m| g < m) => {
+                    report.max_qos = Some(g);
+                    report.max_qos_source = "probe subscription".into();
+                }
+                Some(_) => {}
+                None if report.max_qos.is_none() => {
+                    report.max_qos_source = "unknown (the probe subscription was refused)".into();
+                }
+                None => {}
+            }
+            let _ = tokio::time::timeout(timeout, conn.client.disconnect(None)).await;
+        }
+    }
+    report
+}
+
+/// Runs the checks for the MQTT nodes of `flows`.
+pub async fn run(
+    config: &Config,
+    flows: &[ValidatedFlow],
+    timeout: Duration,
+) -> Result<Report, String> {
+    // Every MQTT node with its endpoint.
+    let mut nodes = Vec::new();
+    for f in flows {
+        for ix in f.graph.node_indices() {
+            let decl = &f.graph[ix];
+            if decl.type_name != "MQTTSubscribe" && decl.type_name != "MQTTPublish" {
+                continue;
+            }
+            let ep = resolve_endpoint(decl, config).map_err(|p| {
+                format!(
+                    "{}: node '{}': {}",
+                    f.file.display(),
+                    decl.id,
+                    p.iter()
+                        .map(|p| p.kind.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                )
+            })?;
+            nodes.push((f.name.clone(), decl.clone(), ep));
+        }
+    }
+    let mut servers: BTreeMap<(String, u8), ServerReport> = BTreeMap::new();
+    for (_, _, ep) in &nodes {
+        let key = (ep.url.clone(), ep.version);
+        if let std::collections::btree_map::Entry::Vacant(slot) = servers.entry(key) {
+            slot.insert(probe_server(ep, config, timeout).await);
+        }
+    }
+    let mut rows = Vec::new();
+    for (flow, decl, ep) in &nodes {
+        let server = &servers[&(ep.url.clone(), ep.version)];
+        let requested = decl.int("qos").map(|q| q as u8);
+        let topics = match decl.type_name.as_str() {
+            "MQTTSubscribe" => topics(decl),
+            _ => vec![decl
+                .str("topic")
+                .unwrap_or("(set by LocalEnvironment)")
+                .to_string()],
+        };
+        for topic in topics {
+            let broker = server.max_qos.map(|q| {
+                (
+                    q,
+                    if server.max_qos_source == "CONNACK" {
+                        Source::Connack
+                    } else {
+                        Source::Suback
+                    },
+                )
+            });
+            let label = ep.server.clone().unwrap_or_else(|| ep.url.clone());
+            let (req, limit, source, verdict, fix) = match ep.policy.decide(&topic, requested, broker.clone()) {
+_ if !server.reachable => (
+                    requested.or(ep.policy.rule_for(&topic).map(|r| r.qos)).unwrap_or(0),
+                    None,
+                    "-".to_string(),
+                    "unreachable".to_string(),
+                    format!("make {} reachable: {}", ep.url, server.error.clone().unwrap_or_default()),
+                ),
+Decision::Use { qos, rule } => {
+                    let (limit, source) = tightest(ep, &topic, broker);
+                    let source = match rule {
+                        Some(r) if requested.is_none() => format!("QoS chosen by the rule for '{r}'"),
+                        _ => format!("limited by {source}"),
+                    };
+                    (qos, limit, source, "ok".to_string(), String::new())
+                }
+                Decision::Fail { requested, allowed, source } => (
+                    requested,
+                    Some(allowed),
+                    format!("limited by {}", source.describe()),
+                    "mismatch".to_string(),
+                    source.fix(requested, allowed),
+                ),
+                Decision::Downgrade { requested, allowed, source } => (
+                    requested,
+                    Some(allowed),
+                    format!("limited by {}", source.describe()),
+                    format!("downgrade to {allowed}"),
+format!("runs at QoS {allowed} (on_qos_mismatch = \"downgrade\"); for QoS {requested}, {}", source.raise(requested)),
+                ),
+            };
+            rows.push(NodeReport {
+                flow: flow.clone(),
+                node: decl.id.clone(),
+                node_type: decl.type_name.clone(),
+                server: label,
+                topic,
+                requested: req,
+                limit,
+                limit_source: source,
+                verdict,
+                fix,
+            });
+        }
+    }
+    let servers: Vec<ServerReport> = servers.into_values().collect();
+    let ok = servers.iter().all(|s| s.reachable) && rows.iter().all(|r| r.verdict == "ok");
+    Ok(Report {
+        servers,
+        nodes: rows,
+        ok,
+    })
+}
+
+fn tightest(ep: &Endpoint, topic: &str, broker: Option<(u8, Source)>) -> (Option<u8>, String) {
+    let mut best: Option<(u8, String)> = None;
+    let mut consider = |q: u8, what: String| {
+        if best.as_ref().is_none_or(|(b, _)| q < *b) {
+            best = Some((q, what));
+        }
+    };
+    if let Some(q) = ep.policy.max_qos {
+        consider(q, Source::ServerPolicy(ep.policy.server.clone()).describe());
+    }
+    if let Some(r) = ep.policy.rule_for(topic) {
+        consider(r.qos, Source::Rule(r.topic.clone()).describe());
+    }
+    if let Some((q, s)) = broker {
+        consider(q, s.describe());
+    }
+    match best {
+        Some((q, s)) => (Some(q), s),
+        None => (None, "none known".into()),
+    }
+}
+
+/// The report as aligned text tables.
+pub fn render(r: &Report) -> String {
+    let mut out = String::new();
+    let servers: Vec<Vec<String>> = r
+        .servers
+        .iter()
+        .map(|s| {
+            vec![
+                s.server.clone(),
+                s.url.clone(),
+                s.version.clone(),
+                if s.reachable {
+                    "reachable".into()
+                } else {
+                    format!("UNREACHABLE: {}", s.error.clone().unwrap_or_default())
+                },
+                s.tls.clone(),
+                s.auth.clone(),
+                s.max_qos.map_or_else(
+                    || "?".to_string(),
+                    |q| format!("{q} ({})", s.max_qos_source),
+                ),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "SERVER",
+            "URL",
+            "MQTT",
+            "STATUS",
+            "TLS",
+            "AUTH",
+            "BROKER MAX QOS",
+        ],
+        &servers,
+    ));
+    out.push('\n');
+    let nodes: Vec<Vec<String>> = r
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.flow.clone(),
+                n.node.clone(),
+                n.topic.clone(),
+                n.requested.to_string(),
+                n.limit.map_or_else(|| "-".to_string(), |l| l.to_string()),
+                n.verdict.clone(),
+                match (n.fix.is_empty(), n.limit_source.as_str()) {
+                    (true, _) => n.limit_source.clone(),
+                    (false, "-") => format!("fix: {}", n.fix),
+                    (false, why) => format!("{why} — fix: {}", n.fix),
+                },
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "FLOW",
+            "NODE",
+            "TOPIC",
+            "REQUESTED",
+            "LIMIT",
+            "VERDICT",
+            "WHY / FIX",
+        ],
+        &nodes,
+    ));
+    out.push('\n');
+    out.push_str(if r.ok {
+        "All MQTT nodes can run at the QoS they ask for.\n"
+    } else {
+        "Problems found (see VERDICT and FIX above).\n"
+    });
+    out
+}
+
+fn table(head: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = head.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut out = line(head.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
