@@ -675,5 +675,8 @@ async fn a_redeployed_flow_with_a_new_client_id_never_overlaps_the_old_one() {
     assert!(versions.contains(&2));
     // Clean sessions lose what is published in the gap between the two (unsubscribe,
     // disconnect, connect, subscribe); the persistent-session test above shows no loss.
-    println!("{} of {i} delivered across two clean-session swaps", seen.len());
+    println!(
+        "{} of {i} delivered across two clean-session swaps",
+        seen.len()
+    );
 }

@@ -728,6 +728,9 @@ impl Daemon {
     /// Stops and removes a flow; its file is moved to `<data_dir>/removed/` so it does not
     /// come back at the next start.
     pub async fn remove_flow(&self, name: &str) -> Result<(), DaemonError> {
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
+            return Err(DaemonError::ShuttingDown);
+        }
         let _ops = self.inner.ops.lock().await;
         self.stop_locked(name).await?;
         let file = self.table().flows.get(name).map(|s| s.file.clone());

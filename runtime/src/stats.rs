@@ -215,6 +215,12 @@ impl Stats {
                 |s| s.qos_downgrades as f64,
             ),
             family(
+                names::MQTT_QOS_MISMATCHES,
+                "counter",
+                "Subscriptions or publications refused by the QoS policy (on_qos_mismatch = fail).",
+                |s| s.qos_mismatches as f64,
+            ),
+            family(
                 names::MQTT_REDELIVERIES_SKIPPED,
                 "counter",
                 "QoS 1 redeliveries recognised and not processed again.",
