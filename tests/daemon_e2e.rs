@@ -680,3 +680,167 @@ async fn a_redeployed_flow_with_a_new_client_id_never_overlaps_the_old_one() {
         seen.len()
     );
 }
+
+/// The number of clients connected to a broker, as the broker itself reports it.
+async fn connected_clients(monitor: &Client) -> u64 {
+    // mosquitto publishes $SYS every sys_interval (1 s here): read until it is quiet.
+    let mut last = None;
+    while let Some(m) = monitor.next(Duration::from_millis(2500)).await {
+        if m.topic() == "$SYS/broker/clients/connected" {
+            last = m.payload_str().trim().parse().ok();
+        }
+    }
+    last.expect("mosquitto reports $SYS/broker/clients/connected")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_aborted_at_the_stop_deadline_does_not_stay_subscribed() {
+    let a = Broker::start("sys_interval 1");
+    let b = Broker::start("");
+    let flow = |v: u32, out: &str| {
+        json!({
+            "name": "stuck",
+            "nodes": [
+                {"id": "in", "type": "MQTTSubscribe", "url": a.url(), "topic": "in", "qos": 1, "client_id": format!("stuck-in-v{v}")},
+                {"id": "out", "type": "MQTTPublish", "url": out, "topic": "out", "qos": 1}
+            ],
+            "connections": [{"from": "in.Out", "to": "out"}]
+        })
+        .to_string()
+    };
+    let d = start(
+        &fast_config(&format!("[admin]\ntoken_env = \"{TOKEN_VAR}\"\n[daemon]\nshutdown_timeout = \"1s\"\nwatch = false\n")),
+        &[("stuck.json", &flow(1, &b.url()))],
+    );
+    d.wait_api().await;
+    cli_until(
+        &d,
+        &["log", "--number", "BIP12095"],
+        Duration::from_secs(20),
+        |o| o.contains("Subscribed"),
+    )
+    .await;
+    cli_until(&d, &["stats", "--json"], Duration::from_secs(20), |o| {
+        serde_json::from_str::<Value>(o)
+            .is_ok_and(|v| v["servers"][b.url()]["OpenConnections"] == 1)
+    })
+    .await;
+    // B stops answering; the first message waits for its ack, the second for the first
+    // (in_flight 1): v1's subscriber is stuck and will not finish within the 1s deadline.
+    b.freeze();
+    let producer = Client::connect(&a.url(), false).await;
+    producer.subscribe("$SYS/broker/clients/connected", 0).await;
+    producer.publish("in", "{\"n\": 1}", 1).await;
+    producer.publish("in", "{\"n\": 2}", 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let v2 = d.dir.join("v2.json");
+    std::fs::write(&v2, flow(2, &a.url())).unwrap();
+    let (code, out, err) = d.cli(&["flows", "deploy", v2.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        d.stderr().contains("did not finish within"),
+        "v1 was not aborted:\n{}",
+        d.stderr()
+    );
+    cli_until(
+        &d,
+        &["log", "--number", "BIP12095"],
+        Duration::from_secs(20),
+        |o| o.matches("Subscribed").count() >= 2,
+    )
+    .await;
+    // On A: the test client, and v2's subscriber and publisher. v1's subscriber is gone.
+    assert_eq!(connected_clients(&producer).await, 3);
+    b.thaw();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_command_line_overrides_the_configuration_and_log_follows() {
+    // The configuration names other flows, another data directory and another admin port;
+    // the test harness passes --flows and --admin, and --data-dir is added here.
+    let mut d = Daemon::spawn_with_env(
+        "data_dir = \"data-from-config\"\nflows = [\"nowhere\"]\n[admin]\nlisten = \"127.0.0.1:1\"\n[daemon]\nwatch_interval = \"100ms\"\n",
+        &[("tick.json", &json!({
+            "name": "tick",
+            "nodes": [
+                {"id": "t", "type": "Timer", "interval": "200ms"},
+                {"id": "show", "type": "Trace", "pattern": "tick ${LocalEnvironment.Timer.Input.Count}"}
+            ],
+            "connections": [{"from": "t.Out", "to": "show"}]
+        }).to_string())],
+        &[],
+    );
+    // Restart it with --data-dir on top of --config/--flows/--admin.
+    d.wait_api().await;
+    assert!(
+        d.terminate(Duration::from_secs(10)).success(),
+        "{}",
+        d.stderr()
+    );
+    assert!(d
+        .dir
+        .join("data-from-config/activity-log/activity.jsonl")
+        .is_file());
+    let data = d.dir.join("data-from-cli");
+    assert!(!data.exists());
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flowbus"))
+        .arg("run")
+        .arg("--config")
+        .arg(d.dir.join("flowbus.toml"))
+        .arg("--flows")
+        .arg(d.dir.join("flows"))
+        .arg("--admin")
+        .arg(&d.admin)
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    d.wait_api().await;
+    cli_until(
+        &d,
+        &["log", "--number", "BIP1003"],
+        Duration::from_secs(10),
+        |o| o.contains("tick 2"),
+    )
+    .await;
+    assert!(data.join("activity-log/activity.jsonl").is_file());
+
+    // `flowbus log --follow` prints what is there, then what comes, without repeats.
+    let mut follow = std::process::Command::new(env!("CARGO_BIN_EXE_flowbus"))
+        .args([
+            "log", "--follow", "--json", "--number", "BIP1003", "--limit", "1", "--admin", &d.admin,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let lines = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .take(5)
+            .map(|l| l.unwrap())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let _ = follow.kill();
+    let _ = follow.wait();
+    let counts: Vec<u64> = lines
+        .iter()
+        .map(|l| {
+            let e: Value = serde_json::from_str(l).unwrap();
+            e["message"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("tick ")
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    assert!(counts.windows(2).all(|w| w[1] == w[0] + 1), "{counts:?}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

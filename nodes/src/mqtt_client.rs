@@ -1032,6 +1032,17 @@ impl Conn {
         }
     }
 
+    /// Stops the supervisor and starts disconnecting without waiting: for a node whose task is
+    /// dropped before it could shut down (aborted at a stop deadline), so its connection —
+    /// and a subscription — does not outlive it.
+    pub fn abandon(&self) {
+        if !self.stop.is_cancelled() {
+            self.stop.cancel();
+            // Paho starts disconnecting when asked; nobody is left to wait for the token.
+            drop(self.client.disconnect(None::<paho::DisconnectOptions>));
+        }
+    }
+
     /// Stops the supervisor and disconnects (bounded by `timeout`).
     pub async fn shutdown(&self, timeout: Duration) {
         self.stop.cancel();
@@ -1061,6 +1072,16 @@ impl Conn {
             )),
         }
         self.mark_closed();
+    }
+}
+
+/// Abandons a connection when dropped (see [`Conn::abandon`]); after a normal shutdown it does
+/// nothing.
+pub struct AbandonOnDrop(pub Arc<Conn>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.abandon();
     }
 }
 

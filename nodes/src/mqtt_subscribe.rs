@@ -205,6 +205,9 @@ impl Subscribe {
             }
         };
         let log = conn.log.clone();
+        // Aborted at a stop deadline, this task is dropped mid-way: the connection must not
+        // stay subscribed behind it.
+        let _abandon = crate::mqtt_client::AbandonOnDrop(conn.clone());
 
         let (tx, mut rx) = mpsc::unbounded_channel::<paho::Message>();
         let depth = Arc::new(AtomicUsize::new(0));
