@@ -771,6 +771,23 @@ async fn the_watcher_redeploys_changed_files_keeps_the_old_on_invalid_and_stops_
     })
     .await;
 
+    // A flow renamed inside its file: the old name stops, the new one runs.
+    write(
+        &app.flows_dir().join("s.json"),
+        &scripted.replace("\"name\":\"s\"", "\"name\":\"s2\""),
+    );
+    let until = Instant::now() + Duration::from_secs(5);
+    while app.state("s").await != "absent" || app.state("s2").await != "running" {
+        assert!(Instant::now() < until, "s was not renamed to s2");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let n = app.traces("s").len();
+    wait_for("s2 to run", Duration::from_secs(5), || {
+        !app.traces("s2").is_empty()
+    })
+    .await;
+    assert_eq!(app.traces("s").len(), n, "the old name went on");
+
     // A removed file stops and removes its flow.
     std::fs::remove_file(app.flows_dir().join("a.json")).unwrap();
     let until = Instant::now() + Duration::from_secs(5);

@@ -223,6 +223,34 @@ async fn a_broker_outage_shows_in_flowbus_log_and_in_metrics() {
             .all(|l| l[col("SEVERITY")..].starts_with("error")),
         "{out}"
     );
+    // Coloured only on a terminal: piped, plain text; under a pseudo-terminal (script(1)),
+    // the severity in colour.
+    let exe = env!("CARGO_BIN_EXE_flowbus");
+    let piped = std::process::Command::new(exe)
+        .args(["log", "--severity", "error", "--admin", &d.admin])
+        .env(TOKEN_VAR, TOKEN)
+        .env_remove("NO_COLOR")
+        .current_dir(&d.dir)
+        .output()
+        .unwrap();
+    assert!(piped.status.success());
+    assert!(!String::from_utf8_lossy(&piped.stdout).contains('\x1b'));
+    let tty = std::process::Command::new("script")
+        .args([
+            "-qec",
+            &format!("{exe} log --severity error --admin {}", d.admin),
+            "/dev/null",
+        ])
+        .env(TOKEN_VAR, TOKEN)
+        .env_remove("NO_COLOR")
+        .current_dir(&d.dir)
+        .output()
+        .unwrap();
+    let tty = String::from_utf8_lossy(&tty.stdout);
+    assert!(
+        tty.contains("\x1b[31;1merror   \x1b[0m BIP12096"),
+        "{tty:?}"
+    );
     // JSON lines too.
     let (code, json_out, _) = d.cli(&["log", "--number", "12096", "--json"]);
     assert_eq!(code, 0);

@@ -379,6 +379,27 @@ impl Daemon {
                     return Err(DaemonError::Conflict(m));
                 }
                 self.table().unnamed.remove(file);
+                // The file held a flow of another name (renamed in the file, or an invalid
+                // version listed under its file name): that one goes first.
+                let renamed: Vec<String> = self
+                    .table()
+                    .flows
+                    .values()
+                    .filter(|s| s.file == file && s.name != flow.name())
+                    .map(|s| s.name.clone())
+                    .collect();
+                for old in renamed {
+                    if self.stop_locked(&old).await.is_ok() {
+                        self.forget(
+                            &old,
+                            &format!(
+                                "stopped and removed: {} now holds flow '{}'",
+                                file.display(),
+                                flow.name()
+                            ),
+                        );
+                    }
+                }
                 Ok(self.install(flow, file.to_path_buf(), text, fp).await)
             }
             Err(errors) => {
