@@ -69,6 +69,18 @@ impl Admin {
     /// Sends a request; returns the JSON body of a 2xx answer, or an error made of the
     /// API's `error` and `details`.
     fn call(&self, method: &str, path: &str, body: Option<&str>) -> Result<Value> {
+        self.call_with(method, path, body, None)
+    }
+
+    /// Like [`call`](Self::call); the problems of a refused flow are shown against `local`
+    /// (the file the user deployed) instead of the daemon's copy.
+    fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        local: Option<&Path>,
+    ) -> Result<Value> {
         let url = format!("{}{path}", self.base);
         let agent = Admin::agent(Some(Duration::from_secs(60)));
         let resp = match (method, body) {
@@ -103,13 +115,31 @@ impl Admin {
             .into_iter()
             .flatten()
         {
-            let line = d
-                .get("text")
-                .or_else(|| d.get("message"))
-                .and_then(Value::as_str)
-                .unwrap_or_default();
+            let line = match (local, d.get("message").and_then(Value::as_str)) {
+                (Some(file), Some(m)) => {
+                    let mut l = file.display().to_string();
+                    if let (Some(line), Some(col)) = (d["line"].as_u64(), d["column"].as_u64()) {
+                        l.push_str(&format!(":{line}:{col}"));
+                    }
+                    l.push_str(": ");
+                    if let Some(n) = d["node"].as_str() {
+                        l.push_str(&format!("node '{n}': "));
+                    }
+                    if let Some(t) = d["terminal"].as_str() {
+                        l.push_str(&format!("terminal '{t}': "));
+                    }
+                    l.push_str(m);
+                    l
+                }
+                _ => d
+                    .get("text")
+                    .or_else(|| d.get("message"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+            };
             msg.push_str("\n  ");
-            msg.push_str(line);
+            msg.push_str(&line);
         }
         bail!("{msg}")
     }
@@ -252,10 +282,11 @@ pub fn flows_deploy(admin: &Admin, file: &Path, name: Option<&str>) -> Result<Ex
             .ok_or_else(|| anyhow!("cannot tell the flow's name; give --name"))?,
     };
     let v = admin
-        .call(
+        .call_with(
             "PUT",
             &format!("/api/v1/flows/{}", encode(&name)),
             Some(&text),
+            Some(file),
         )
         .with_context(|| format!("deploying {} as flow '{name}'", file.display()))?;
     let d = &v["deployed"];
@@ -522,11 +553,13 @@ pub fn stats(admin: &Admin, json: bool) -> Result<ExitCode> {
                 } else {
                     "-".to_string()
                 };
+                // An input node is not called: show the messages it started instead.
+                let calls = n["invocations"].as_u64().unwrap_or(0).max(count);
                 rows.push(vec![
                     flow.clone(),
                     s(n, "node"),
                     s(n, "type"),
-                    s(n, "invocations"),
+                    calls.to_string(),
                     s(n, "errors"),
                     s(n, "discards"),
                     avg,

@@ -316,12 +316,17 @@ async fn a_bad_deploy_is_refused_with_a_clear_error_and_the_running_version_stay
         err.contains("the flow is invalid and was not deployed (2 problems); nothing was changed (HTTP 400)\n"),
         "{err}"
     );
+    // Shown against the file the operator deployed.
+    let at = |line: u32| format!("\n  {}:{line}:", bad.display());
     assert!(
-        err.contains("relay.json:4:") && err.contains("misuses a wildcard"),
+        err.contains(&at(4))
+            && err.contains("node 'in': invalid value for 'topic'")
+            && err.contains("misuses a wildcard"),
         "{err}"
     );
     assert!(
-        err.contains("relay.json:5:") && err.contains("'qos': 3 is out of range"),
+        err.contains(&at(5))
+            && err.contains("node 'out': invalid value for 'qos': 3 is out of range"),
         "{err}"
     );
     // The same through HTTP: a 400 with the details.
