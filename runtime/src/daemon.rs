@@ -430,20 +430,21 @@ impl Daemon {
             .unwrap_or_default();
         let name = name.unwrap_or(&stem).to_string();
         let mut t = self.table();
-        let running = match t.flows.get_mut(&name) {
+        // Whether a deployed version stays, and whether it runs.
+        let kept = match t.flows.get_mut(&name) {
             Some(slot) if slot.file == file && slot.flow.is_some() => {
                 slot.fingerprint = fp;
                 slot.rejected = Some(errors.to_string());
-                true
+                Some(matches!(slot.run, Run::Running { .. }))
             }
             Some(slot) if slot.file == file => {
                 slot.fingerprint = fp;
                 slot.rejected = Some(errors.to_string());
-                false
+                None
             }
             Some(_) => {
                 t.unnamed.insert(file.to_path_buf(), fp);
-                false
+                None
             }
             None => {
                 t.flows.insert(
@@ -461,14 +462,19 @@ impl Daemon {
                         rejected: Some(errors.to_string()),
                     },
                 );
-                false
+                None
             }
         };
         drop(t);
-        let message = if running {
+        let message = if let Some(running) = kept {
             format!(
-                "the new version of flow '{name}' in {} is invalid and was not deployed; the running version keeps running:\n{errors}",
-                file.display()
+                "the new version of flow '{name}' in {} is invalid and was not deployed; {}:\n{errors}",
+                file.display(),
+                if running {
+                    "the running version keeps running"
+                } else {
+                    "the deployed version stays (not running)"
+                }
             )
         } else {
             format!(
