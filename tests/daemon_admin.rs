@@ -464,6 +464,11 @@ async fn bad_requests_get_json_errors_that_say_what_is_wrong() {
         assert_eq!(status, *want, "{method} {path}: {v}");
         assert!(error.contains(says), "{method} {path}: {error}");
     }
+    // Errors from the HTTP layer itself are JSON too.
+    let huge = format!("{{\"pad\": \"{}\"}}", "x".repeat(3 << 20));
+    let (status, v) = app.call("PUT", "/api/v1/flows/b", Some(&huge)).await;
+    assert_eq!(status, 413, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("length limit"), "{v}");
     // None of it changed anything.
     let (_, v) = app.call("GET", "/api/v1/flows", None).await;
     assert_eq!(v["flows"].as_array().unwrap().len(), 1);

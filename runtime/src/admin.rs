@@ -96,7 +96,35 @@ pub fn router(daemon: Daemon, token: Option<String>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .merge(api)
+        .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// Errors axum produces itself (a body over the size limit, a path that does not decode) are
+/// plain text: make them JSON like ours.
+async fn json_errors(resp: Response) -> Response {
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let text = match axum::body::to_bytes(resp.into_body(), 64 * 1024).await {
+        Ok(b) => String::from_utf8_lossy(&b).trim().to_string(),
+        Err(_) => String::new(),
+    };
+    let error = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_string()
+    } else {
+        text
+    };
+    ApiError::new(status, error).into_response()
 }
 
 /// Serves the API until `shutdown` resolves.
