@@ -899,3 +899,66 @@ async fn the_event_stream_sends_new_entries_as_they_happen() {
     assert!(e["message"].as_str().unwrap().contains("flow 'b' deployed"));
     app.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_failing_messages_is_summarised_not_written_one_by_one() {
+    let flood = json!({
+        "name": "flood",
+        "nodes": [
+            {"id": "tick", "type": "Timer", "interval": "1ms", "count": 2000},
+            {"id": "boom", "type": "Throw", "number": 3001, "text": "nope"}
+        ],
+        "connections": [{"from": "tick.Out", "to": "boom"}]
+    })
+    .to_string();
+    let app = App::start(&[("flood.json", &flood)], None).await;
+    let discards = || {
+        app.daemon.stats().flows["flood"]
+            .iter()
+            .find(|n| n.node == "tick")
+            .map_or(0, |n| n.discards)
+    };
+    wait_for("2000 discards", Duration::from_secs(30), || {
+        discards() == 2000
+    })
+    .await;
+    // Every message is counted...
+    let (_, text) = app.text("/metrics", None).await;
+    assert!(
+        text.contains("flowbus_node_discards_total{flow=\"flood\",node=\"tick\"} 2000"),
+        "{text}"
+    );
+    // ...but the log (memory and file) holds a few entries a second and summaries.
+    let file = std::fs::read_to_string(app.dir.join("data/activity-log/activity.jsonl")).unwrap();
+    let entries: Vec<Value> = file
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|e: &Value| e["flow"] == "flood")
+        .collect();
+    let one_by_one = entries.iter().filter(|e| e["number"] == "BIP2628").count();
+    let summaries: Vec<&Value> = entries
+        .iter()
+        .filter(|e| e["number"] == "BIP2632")
+        .collect();
+    assert!(
+        one_by_one >= 10 && one_by_one < 200,
+        "{one_by_one} discards logged one by one"
+    );
+    assert!(!summaries.is_empty());
+    assert!(summaries[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("further error entries of node 'tick'"));
+    // The flow's start is still in memory, however many message entries came after it.
+    let started = app
+        .daemon
+        .services()
+        .activity
+        .query(&flowbus_runtime::activity::Filter {
+            flow: Some("flood".into()),
+            number: Some("BIP1001".into()),
+            ..Default::default()
+        });
+    assert_eq!(started.len(), 1);
+    app.shutdown().await;
+}
