@@ -180,6 +180,10 @@ pub struct Endpoint {
     pub will: Option<flowbus_runtime::config::WillConfig>,
     /// The QoS policy.
     pub policy: Policy,
+    /// Unacknowledged QoS 1/2 publications allowed at once.
+    pub max_inflight: u16,
+    /// Paho file persistence for QoS 1/2 publishers (else in memory).
+    pub file_persistence: bool,
 }
 
 /// TLS settings of a server.
@@ -231,6 +235,8 @@ impl Endpoint {
             session_expiry: Duration::from_secs(86_400),
             will: None,
             policy: Policy::open(url),
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+            file_persistence: true,
         }
     }
 
@@ -323,8 +329,13 @@ fn endpoint_from_server(
             .map_or(Duration::from_secs(86_400), |d| d.0),
         will: s.will.clone(),
         policy: Policy::from_server(name, s),
+        max_inflight: s.max_inflight.unwrap_or(DEFAULT_MAX_INFLIGHT),
+        file_persistence: s.persistence.as_deref() != Some("memory"),
     })
 }
+
+/// mosquitto's default `max_inflight_messages`.
+pub const DEFAULT_MAX_INFLIGHT: u16 = 20;
 
 /// Paho TLS options from a server's settings; a file that cannot be read is an error that
 /// names it.
@@ -614,6 +625,9 @@ pub struct Conn {
     /// The broker's QoS limit and how we learnt it, once known.
     limit: Mutex<Option<(u8, Source)>>,
     connect_timeout: Duration,
+    /// Permits for unacknowledged QoS 1/2 publications (the server's `max_inflight`): paho
+    /// fails a publish over its limit instead of waiting, so the node waits here.
+    pub inflight: Arc<tokio::sync::Semaphore>,
 }
 
 /// How to create a [`Conn`].
@@ -659,6 +673,9 @@ impl Conn {
             .server_uri(&ep.url)
             .client_id(&spec.client_id)
             .persistence(persistence)
+            // Paho refuses publishes beyond this many queued-and-not-yet-written messages, even
+            // while connected (default 100); the node's own window bounds what it queues.
+            .max_buffered_messages(10_000)
             .mqtt_version(if v5 {
                 paho::MQTT_VERSION_5
             } else {
@@ -675,7 +692,7 @@ impl Conn {
         };
         b.keep_alive_interval(ep.keep_alive)
             .connect_timeout(spec.connect_timeout)
-            .max_inflight(1024);
+            .max_inflight(i32::from(ep.max_inflight));
         // Paho's own automatic reconnect stays off: the supervisor follows the IIB schedule
         // and logs every attempt.
         if v5 {
@@ -742,6 +759,9 @@ impl Conn {
             v5,
             limit: Mutex::new(None),
             connect_timeout: spec.connect_timeout,
+            inflight: Arc::new(tokio::sync::Semaphore::new(usize::from(
+                ep.max_inflight.max(1),
+            ))),
         }))
     }
 

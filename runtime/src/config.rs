@@ -227,6 +227,16 @@ pub struct ServerConfig {
     /// Per-topic QoS rules (the "hybrid QoS" strategy), first match wins.
     #[serde(default)]
     pub qos_rules: Vec<QosRule>,
+    /// QoS 1/2 publications a client may have unacknowledged at once (default 20, mosquitto's
+    /// `max_inflight_messages`; a 3.1.1 client that exceeds the broker's limit can lose QoS 2
+    /// publications).
+    #[serde(default)]
+    pub max_inflight: Option<u16>,
+    /// Where QoS 1/2 publishers keep publications in flight: `file` (default; Paho file
+    /// persistence under the data directory, survives a restart) or `memory` (survives a
+    /// reconnect, not a crash; about twice the throughput).
+    #[serde(default)]
+    pub persistence: Option<String>,
 }
 
 /// `[servers.NAME.will]`.
@@ -425,6 +435,20 @@ impl Config {
                     format!("servers.{name}: mutual TLS needs both cert_file and key_file"),
                 );
             }
+            if let Some(p) = &s.persistence {
+                if p != "file" && p != "memory" {
+                    return fail(
+                        &format!("[servers.{name}"),
+                        format!("servers.{name}.persistence '{p}' must be \"file\" or \"memory\""),
+                    );
+                }
+            }
+            if s.max_inflight == Some(0) {
+                return fail(
+                    &format!("[servers.{name}"),
+                    format!("servers.{name}.max_inflight must be at least 1"),
+                );
+            }
             if s.version.is_some_and(|v| v != 3 && v != 5) {
                 return fail(
                     &format!("[servers.{name}]"),
@@ -579,6 +603,16 @@ mod tests {
             .to_string();
         assert!(
             e.starts_with("f.toml:2:") && e.contains("'soon' is not a duration"),
+            "{e}"
+        );
+        let e = Config::parse(
+            Path::new("f.toml"),
+            "[servers.a]\nurl = \"tcp://x:1\"\npersistence = \"disk\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("persistence 'disk' must be \"file\" or \"memory\""),
             "{e}"
         );
         let e = Config::parse(Path::new("f.toml"), "[servers.a]\nurl = \"http://x\"\n")
