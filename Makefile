@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: test run check fmt setup build
+.PHONY: test run check fmt setup build bench bench-nodered bench-quick bench-micro bench-profile bench-lint
 
 ## test: install what is missing, then run every test of the workspace
 test: setup
@@ -29,3 +29,31 @@ build: setup
 
 setup:
 	scripts/setup.sh
+
+# Benchmarks: timed runs stay out of `make test`. The bench package (benches/bridge) is not a
+# workspace member, so `test` and `check` never build it. See benches/bridge/README.md and
+# docs/PERFORMANCE.md.
+
+## bench: the end-to-end bridge benchmark, QoS 0/1/2, 3 repetitions, nodelay and default broker (~20 min)
+bench: setup
+	benches/bridge/run.sh
+
+## bench-nodered: the same with Node-RED 4, installed from npm into target/bench-nodered
+bench-nodered: setup
+	benches/bridge/run.sh --nodered
+
+## bench-quick: one repetition, smaller runs, nodelay broker only (~4 min)
+bench-quick: setup
+	benches/bridge/run.sh --quick
+
+## bench-micro: criterion microbenchmarks of the engine path (no MQTT) and of flow validation
+bench-micro:
+	cd benches/bridge && $(CARGO) bench --bench engine
+
+## bench-profile: perf profile of flowbus bridging at full load (QOS=1 by default)
+bench-profile: setup
+	benches/bridge/profile.sh --qos $(or $(QOS),1)
+
+## bench-lint: fmt, clippy -D warnings and unit tests of the bench package
+bench-lint:
+	cd benches/bridge && $(CARGO) fmt --check && $(CARGO) clippy --all-targets -- -D warnings && $(CARGO) test --release

@@ -1,0 +1,219 @@
+//! Criterion microbenchmarks of flowbus's per-message engine path, without MQTT, for the
+//! bridge the end-to-end benchmark runs (parse a 200-byte JSON payload, build the trees, run
+//! the enrich script in a Compute node, serialise the body), each step alone and all together,
+//! plus flow validation and loading of a 200-node flow.
+//!
+//! `cargo bench --bench engine` from benches/bridge (or `make bench-micro`). The numbers are
+//! per message (per flow for validation).
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use flowbus_runtime::config::Config;
+use flowbus_runtime::flow::{load_flow, validate};
+use flowbus_runtime::message::{Body, Domain, Message};
+use flowbus_runtime::node::{NodeDecl, ValidateCtx};
+use flowbus_runtime::services::Services;
+use flowbus_runtime::Flow;
+use serde_json::{json, Value};
+
+/// The enrich script of the end-to-end benchmark (benches/bridge/run.sh writes the same).
+const ENRICH: &str = r#"Root.Body.bridged = true;
+let topic = LocalEnvironment.MQTT.Input.Topic;
+LocalEnvironment.Destination = #{ MQTT: #{ Output: #{ TopicName: "bench/out/" + topic.sub_string(9) } } };
+"#;
+
+/// A payload as the load generator sends it (200 bytes).
+fn payload() -> Vec<u8> {
+    let head = r#"{"run":1234567,"seq":42,"ts":1700000000123,"k":0,"pad":""#;
+    let mut v = head.as_bytes().to_vec();
+    v.resize(198, b'x');
+    v.extend_from_slice(b"\"}");
+    assert_eq!(v.len(), 200);
+    v
+}
+
+/// What MQTTSubscribe does with a payload before dispatching (nodes/src/mqtt_subscribe.rs).
+fn receive(payload: &[u8]) -> Message {
+    let body = Body::parse(Domain::Json, payload).unwrap_or(Body::Blob(payload.to_vec()));
+    let mut msg = Message::new(body);
+    msg.set_local(&["MQTT", "Input", "Topic"], Value::from("bench/in/0"));
+    msg.set_local(&["MQTT", "Input", "QualityOfService"], Value::from(1));
+    msg.set_local(&["MQTT", "Input", "Duplicate"], Value::from(false));
+    msg.set_local(&["MQTT", "Input", "Retained"], Value::from(false));
+    msg
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("flowbus-bench-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// in (MQTTSubscribe, never started) → enrich (Compute) → nothing: the engine path of the
+/// bridge flow up to the publish node.
+fn bridge_flow() -> Flow {
+    let dir = scratch("bridge");
+    std::fs::write(dir.join("enrich.rhai"), ENRICH).expect("write script");
+    let flow = json!({
+        "name": "bridge",
+        "nodes": [
+            { "id": "in", "type": "MQTTSubscribe", "url": "tcp://127.0.0.1:1883",
+              "topic": "bench/in/#", "qos": 1 },
+            { "id": "enrich", "type": "Compute", "script": "enrich.rhai" }
+        ],
+        "connections": [ { "from": "in.Out", "to": "enrich" } ]
+    });
+    let path = dir.join("bridge.json");
+    std::fs::write(&path, flow.to_string()).expect("write flow");
+    load_flow(
+        &path,
+        &flowbus_nodes::registry(),
+        Arc::new(Config::default()),
+        Arc::new(Services::default()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A flow of 200 nodes: one MQTTSubscribe and 199 Compute nodes in a chain, each with its own
+/// small inline script.
+fn big_flow_text() -> String {
+    let mut nodes = vec![json!({ "id": "n0", "type": "MQTTSubscribe",
+        "url": "tcp://127.0.0.1:1883", "topic": "plant/+/telemetry", "qos": 1 })];
+    let mut connections = Vec::new();
+    for i in 1..200 {
+        nodes.push(json!({ "id": format!("n{i}"), "type": "Compute",
+            "code": format!("Root.Body.step{i} = {i}; if Root.Body.t > {i} {{ Root.Body.hot = true; }}") }));
+        let from = if i == 1 {
+            "n0.Out".to_string()
+        } else {
+            format!("n{}.Out", i - 1)
+        };
+        connections.push(json!({ "from": from, "to": format!("n{i}") }));
+    }
+    serde_json::to_string_pretty(
+        &json!({ "name": "big", "nodes": nodes, "connections": connections }),
+    )
+    .expect("serialise")
+}
+
+fn engine_path(c: &mut Criterion) {
+    let p = payload();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let flow = bridge_flow();
+    let ctx = flow.input_ctx("in").expect("input node");
+    let script = {
+        let decl = NodeDecl {
+            id: "enrich".into(),
+            type_name: "Compute".into(),
+            props: json!({ "code": ENRICH })
+                .as_object()
+                .cloned()
+                .unwrap_or_default(),
+            pointer: "/nodes/1".into(),
+        };
+        flowbus_nodes::script::load(&decl, Path::new("."), &["code"])
+            .unwrap_or_else(|_| panic!("the enrich script compiles"))
+    };
+
+    let mut g = c.benchmark_group("engine");
+    g.bench_function("baseline: serde_json parse + insert + serialise", |b| {
+        b.iter(|| {
+            let mut v: Value = serde_json::from_slice(&p).expect("json");
+            if let Some(o) = v.as_object_mut() {
+                o.insert("bridged".into(), Value::Bool(true));
+            }
+            serde_json::to_vec(&v).expect("serialise")
+        })
+    });
+    g.bench_function("1 payload parse (Body::parse JSON)", |b| {
+        b.iter(|| Body::parse(Domain::Json, &p).expect("json"))
+    });
+    g.bench_function("2 tree construction (Message::new + MQTT.Input)", |b| {
+        b.iter_batched(
+            || Body::parse(Domain::Json, &p).expect("json"),
+            |body| {
+                let mut msg = Message::new(body);
+                msg.set_local(&["MQTT", "Input", "Topic"], Value::from("bench/in/0"));
+                msg.set_local(&["MQTT", "Input", "QualityOfService"], Value::from(1));
+                msg.set_local(&["MQTT", "Input", "Duplicate"], Value::from(false));
+                msg.set_local(&["MQTT", "Input", "Retained"], Value::from(false));
+                msg
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("3 Rhai enrich script (Script::run)", |b| {
+        let msg = receive(&p);
+        b.iter(|| script.run(&msg, &["Out"]).expect("script"))
+    });
+    g.bench_function("4 propagation in → Compute (InputCtx::dispatch)", |b| {
+        b.iter_batched(
+            || receive(&p),
+            |msg| rt.block_on(ctx.dispatch(msg)),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("5 serialisation (Body::to_bytes)", |b| {
+        let out = script.run(&receive(&p), &["Out"]).expect("script").message;
+        b.iter(|| out.root.body.to_bytes())
+    });
+    g.bench_function(
+        "all: parse + trees + dispatch through Compute + serialise",
+        |b| {
+            let out = script.run(&receive(&p), &["Out"]).expect("script").message;
+            b.iter(|| {
+                let msg = receive(&p);
+                rt.block_on(ctx.dispatch(msg));
+                // The publish node serialises the Compute node's output.
+                out.root.body.to_bytes()
+            })
+        },
+    );
+    g.bench_function(
+        "Rhai engine creation (flowbus_nodes::script::engine)",
+        |b| b.iter(|| flowbus_nodes::script::engine(&flowbus_nodes::script::Limits::default())),
+    );
+    g.finish();
+}
+
+fn validation(c: &mut Criterion) {
+    let text = big_flow_text();
+    let registry = flowbus_nodes::registry();
+    let ctx = ValidateCtx {
+        servers: BTreeSet::new(),
+    };
+    let dir = scratch("big");
+    let path = dir.join("big.json");
+    std::fs::write(&path, &text).expect("write flow");
+    assert!(validate(&path, &text, &registry, &ctx).is_ok());
+    let mut g = c.benchmark_group("flow");
+    g.sample_size(20);
+    g.bench_function("validate 200-node flow", |b| {
+        b.iter(|| validate(&path, &text, &registry, &ctx).expect("valid"))
+    });
+    g.bench_function(
+        "load 200-node flow (validate + build: 199 Rhai compiles)",
+        |b| {
+            b.iter(|| {
+                load_flow(
+                    &path,
+                    &registry,
+                    Arc::new(Config::default()),
+                    Arc::new(Services::default()),
+                )
+                .expect("loads")
+            })
+        },
+    );
+    g.finish();
+}
+
+criterion_group!(benches, engine_path, validation);
+criterion_main!(benches);
