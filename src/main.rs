@@ -1,5 +1,7 @@
 //! The `flowbus` command: argument parsing and wiring only; the work is in
-//! `flowbus-runtime` and `flowbus-nodes`.
+//! `flowbus-runtime` and `flowbus-nodes`, and the admin-API client in [`client`].
+
+mod client;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,8 +11,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use flowbus_runtime::activity::{NewEntry, Severity};
+use flowbus_runtime::admin;
 use flowbus_runtime::config::Config;
-use flowbus_runtime::daemon::Daemon;
+use flowbus_runtime::daemon::{bip, Daemon};
+use flowbus_runtime::engine::Cancel;
 use flowbus_runtime::flow::{flow_files, validate, FlowErrors, ValidatedFlow};
 use flowbus_runtime::node::{Registry, ValidateCtx};
 use flowbus_runtime::services::Services;
@@ -42,9 +47,53 @@ enum Command {
         /// Data directory (overrides the configuration).
         #[arg(long = "data-dir")]
         data_dir: Option<PathBuf>,
-        /// How long shutdown waits for in-flight messages.
-        #[arg(long = "shutdown-timeout", default_value = "10s", value_parser = humantime_duration)]
-        shutdown_timeout: Duration,
+        /// How long a graceful shutdown may take (overrides `[daemon] shutdown_timeout`).
+        #[arg(long = "shutdown-timeout", value_parser = humantime_duration)]
+        shutdown_timeout: Option<Duration>,
+    },
+    /// Manage the flows of a running daemon.
+    Flows {
+        #[command(subcommand)]
+        command: FlowsCommand,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show the activity log of a running daemon.
+    Log {
+        /// Only this flow.
+        #[arg(long)]
+        flow: Option<String>,
+        /// Only this node.
+        #[arg(long)]
+        node: Option<String>,
+        /// At least this severity: info, warning or error.
+        #[arg(long)]
+        severity: Option<String>,
+        /// Only this message number (BIP12096 or 12096).
+        #[arg(long)]
+        number: Option<String>,
+        /// Only entries since a time (2026-11-22T10:00:00Z) or a duration back (10m).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many past entries.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Keep printing new entries as they come.
+        #[arg(long, short)]
+        follow: bool,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show the statistics of a running daemon.
+    Stats {
+        /// The JSON the API returns.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
     },
     /// Check flow files (and their scripts); exit 0 when all are valid, 1 otherwise.
     Validate {
@@ -88,6 +137,57 @@ enum Command {
     },
 }
 
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The daemon's admin API (URL or host:port; default: admin.listen of the configuration).
+    #[arg(long, global = true)]
+    admin: Option<String>,
+    /// The runtime configuration, for the default address and token variable (default:
+    /// ./flowbus.toml when it exists).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+}
+
+impl AdminArgs {
+    fn connect(&self) -> Result<client::Admin> {
+        let config = load_config(self.config.as_deref())?;
+        Ok(client::Admin::new(self.admin.as_deref(), &config))
+    }
+}
+
+#[derive(Subcommand)]
+enum FlowsCommand {
+    /// List the flows with their state.
+    List {
+        /// The JSON the API returns.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deploy (or redeploy) a flow file: validated by the daemon, then started.
+    Deploy {
+        /// The flow file.
+        file: PathBuf,
+        /// The flow name (default: the file's "name", else its stem).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Start a stopped or failed flow.
+    Start {
+        /// The flow name.
+        name: String,
+    },
+    /// Stop a flow (it stays deployed).
+    Stop {
+        /// The flow name.
+        name: String,
+    },
+    /// Stop a flow and remove it (its file is moved to <data_dir>/removed).
+    Remove {
+        /// The flow name.
+        name: String,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum Format {
     Dot,
@@ -125,6 +225,39 @@ fn main() -> ExitCode {
             data_dir,
             shutdown_timeout,
         } => cmd_run(config.as_deref(), flows, admin, data_dir, shutdown_timeout),
+        Command::Flows { command, admin } => admin.connect().and_then(|a| match command {
+            FlowsCommand::List { json } => client::flows_list(&a, json),
+            FlowsCommand::Deploy { file, name } => client::flows_deploy(&a, &file, name.as_deref()),
+            FlowsCommand::Start { name } => client::flows_action(&a, "start", &name),
+            FlowsCommand::Stop { name } => client::flows_action(&a, "stop", &name),
+            FlowsCommand::Remove { name } => client::flows_remove(&a, &name),
+        }),
+        Command::Log {
+            flow,
+            node,
+            severity,
+            number,
+            since,
+            limit,
+            follow,
+            json,
+            admin,
+        } => admin.connect().and_then(|a| {
+            client::log(
+                &a,
+                client::LogArgs {
+                    flow,
+                    node,
+                    severity,
+                    number,
+                    since,
+                    limit,
+                    follow,
+                    json,
+                },
+            )
+        }),
+        Command::Stats { json, admin } => admin.connect().and_then(|a| client::stats(&a, json)),
     };
     match result {
         Ok(code) => code,
@@ -335,7 +468,7 @@ fn cmd_run(
     flows: Vec<PathBuf>,
     admin: Option<String>,
     data_dir: Option<PathBuf>,
-    shutdown_timeout: Duration,
+    shutdown_timeout: Option<Duration>,
 ) -> Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -343,7 +476,10 @@ fn cmd_run(
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_ansi(
+            std::io::IsTerminal::is_terminal(&std::io::stderr())
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .init();
     let mut config = load_config(config)?;
     if !flows.is_empty() {
@@ -355,23 +491,91 @@ fn cmd_run(
     if let Some(d) = data_dir {
         config.data_dir = d;
     }
+    if let Some(t) = shutdown_timeout {
+        config.daemon.shutdown_timeout.0 = t;
+    }
+    let deadline = config.daemon.shutdown_timeout.0;
+    // Refuse to start without the token the configuration asks for, rather than serve an
+    // open API.
+    let token = admin::token_from_config(&config)?;
+    let services = Arc::new(Services::open(&config)?);
+    // Anything recorded through the `metrics` facade lands in the daemon's registry.
+    let _ = metrics::set_global_recorder(flowbus_runtime::telemetry::TelemetryRecorder(
+        services.telemetry.clone(),
+    ));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let mut daemon = Daemon::new(config, flowbus_nodes::registry());
-        let failed = daemon.start_all();
+        let listener = admin::bind(&config.admin.listen).await?;
+        let addr = listener.local_addr()?;
+        let daemon = Daemon::with_services(config, flowbus_nodes::registry(), services.clone());
+        let failed = daemon.start_all().await;
         for e in &failed {
             eprintln!("{e}");
         }
-        let started = daemon.flows().count();
-        if started == 0 {
-            bail!("no flow could be started ({} invalid)", failed.len());
-        }
-        tracing::info!("flowbus running {started} flow(s); SIGINT or SIGTERM stops it, SIGUSR1 prints statistics");
+        let stop_api = Cancel::default();
+        let api = {
+            let stop = stop_api.clone();
+            let router = admin::router(daemon.clone(), token);
+            tokio::spawn(async move {
+                if let Err(e) =
+                    admin::serve(listener, router, async move { stop.cancelled().await }).await
+                {
+                    tracing::error!("the admin API stopped: {e}");
+                }
+            })
+        };
+        let watcher = {
+            let d = daemon.clone();
+            tokio::spawn(async move { d.watch().await })
+        };
+        let running = daemon.running().len();
+        services.activity.record(NewEntry::new(
+            Severity::Info,
+            bip::DAEMON,
+            "Daemon",
+            "",
+            "",
+            format!(
+                "flowbus {} running {running} flow(s) ({} invalid); admin API on http://{addr}",
+                env!("CARGO_PKG_VERSION"),
+                failed.len()
+            ),
+        ));
+        tracing::info!("SIGINT or SIGTERM stops flowbus gracefully, SIGUSR1 prints statistics");
         wait_for_shutdown(&daemon).await?;
-        tracing::info!("shutting down");
-        daemon.shutdown(shutdown_timeout).await;
+        services.activity.record(NewEntry::new(
+            Severity::Info,
+            bip::DAEMON,
+            "Daemon",
+            "",
+            "",
+            format!(
+                "flowbus stopping (deadline {})",
+                humantime::format_duration(deadline)
+            ),
+        ));
+        let late = daemon.shutdown(deadline).await;
+        if !late.is_empty() {
+            tracing::warn!(
+                "flows {} did not stop within {}",
+                late.join(", "),
+                humantime::format_duration(deadline)
+            );
+        }
+        let _ = watcher.await;
+        // Open event streams would hold a graceful HTTP shutdown for ever: give them a
+        // moment, then close.
+        stop_api.cancel();
+        let mut api = api;
+        if tokio::time::timeout(Duration::from_secs(1), &mut api)
+            .await
+            .is_err()
+        {
+            api.abort();
+        }
+        services.activity.flush();
         println!("{}", serde_json::to_string_pretty(&daemon.stats())?);
         Ok(ExitCode::SUCCESS)
     })

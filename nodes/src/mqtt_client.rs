@@ -180,6 +180,10 @@ pub struct Endpoint {
     pub will: Option<flowbus_runtime::config::WillConfig>,
     /// The QoS policy.
     pub policy: Policy,
+    /// Unacknowledged QoS 1/2 publications allowed at once.
+    pub max_inflight: u16,
+    /// Paho file persistence for QoS 1/2 publishers (else in memory).
+    pub file_persistence: bool,
 }
 
 /// TLS settings of a server.
@@ -231,6 +235,8 @@ impl Endpoint {
             session_expiry: Duration::from_secs(86_400),
             will: None,
             policy: Policy::open(url),
+            max_inflight: DEFAULT_MAX_INFLIGHT,
+            file_persistence: true,
         }
     }
 
@@ -323,8 +329,13 @@ fn endpoint_from_server(
             .map_or(Duration::from_secs(86_400), |d| d.0),
         will: s.will.clone(),
         policy: Policy::from_server(name, s),
+        max_inflight: s.max_inflight.unwrap_or(DEFAULT_MAX_INFLIGHT),
+        file_persistence: s.persistence.as_deref() != Some("memory"),
     })
 }
+
+/// mosquitto's default `max_inflight_messages`.
+pub const DEFAULT_MAX_INFLIGHT: u16 = 20;
 
 /// Paho TLS options from a server's settings; a file that cannot be read is an error that
 /// names it.
@@ -605,12 +616,18 @@ pub struct Conn {
     reconnect_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
     lost_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
     stop: Cancel,
+    /// The supervisor task, awaited on shutdown so the client is released before a new
+    /// version of the flow creates one with the same id (and persistence directory).
+    supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
     counted_open: AtomicBool,
     /// Whether the connection uses MQTT v5.
     pub v5: bool,
     /// The broker's QoS limit and how we learnt it, once known.
     limit: Mutex<Option<(u8, Source)>>,
     connect_timeout: Duration,
+    /// Permits for unacknowledged QoS 1/2 publications (the server's `max_inflight`): paho
+    /// fails a publish over its limit instead of waiting, so the node waits here.
+    pub inflight: Arc<tokio::sync::Semaphore>,
 }
 
 /// How to create a [`Conn`].
@@ -656,6 +673,9 @@ impl Conn {
             .server_uri(&ep.url)
             .client_id(&spec.client_id)
             .persistence(persistence)
+            // Paho refuses publishes beyond this many queued-and-not-yet-written messages, even
+            // while connected (default 100); the node's own window bounds what it queues.
+            .max_buffered_messages(10_000)
             .mqtt_version(if v5 {
                 paho::MQTT_VERSION_5
             } else {
@@ -672,7 +692,7 @@ impl Conn {
         };
         b.keep_alive_interval(ep.keep_alive)
             .connect_timeout(spec.connect_timeout)
-            .max_inflight(1024);
+            .max_inflight(i32::from(ep.max_inflight));
         // Paho's own automatic reconnect stays off: the supervisor follows the IIB schedule
         // and logs every attempt.
         if v5 {
@@ -734,10 +754,14 @@ impl Conn {
             reconnect_rx: Mutex::new(Some(reconnect_rx)),
             lost_rx: Mutex::new(Some(lost_rx)),
             stop: Cancel::default(),
+            supervisor: Mutex::new(None),
             counted_open: AtomicBool::new(false),
             v5,
             limit: Mutex::new(None),
             connect_timeout: spec.connect_timeout,
+            inflight: Arc::new(tokio::sync::Semaphore::new(usize::from(
+                ep.max_inflight.max(1),
+            ))),
         }))
     }
 
@@ -867,7 +891,8 @@ impl Conn {
     /// Starts the supervisor task.
     pub fn spawn(self: &Arc<Self>, on_connected: OnConnected) {
         let me = self.clone();
-        tokio::spawn(async move { me.supervise(on_connected).await });
+        let h = tokio::spawn(async move { me.supervise(on_connected).await });
+        *self.supervisor.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
     }
 
     async fn supervise(self: Arc<Self>, on_connected: OnConnected) {
@@ -1027,9 +1052,28 @@ impl Conn {
         }
     }
 
+    /// Stops the supervisor and starts disconnecting without waiting: for a node whose task is
+    /// dropped before it could shut down (aborted at a stop deadline), so its connection —
+    /// and a subscription — does not outlive it.
+    pub fn abandon(&self) {
+        if !self.stop.is_cancelled() {
+            self.stop.cancel();
+            // Paho starts disconnecting when asked; nobody is left to wait for the token.
+            drop(self.client.disconnect(None::<paho::DisconnectOptions>));
+        }
+    }
+
     /// Stops the supervisor and disconnects (bounded by `timeout`).
     pub async fn shutdown(&self, timeout: Duration) {
         self.stop.cancel();
+        let supervisor = self
+            .supervisor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = supervisor {
+            let _ = tokio::time::timeout(timeout, h).await;
+        }
         if !self.client.is_connected() {
             self.mark_closed();
             return;
@@ -1048,6 +1092,16 @@ impl Conn {
             )),
         }
         self.mark_closed();
+    }
+}
+
+/// Abandons a connection when dropped (see [`Conn::abandon`]); after a normal shutdown it does
+/// nothing.
+pub struct AbandonOnDrop(pub Arc<Conn>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        self.0.abandon();
     }
 }
 

@@ -232,8 +232,10 @@ impl Publish {
                 suffix,
             ),
         };
-        let persist_dir =
-            (!self.clean_session).then(|| self.config.data_dir.join("mqtt").join(&cid));
+        // Paho keeps publications in flight in memory anyway; file persistence makes them
+        // survive a restart too.
+        let persist_dir = (!self.clean_session && endpoint.file_persistence)
+            .then(|| self.config.data_dir.join("mqtt").join(&cid));
         let conn = Conn::new(ConnSpec {
             endpoint: &endpoint,
             client_id: cid,
@@ -284,7 +286,7 @@ impl Publish {
     /// broker's limit is known once connected) and hand the message to paho; then wait for
     /// the ack (QoS 1/2) or the write (QoS 0) outside the gate. Returns the QoS used.
     async fn attempt(&self, conn: &Conn, t: &Target, payload: &[u8]) -> Result<u8, Attempt> {
-        let (qos, token) = {
+        let (qos, _permit, token) = {
             let _turn = self.gate.lock().await;
             if !conn.wait_connected(self.ack_timeout).await {
                 return Err(Attempt::Failed(format!(
@@ -297,8 +299,16 @@ impl Publish {
                 .policy
                 .apply(conn, &t.topic, t.qos)
                 .map_err(Attempt::Policy)?;
+            // Paho fails a publish over the client's in-flight limit instead of waiting, so the
+            // node waits for a permit — inside the gate, which keeps the order of those behind.
+            let permit = if qos > 0 {
+                conn.inflight.clone().acquire_owned().await.ok()
+            } else {
+                None
+            };
             (
                 qos,
+                permit,
                 conn.client
                     .publish(self.paho_message(t, qos, payload, conn.v5)),
             )

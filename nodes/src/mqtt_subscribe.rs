@@ -125,7 +125,9 @@ impl NodeKind for SubscribeKind {
                 .and_then(Domain::parse)
                 .unwrap_or(Domain::Json),
             instances: node.int("instances").unwrap_or(1) as usize,
-            in_flight: node.int("in_flight").unwrap_or(1) as usize,
+            in_flight: node
+                .int("in_flight")
+                .map_or(DEFAULT_IN_FLIGHT, |n| n as usize),
             high,
             low: node.int("queue_low").map_or(high / 4, |n| n as usize),
             // Persistent sessions for QoS 1/2, so a pause (or a reconnect) loses nothing.
@@ -140,6 +142,10 @@ impl NodeKind for SubscribeKind {
 }
 
 const DEFAULT_HIGH: usize = 1000;
+
+/// Propagations of one input node that may wait for acks at once (with `instances: 1`):
+/// enough to keep the publishers' in-flight windows (mosquitto's default is 20) full.
+const DEFAULT_IN_FLIGHT: usize = 64;
 
 struct Subscribe {
     endpoint: Endpoint,
@@ -198,12 +204,16 @@ impl Subscribe {
                         "MQTT",
                         &self.flow,
                         &self.node,
-                        m,
+                        m.clone(),
                     ));
+                ctx.fail_flow(m);
                 return;
             }
         };
         let log = conn.log.clone();
+        // Aborted at a stop deadline, this task is dropped mid-way: the connection must not
+        // stay subscribed behind it.
+        let _abandon = crate::mqtt_client::AbandonOnDrop(conn.clone());
 
         let (tx, mut rx) = mpsc::unbounded_channel::<paho::Message>();
         let depth = Arc::new(AtomicUsize::new(0));

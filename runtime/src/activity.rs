@@ -1,17 +1,35 @@
 //! The activity log: structured entries (seq, time, severity, BIP number, resource, flow, node,
-//! message, tags) kept per flow in a ring buffer, mirrored to `tracing`, and broadcast to live
-//! subscribers.
+//! message, tags) kept per flow in memory, mirrored to `tracing`, written to rotating JSON-lines
+//! files under the data directory, and broadcast to live subscribers (the SSE stream).
+//!
+//! ## Keeping connection events
+//! Each flow has two rings of `buffer_entries` each: one for *events* (connections,
+//! subscriptions, flow lifecycle, anything not tied to one message) and one for *per-message*
+//! entries (received, published, errors routed or discarded, traces). A flood of messages can
+//! only push older per-message entries out; the connection history stays. Per-message entries
+//! are also rate-limited at the source by [`Sampler`] (a few per node per second, the rest
+//! counted in one summary entry per second), which bounds what reaches the files.
+//!
+//! ## Files
+//! `<dir>/activity.jsonl` is the current file; when the next line would take it past
+//! `file_size` it becomes `activity.1.jsonl` (older ones move up, the oldest of `files` is
+//! deleted). On start the files are read back, oldest first, so the query view and the
+//! sequence numbers survive a restart.
 
 use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tokio::sync::broadcast;
 
 /// Entry severity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Severity {
     /// Normal operation.
@@ -32,12 +50,21 @@ impl Severity {
             _ => None,
         }
     }
+
+    /// `info`, `warning` or `error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Error => "error",
+        }
+    }
 }
 
 /// One activity-log entry.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Entry {
-    /// Daemon-wide sequence number.
+    /// Daemon-wide sequence number (continues across restarts).
     pub seq: u64,
     /// RFC 3339 UTC time.
     pub time: String,
@@ -54,6 +81,7 @@ pub struct Entry {
     /// What happened.
     pub message: String,
     /// Structured details (topic, qos, url, client_id, ...).
+    #[serde(default)]
     pub tags: Map<String, Value>,
 }
 
@@ -74,6 +102,8 @@ pub struct NewEntry {
     pub message: String,
     /// Tags.
     pub tags: Map<String, Value>,
+    /// About one message (kept in the flow's per-message ring) rather than an event.
+    pub per_message: bool,
 }
 
 impl NewEntry {
@@ -94,6 +124,7 @@ impl NewEntry {
             node: node.to_string(),
             message: message.into(),
             tags: Map::new(),
+            per_message: false,
         }
     }
 
@@ -102,7 +133,41 @@ impl NewEntry {
         self.tags.insert(key.to_string(), value.into());
         self
     }
+
+    /// Marks the entry as being about one message, so it can never push an event out of the
+    /// in-memory buffer.
+    pub fn per_message(mut self) -> NewEntry {
+        self.per_message = true;
+        self
+    }
+
+    /// Whether the entry is about one message: marked so, or one of the numbers that only
+    /// per-message events carry (received, published, publish errors, summaries, traces,
+    /// errors routed or discarded).
+    pub fn is_per_message(&self) -> bool {
+        self.per_message || PER_MESSAGE_NUMBERS.contains(&self.number)
+    }
 }
+
+/// Numbers that are always about one message (see [`NewEntry::is_per_message`]).
+pub const PER_MESSAGE_NUMBERS: &[u32] = &[
+    12065, // MQTT message received
+    12097, // MQTT message published
+    12099, // publish not acknowledged
+    12102, // per-message entries summarised
+    4311,  // publish error
+    1003,  // Trace output
+    2230,  // node error routed to Failure
+    2488,  // script error
+    2628,  // rolled back and discarded
+    2629,  // TryCatch discarded
+    2630,  // TryCatch caught
+    2631,  // rolled back to the input's Catch
+    2632,  // error entries summarised
+    3001,  // user exception (Throw)
+    5705,  // JSON parser error
+    5706,  // TEXT parser error
+];
 
 /// A query over the in-memory log.
 #[derive(Debug, Clone, Default)]
@@ -117,6 +182,8 @@ pub struct Filter {
     pub number: Option<String>,
     /// Only entries with a larger sequence number.
     pub after_seq: Option<u64>,
+    /// Only entries at or after this time (RFC 3339 as written by [`crate::time`]).
+    pub since: Option<String>,
     /// At most this many (the newest).
     pub limit: Option<usize>,
 }
@@ -129,6 +196,10 @@ impl Filter {
             && self.severity.is_none_or(|s| e.severity >= s)
             && self.number.as_ref().is_none_or(|n| *n == e.number)
             && self.after_seq.is_none_or(|s| e.seq > s)
+            && self
+                .since
+                .as_ref()
+                .is_none_or(|t| e.time.as_str() >= t.as_str())
     }
 }
 
@@ -170,9 +241,141 @@ impl Sampler {
     }
 }
 
+/// Where and how much the log writes to disk.
+#[derive(Debug, Clone)]
+pub struct FileSettings {
+    /// The directory (created when missing).
+    pub dir: PathBuf,
+    /// Size of one file before it rotates, in bytes.
+    pub file_size: u64,
+    /// Number of files kept, the current one included.
+    pub files: u32,
+}
+
+/// The current file name; rotated ones are `activity.N.jsonl`.
+pub const FILE_NAME: &str = "activity.jsonl";
+
+fn rotated_name(n: u32) -> String {
+    if n == 0 {
+        FILE_NAME.to_string()
+    } else {
+        format!("activity.{n}.jsonl")
+    }
+}
+
+/// An activity-log problem (only opening the files can fail; later write errors are
+/// counted and reported through `tracing`, never lost silently and never fatal).
+#[derive(Debug, thiserror::Error)]
+pub enum ActivityLogError {
+    /// The directory or the current file could not be opened.
+    #[error("activity log {path}: {message}")]
+    Open {
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        message: String,
+    },
+}
+
+struct FileSink {
+    settings: FileSettings,
+    file: File,
+    size: u64,
+}
+
+impl FileSink {
+    fn open(settings: FileSettings) -> Result<FileSink, ActivityLogError> {
+        let err = |path: &Path, e: std::io::Error| ActivityLogError::Open {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        };
+        std::fs::create_dir_all(&settings.dir).map_err(|e| err(&settings.dir, e))?;
+        let path = settings.dir.join(FILE_NAME);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| err(&path, e))?;
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        Ok(FileSink {
+            settings,
+            file,
+            size,
+        })
+    }
+
+    fn write(&mut self, line: &[u8]) -> std::io::Result<()> {
+        if self.size > 0 && self.size + line.len() as u64 > self.settings.file_size {
+            self.rotate()?;
+        }
+        // One write per line: an entry is never split between two files, and a crash loses
+        // at most the entry being written.
+        self.file.write_all(line)?;
+        self.size += line.len() as u64;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let dir = &self.settings.dir;
+        let last = self.settings.files.saturating_sub(1);
+        if last == 0 {
+            let _ = std::fs::remove_file(dir.join(FILE_NAME));
+        } else {
+            let _ = std::fs::remove_file(dir.join(rotated_name(last)));
+            for n in (0..last).rev() {
+                let from = dir.join(rotated_name(n));
+                if from.exists() {
+                    std::fs::rename(&from, dir.join(rotated_name(n + 1)))?;
+                }
+            }
+        }
+        self.file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(FILE_NAME))?;
+        self.size = 0;
+        Ok(())
+    }
+
+    /// The entries in the files, oldest first.
+    fn read_back(settings: &FileSettings) -> Vec<Entry> {
+        let mut out = Vec::new();
+        for n in (0..settings.files).rev() {
+            let Ok(f) = File::open(settings.dir.join(rotated_name(n))) else {
+                continue;
+            };
+            for line in BufReader::new(f).lines() {
+                let Ok(line) = line else { break };
+                // A line cut short by a crash, or written by something else, is skipped.
+                if let Ok(e) = serde_json::from_str::<Entry>(&line) {
+                    out.push(e);
+                }
+            }
+        }
+        out
+    }
+}
+
+#[derive(Default)]
+struct Rings {
+    events: VecDeque<Arc<Entry>>,
+    messages: VecDeque<Arc<Entry>>,
+}
+
 struct State {
     seq: u64,
-    flows: HashMap<String, VecDeque<Arc<Entry>>>,
+    flows: HashMap<String, Rings>,
+    sink: Option<FileSink>,
+    write_failed: bool,
+}
+
+/// Counters of the log itself.
+#[derive(Debug, Default)]
+pub struct LogCounters {
+    /// Entries recorded, by severity (info, warning, error).
+    pub recorded: [AtomicU64; 3],
+    /// Entries that could not be written to the files.
+    pub write_errors: AtomicU64,
 }
 
 /// The daemon's activity log.
@@ -181,39 +384,95 @@ pub struct ActivityLog {
     capacity: usize,
     min_severity: Severity,
     live: broadcast::Sender<Arc<Entry>>,
+    counters: LogCounters,
 }
 
 impl ActivityLog {
-    /// A log keeping `capacity` entries per flow and dropping entries below `min_severity`.
+    /// A log in memory only, keeping `capacity` events and `capacity` per-message entries per
+    /// flow and dropping entries below `min_severity`.
     pub fn new(capacity: usize, min_severity: Severity) -> ActivityLog {
         let (live, _) = broadcast::channel(1024);
         ActivityLog {
             state: Mutex::new(State {
                 seq: 0,
                 flows: HashMap::new(),
+                sink: None,
+                write_failed: false,
             }),
             capacity: capacity.max(1),
             min_severity,
             live,
+            counters: LogCounters::default(),
         }
     }
 
-    /// Records an entry (and writes the matching `tracing` line).
+    /// A log that also writes rotating JSON-lines files, starting with what the files
+    /// already hold (so the query view and the sequence survive a restart).
+    pub fn with_files(
+        capacity: usize,
+        min_severity: Severity,
+        files: FileSettings,
+    ) -> Result<ActivityLog, ActivityLogError> {
+        let log = ActivityLog::new(capacity, min_severity);
+        let old = FileSink::read_back(&files);
+        let sink = FileSink::open(files)?;
+        {
+            let mut st = log.state.lock().unwrap_or_else(|p| p.into_inner());
+            for e in old {
+                st.seq = st.seq.max(e.seq);
+                let per_message = e
+                    .number
+                    .strip_prefix("BIP")
+                    .and_then(|n| n.parse::<u32>().ok())
+                    .is_some_and(|n| PER_MESSAGE_NUMBERS.contains(&n));
+                let flow = e.flow.clone();
+                log.push(&mut st, flow, Arc::new(e), per_message);
+            }
+            st.sink = Some(sink);
+        }
+        Ok(log)
+    }
+
+    fn push(&self, st: &mut State, flow: String, entry: Arc<Entry>, per_message: bool) {
+        let rings = st.flows.entry(flow).or_default();
+        let ring = if per_message {
+            &mut rings.messages
+        } else {
+            &mut rings.events
+        };
+        if ring.len() >= self.capacity {
+            ring.pop_front();
+        }
+        ring.push_back(entry);
+    }
+
+    /// Records an entry (and writes the matching `tracing` line and file line).
     pub fn record(&self, e: NewEntry) {
         if e.severity < self.min_severity {
             return;
         }
+        let per_message = e.is_per_message();
+        let message = redact(&e.message);
+        let tags = e
+            .tags
+            .into_iter()
+            .map(|(k, v)| match v {
+                Value::String(s) => (k, Value::String(redact(&s))),
+                v => (k, v),
+            })
+            .collect();
         match e.severity {
             Severity::Info => {
-                tracing::info!(flow = %e.flow, node = %e.node, "BIP{} {}", e.number, e.message)
+                tracing::info!(flow = %e.flow, node = %e.node, "BIP{} {}", e.number, message)
             }
             Severity::Warning => {
-                tracing::warn!(flow = %e.flow, node = %e.node, "BIP{} {}", e.number, e.message)
+                tracing::warn!(flow = %e.flow, node = %e.node, "BIP{} {}", e.number, message)
             }
             Severity::Error => {
-                tracing::error!(flow = %e.flow, node = %e.node, "BIP{} {}", e.number, e.message)
+                tracing::error!(flow = %e.flow, node = %e.node, "BIP{} {}", e.number, message)
             }
         }
+        self.counters.recorded[e.severity as usize].fetch_add(1, Ordering::Relaxed);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.seq += 1;
         let entry = Arc::new(Entry {
@@ -224,15 +483,34 @@ impl ActivityLog {
             resource: e.resource.to_string(),
             flow: e.flow,
             node: e.node,
-            message: e.message,
-            tags: e.tags,
+            message,
+            tags,
         });
-        let ring = st.flows.entry(entry.flow.clone()).or_default();
-        if ring.len() == self.capacity {
-            ring.pop_front();
+        let st = &mut *st;
+        if let Some(sink) = st.sink.as_mut() {
+            let written = serde_json::to_vec(&*entry).map(|mut line| {
+                line.push(b'\n');
+                sink.write(&line)
+            });
+            match written {
+                Ok(Ok(())) => st.write_failed = false,
+                Ok(Err(err)) => {
+                    self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                    // Once per run of failures, so a full disk does not become a flood.
+                    if !st.write_failed {
+                        st.write_failed = true;
+                        tracing::error!(
+                            "cannot write the activity log file in {}: {err}; entries stay in memory",
+                            sink.settings.dir.display()
+                        );
+                    }
+                }
+                Err(_) => {
+                    self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
-        ring.push_back(entry.clone());
-        drop(st);
+        self.push(st, entry.flow.clone(), entry.clone(), per_message);
         // No subscribers is fine.
         let _ = self.live.send(entry);
     }
@@ -244,7 +522,9 @@ impl ActivityLog {
             .flows
             .iter()
             .filter(|(flow, _)| f.flow.as_ref().is_none_or(|x| x == *flow))
-            .flat_map(|(_, ring)| ring.iter().filter(|e| f.matches(e)).cloned())
+            .flat_map(|(_, r)| r.events.iter().chain(r.messages.iter()))
+            .filter(|e| f.matches(e))
+            .cloned()
             .collect();
         out.sort_by_key(|e| e.seq);
         if let Some(limit) = f.limit {
@@ -254,9 +534,28 @@ impl ActivityLog {
         out
     }
 
+    /// The sequence number of the newest entry.
+    pub fn last_seq(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).seq
+    }
+
     /// A live stream of new entries.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Entry>> {
         self.live.subscribe()
+    }
+
+    /// Counters of the log itself.
+    pub fn counters(&self) -> &LogCounters {
+        &self.counters
+    }
+
+    /// Flushes the current file to disk (on shutdown).
+    pub fn flush(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sink) = st.sink.as_mut() {
+            let _ = sink.file.flush();
+            let _ = sink.file.sync_data();
+        }
     }
 }
 
@@ -264,6 +563,29 @@ impl Default for ActivityLog {
     fn default() -> Self {
         ActivityLog::new(1000, Severity::Info)
     }
+}
+
+/// Hides the user-info part of URLs (`tcp://user:secret@host` → `tcp://***@host`), so a
+/// credential written into a URL never reaches the log, the files or the API.
+pub fn redact(s: &str) -> String {
+    if !s.contains("://") {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find("://") {
+        out.push_str(&rest[..i + 3]);
+        rest = &rest[i + 3..];
+        let authority_end = rest
+            .find(|c: char| c == '/' || c.is_whitespace() || c == '\'' || c == '"')
+            .unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            out.push_str("***");
+            rest = &rest[at..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
@@ -318,6 +640,173 @@ mod tests {
             st.0 -= Duration::from_secs(2);
         }
         assert_eq!(s.admit(), (true, Some(2)));
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("flowbus-activity-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn a_flood_of_per_message_entries_never_evicts_connection_events() {
+        let log = ActivityLog::new(5, Severity::Info);
+        log.record(NewEntry::new(
+            Severity::Info,
+            12063,
+            "MQTT",
+            "f",
+            "in",
+            "Connected",
+        ));
+        log.record(NewEntry::new(
+            Severity::Error,
+            12096,
+            "MQTT",
+            "f",
+            "in",
+            "Connection failed",
+        ));
+        for i in 0..1000 {
+            log.record(NewEntry::new(
+                Severity::Info,
+                12065,
+                "MQTT",
+                "f",
+                "in",
+                format!("received {i}"),
+            ));
+            // Marked by the engine rather than by number.
+            log.record(
+                NewEntry::new(
+                    Severity::Warning,
+                    9999,
+                    "Flow",
+                    "f",
+                    "x",
+                    format!("routed {i}"),
+                )
+                .per_message(),
+            );
+        }
+        let all = log.query(&Filter::default());
+        let numbers: Vec<&str> = all.iter().map(|e| e.number.as_str()).collect();
+        assert_eq!(&numbers[..2], ["BIP12063", "BIP12096"], "{numbers:?}");
+        // The per-message ring holds the newest `capacity` of those.
+        assert_eq!(all.len(), 2 + 5);
+        assert_eq!(all.last().map(|e| e.message.as_str()), Some("routed 999"));
+        // Without the split, the same flood in one ring would have pushed both out.
+        assert!(!NewEntry::new(Severity::Info, 12095, "MQTT", "f", "n", "").is_per_message());
+    }
+
+    #[test]
+    fn files_rotate_by_size_keep_the_count_and_are_read_back_after_a_restart() {
+        let dir = temp_dir("rotate");
+        let settings = FileSettings {
+            dir: dir.clone(),
+            file_size: 4096,
+            files: 3,
+        };
+        let log = ActivityLog::with_files(1000, Severity::Info, settings.clone()).unwrap();
+        log.record(
+            NewEntry::new(Severity::Error, 12096, "MQTT", "f", "in", "down")
+                .tag("url", "tcp://h:1"),
+        );
+        for i in 0..200 {
+            log.record(NewEntry::new(
+                Severity::Info,
+                12065,
+                "MQTT",
+                "f",
+                "in",
+                format!("message number {i} with some padding text"),
+            ));
+        }
+        log.flush();
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            ["activity.1.jsonl", "activity.2.jsonl", "activity.jsonl"]
+        );
+        for n in &names {
+            let len = std::fs::metadata(dir.join(n)).unwrap().len();
+            assert!(len <= 4096, "{n} is {len} bytes");
+        }
+        // Every line is a whole entry, in sequence order across the files.
+        let back = FileSink::read_back(&settings);
+        assert!(!back.is_empty());
+        assert!(back.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+        assert_eq!(
+            back.last().unwrap().message,
+            "message number 199 with some padding text"
+        );
+        // The oldest lines went with the deleted file.
+        assert!(back[0].seq > 1);
+        drop(log);
+
+        // A restart: the query view and the sequence go on from the files.
+        let log = ActivityLog::with_files(1000, Severity::Info, settings).unwrap();
+        let before = log.query(&Filter::default());
+        assert_eq!(before.len(), back.len());
+        assert_eq!(log.last_seq(), 201);
+        log.record(NewEntry::new(
+            Severity::Info,
+            12063,
+            "MQTT",
+            "f",
+            "in",
+            "up again",
+        ));
+        let last = log.query(&Filter {
+            limit: Some(1),
+            ..Filter::default()
+        });
+        assert_eq!((last[0].seq, last[0].message.as_str()), (202, "up again"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn credentials_in_urls_are_hidden() {
+        assert_eq!(redact("tcp://user:s3cret@host:1883"), "tcp://***@host:1883");
+        assert_eq!(
+            redact("failed to connect to 'ssl://u:p@h:8883/x' and tcp://h:1"),
+            "failed to connect to 'ssl://***@h:8883/x' and tcp://h:1"
+        );
+        assert_eq!(redact("no url here: a@b"), "no url here: a@b");
+        let log = ActivityLog::new(10, Severity::Info);
+        log.record(
+            NewEntry::new(
+                Severity::Error,
+                12096,
+                "MQTT",
+                "f",
+                "n",
+                "to tcp://a:pw@h:1 failed",
+            )
+            .tag("url", "tcp://a:pw@h:1"),
+        );
+        let e = &log.query(&Filter::default())[0];
+        assert!(
+            !e.message.contains("pw") && e.tags["url"] == "tcp://***@h:1",
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn since_filters_by_time() {
+        let log = ActivityLog::new(10, Severity::Info);
+        log.record(NewEntry::new(Severity::Info, 1, "Flow", "a", "", "x"));
+        let f = |since: &str| Filter {
+            since: Some(since.to_string()),
+            ..Filter::default()
+        };
+        assert_eq!(log.query(&f("2000-01-01T00:00:00.000Z")).len(), 1);
+        assert_eq!(log.query(&f("2999-01-01T00:00:00.000Z")).len(), 0);
     }
 
     #[test]

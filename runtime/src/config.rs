@@ -67,6 +67,8 @@ pub struct Config {
     pub activity_log: ActivityLogConfig,
     /// MQTT timings.
     pub mqtt: MqttConfig,
+    /// The daemon: shutdown deadline, flow-file watching.
+    pub daemon: DaemonConfig,
     /// Named servers.
     pub servers: BTreeMap<String, ServerConfig>,
 }
@@ -79,6 +81,7 @@ impl Default for Config {
             admin: AdminConfig::default(),
             activity_log: ActivityLogConfig::default(),
             mqtt: MqttConfig::default(),
+            daemon: DaemonConfig::default(),
             servers: BTreeMap::new(),
         }
     }
@@ -99,6 +102,29 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: "127.0.0.1:4880".into(),
             token_env: None,
+        }
+    }
+}
+
+/// `[daemon]`: how the daemon stops and how it watches its flow files.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// How long a graceful shutdown (SIGTERM/SIGINT) may take in all: inputs stopped,
+    /// in-flight messages finished, acks awaited, connections closed.
+    pub shutdown_timeout: Dur,
+    /// Whether the daemon watches its flow paths and redeploys changed files.
+    pub watch: bool,
+    /// How often the flow paths are checked for changes.
+    pub watch_interval: Dur,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            shutdown_timeout: Dur(Duration::from_secs(10)),
+            watch: true,
+            watch_interval: Dur(Duration::from_secs(1)),
         }
     }
 }
@@ -201,6 +227,16 @@ pub struct ServerConfig {
     /// Per-topic QoS rules (the "hybrid QoS" strategy), first match wins.
     #[serde(default)]
     pub qos_rules: Vec<QosRule>,
+    /// QoS 1/2 publications a client may have unacknowledged at once (default 20, mosquitto's
+    /// `max_inflight_messages`; a 3.1.1 client that exceeds the broker's limit can lose QoS 2
+    /// publications).
+    #[serde(default)]
+    pub max_inflight: Option<u16>,
+    /// Where QoS 1/2 publishers keep publications in flight: `file` (default; Paho file
+    /// persistence under the data directory, survives a restart) or `memory` (survives a
+    /// reconnect, not a crash; about twice the throughput).
+    #[serde(default)]
+    pub persistence: Option<String>,
 }
 
 /// `[servers.NAME.will]`.
@@ -311,6 +347,44 @@ impl Config {
                 message,
             })
         };
+        if self.admin.listen.parse::<std::net::SocketAddr>().is_err() {
+            return fail(
+                "listen",
+                format!(
+                    "admin.listen '{}' must be an address and port, e.g. \"127.0.0.1:4880\"",
+                    self.admin.listen
+                ),
+            );
+        }
+        if let Some(var) = &self.admin.token_env {
+            if var.is_empty() || var.contains(['=', '\0']) {
+                return fail(
+                    "token_env",
+                    format!("admin.token_env '{var}' must name an environment variable"),
+                );
+            }
+        }
+        if self.activity_log.buffer_entries == 0 {
+            return fail(
+                "buffer_entries",
+                "activity_log.buffer_entries must be at least 1".into(),
+            );
+        }
+        if self.activity_log.files == 0 {
+            return fail("files", "activity_log.files must be at least 1".into());
+        }
+        if self.activity_log.file_size.0 < 4096 {
+            return fail(
+                "file_size",
+                "activity_log.file_size must be at least 4KiB".into(),
+            );
+        }
+        if self.daemon.watch_interval.0 < Duration::from_millis(10) {
+            return fail(
+                "watch_interval",
+                "daemon.watch_interval must be at least 10ms".into(),
+            );
+        }
         if Severity::parse(&self.activity_log.min_severity).is_none() {
             return fail(
                 "min_severity",
@@ -359,6 +433,20 @@ impl Config {
                 return fail(
                     &format!("[servers.{name}"),
                     format!("servers.{name}: mutual TLS needs both cert_file and key_file"),
+                );
+            }
+            if let Some(p) = &s.persistence {
+                if p != "file" && p != "memory" {
+                    return fail(
+                        &format!("[servers.{name}"),
+                        format!("servers.{name}.persistence '{p}' must be \"file\" or \"memory\""),
+                    );
+                }
+            }
+            if s.max_inflight == Some(0) {
+                return fail(
+                    &format!("[servers.{name}"),
+                    format!("servers.{name}.max_inflight must be at least 1"),
                 );
             }
             if s.version.is_some_and(|v| v != 3 && v != 5) {
@@ -412,6 +500,90 @@ mod tests {
         assert_eq!(c.mqtt.ack_timeout.0, Duration::from_secs(30));
         assert_eq!(c.admin.listen, "127.0.0.1:4880");
         assert_eq!(c.activity_log.file_size.0, 10 * 1024 * 1024);
+        assert_eq!(c.activity_log.files, 4);
+        assert_eq!(c.activity_log.buffer_entries, 1000);
+        assert_eq!(c.activity_log.min_severity, "info");
+        assert_eq!(c.admin.token_env, None);
+        assert_eq!(c.daemon.shutdown_timeout.0, Duration::from_secs(10));
+        assert!(c.daemon.watch);
+        assert_eq!(c.daemon.watch_interval.0, Duration::from_secs(1));
+        assert_eq!(c.flows, [PathBuf::from("flows")]);
+        assert_eq!(c.data_dir, PathBuf::from(".flowbus"));
+    }
+
+    #[test]
+    fn daemon_admin_and_activity_log_values_are_checked_with_their_line() {
+        let cases = [
+            (
+                "[admin]\nlisten = \"localhost\"\n",
+                "f.toml:2:1:",
+                "admin.listen 'localhost' must be an address and port",
+            ),
+            (
+                "[admin]\ntoken_env = \"\"\n",
+                "f.toml:2:1:",
+                "must name an environment variable",
+            ),
+            (
+                "\n[activity_log]\nfiles = 0\n",
+                "f.toml:3:1:",
+                "activity_log.files must be at least 1",
+            ),
+            (
+                "[activity_log]\nfile_size = \"1KiB\"\n",
+                "f.toml:2:1:",
+                "at least 4KiB",
+            ),
+            (
+                "[activity_log]\nfile_size = \"big\"\n",
+                "f.toml:2:",
+                "'big' is not a size",
+            ),
+            (
+                "[activity_log]\nbuffer_entries = 0\n",
+                "f.toml:2:1:",
+                "buffer_entries must be at least 1",
+            ),
+            (
+                "[activity_log]\nmin_severity = \"debug\"\n",
+                "f.toml:2:1:",
+                "must be info, warning or error",
+            ),
+            (
+                "[daemon]\nshutdown_timeout = \"soon\"\n",
+                "f.toml:2:",
+                "'soon' is not a duration",
+            ),
+            (
+                "[daemon]\nwatch_interval = \"1ms\"\n",
+                "f.toml:2:1:",
+                "at least 10ms",
+            ),
+            (
+                "[daemon]\nwatch = \"yes\"\n",
+                "f.toml:2:",
+                "expected a boolean",
+            ),
+            (
+                "[daemon]\nreload = true\n",
+                "f.toml:2:1:",
+                "unknown field `reload`",
+            ),
+        ];
+        for (text, at, says) in cases {
+            let e = Config::parse(Path::new("f.toml"), text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(at) && e.contains(says), "{text:?}: {e}");
+        }
+        let c = Config::parse(
+            Path::new("f.toml"),
+            "[daemon]\nshutdown_timeout = \"3s\"\nwatch = false\n[admin]\nlisten = \"0.0.0.0:9000\"\ntoken_env = \"T\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.daemon.shutdown_timeout.0, Duration::from_secs(3));
+        assert!(!c.daemon.watch);
+        assert_eq!(c.admin.token_env.as_deref(), Some("T"));
     }
 
     #[test]
@@ -431,6 +603,16 @@ mod tests {
             .to_string();
         assert!(
             e.starts_with("f.toml:2:") && e.contains("'soon' is not a duration"),
+            "{e}"
+        );
+        let e = Config::parse(
+            Path::new("f.toml"),
+            "[servers.a]\nurl = \"tcp://x:1\"\npersistence = \"disk\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("persistence 'disk' must be \"file\" or \"memory\""),
             "{e}"
         );
         let e = Config::parse(Path::new("f.toml"), "[servers.a]\nurl = \"http://x\"\n")

@@ -27,7 +27,8 @@ use crate::activity::{NewEntry, Sampler, Severity};
 use crate::message::{numbers, Exception, ExceptionKind, Message};
 use crate::node::{BoxFut, BuiltNode, InputNode, NodeFailure, ProcessingNode, Thrown};
 use crate::services::Services;
-use crate::stats::inc;
+use crate::stats::{inc, names};
+use crate::telemetry::{Hist, HistSnapshot};
 
 /// A cancellation signal (cloneable; fires once).
 #[derive(Clone)]
@@ -74,16 +75,20 @@ pub trait Observer: Send + Sync {
 pub(crate) struct Terminal {
     pub(crate) name: &'static str,
     pub(crate) targets: Vec<usize>,
-    pub(crate) count: AtomicU64,
+    pub(crate) count: Arc<AtomicU64>,
 }
 
 /// Counters of one node.
+/// Shared with the telemetry registry (see [`Flow::start`]), so the Prometheus view and the
+/// JSON view read the same atomics.
 #[derive(Default)]
 pub(crate) struct NodeCounters {
-    pub(crate) invocations: AtomicU64,
-    pub(crate) errors: AtomicU64,
-    pub(crate) discards: AtomicU64,
+    pub(crate) invocations: Arc<AtomicU64>,
+    pub(crate) errors: Arc<AtomicU64>,
+    pub(crate) discards: Arc<AtomicU64>,
     pub(crate) busy_nanos: AtomicU64,
+    /// Time in the node, downstream included; for an input node, the whole propagation.
+    pub(crate) processing: Arc<Hist>,
 }
 
 pub(crate) enum Imp {
@@ -110,6 +115,8 @@ pub struct FlowInner {
     pub(crate) observer: Option<Arc<dyn Observer>>,
     pub(crate) cancel: Cancel,
     pub(crate) failure: Mutex<Option<String>>,
+    /// Fires when `failure` is set.
+    pub(crate) failed: Cancel,
 }
 
 impl FlowInner {
@@ -170,10 +177,33 @@ impl FlowInner {
         // The message as it arrived: what goes to Failure (the node's own changes are undone).
         let arrived = msg.clone();
         let started = std::time::Instant::now();
-        let result = p.process(msg, Outputs { flow: self, node }).await;
+        // A panic is caught where it happens, so the failure names the node that panicked.
+        let result = match AssertUnwindSafe(p.process(msg, Outputs { flow: self, node }))
+            .catch_unwind()
+            .await
+        {
+            Ok(r) => r,
+            Err(panic) => {
+                let e = Exception::new(
+                    ExceptionKind::Fatal,
+                    numbers::NODE_PANIC,
+                    format!(
+                        "node '{}' panicked: {}; the flow is stopped",
+                        slot.id,
+                        panic_text(&panic)
+                    ),
+                )
+                .locate(&self.name, &slot.id, slot.type_name);
+                inc(&slot.counters.errors);
+                self.fail(e.to_string());
+                return Err(Thrown(e));
+            }
+        };
+        let took = started.elapsed();
         slot.counters
             .busy_nanos
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        slot.counters.processing.observe_duration(took);
         match result {
             Ok(()) => Ok(()),
             Err(NodeFailure::Thrown(t)) => Err(t),
@@ -222,10 +252,10 @@ impl FlowInner {
                 &self.name,
                 &slot.id,
                 format!("{n} further error entries of node '{}' in the last second were not logged one by one (see the statistics)", slot.id),
-            ));
+            ).per_message());
         }
         if admit {
-            self.log(e);
+            self.log(e.per_message());
         }
     }
 }
@@ -321,11 +351,33 @@ impl InputCtx {
         let node = self.node;
         guarded(flow.clone(), node, async move {
             let original = msg.clone();
-            match flow.propagate(node, "Out", msg).await {
+            let started = std::time::Instant::now();
+            let d = match flow.propagate(node, "Out", msg).await {
                 Ok(()) => Disposition::Completed,
                 Err(Thrown(e)) => catch_or_discard(&flow, node, original, e).await,
-            }
+            };
+            let took = started.elapsed();
+            let counters = &flow.slots[node].counters;
+            counters
+                .busy_nanos
+                .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+            counters.processing.observe_duration(took);
+            d
         })
+    }
+
+    /// Stops the flow because this input node cannot work at all (e.g. its client could not
+    /// be created): the flow is marked failed with `reason` and its inputs are cancelled; the
+    /// daemon then stops it and shows the reason. Other flows are not affected.
+    pub fn fail_flow(&self, reason: impl Into<String>) {
+        let slot = &self.flow.slots[self.node];
+        let reason = format!(
+            "input node '{}' ({}) failed: {}",
+            slot.id,
+            slot.type_name,
+            reason.into()
+        );
+        self.flow.fail(reason);
     }
 
     /// A message the input node could not produce normally (e.g. a payload that does not
@@ -452,11 +504,7 @@ fn guarded(
     AssertUnwindSafe(fut).catch_unwind().map(move |r| match r {
         Ok(d) => d,
         Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
+            let what = panic_text(&panic);
             let e = Exception::new(
                 ExceptionKind::Fatal,
                 numbers::NODE_PANIC,
@@ -469,11 +517,27 @@ fn guarded(
     })
 }
 
+/// The text of a panic payload.
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 impl FlowInner {
     /// Marks the flow failed and stops its inputs.
     pub(crate) fn fail(&self, reason: String) {
-        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        {
+            let mut f = self.failure.lock().unwrap_or_else(|p| p.into_inner());
+            // The first reason is the one that matters; later ones are consequences.
+            if f.is_none() {
+                *f = Some(reason);
+            }
+        }
         self.cancel.cancel();
+        self.failed.cancel();
     }
 }
 
@@ -577,6 +641,8 @@ pub struct NodeStatsSnapshot {
     pub discards: u64,
     /// Total time in the node, downstream included, in microseconds.
     pub busy_micros: u64,
+    /// Processing-time histogram (seconds); for an input node, whole propagations.
+    pub processing: HistSnapshot,
     /// Messages per output terminal.
     pub terminals: std::collections::BTreeMap<String, u64>,
 }
@@ -618,6 +684,21 @@ impl Flow {
         })
     }
 
+    /// Whether two handles are the same built flow.
+    pub fn same(&self, other: &Flow) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Resolves when the flow fails (a node panicked, or an input node could not work).
+    pub async fn failed(&self) {
+        self.inner.failed.cancelled().await;
+    }
+
+    /// The number of nodes.
+    pub fn node_count(&self) -> usize {
+        self.inner.slots.len()
+    }
+
     /// Why the flow failed, if it did.
     pub fn failure(&self) -> Option<String> {
         self.inner
@@ -639,6 +720,7 @@ impl Flow {
                 errors: s.counters.errors.load(Ordering::Relaxed),
                 discards: s.counters.discards.load(Ordering::Relaxed),
                 busy_micros: s.counters.busy_nanos.load(Ordering::Relaxed) / 1000,
+                processing: s.counters.processing.snapshot(),
                 terminals: s
                     .outputs
                     .iter()
@@ -648,8 +730,43 @@ impl Flow {
             .collect()
     }
 
+    /// Puts this flow's counters and histograms into the telemetry registry, replacing the
+    /// series of an earlier version of the flow.
+    fn register_series(&self) {
+        let t = &self.inner.services.telemetry;
+        let flow = self.inner.name.as_str();
+        t.remove_labelled("flow", flow);
+        for s in &self.inner.slots {
+            let node = s.id.as_str();
+            let labels = [("flow", flow), ("node", node)];
+            t.attach_counter(names::NODE_ERRORS, &labels, s.counters.errors.clone());
+            if matches!(s.imp, Imp::Processing(_)) {
+                t.attach_counter(
+                    names::NODE_INVOCATIONS,
+                    &labels,
+                    s.counters.invocations.clone(),
+                );
+            } else {
+                t.attach_counter(names::NODE_DISCARDS, &labels, s.counters.discards.clone());
+            }
+            t.attach_histogram(
+                names::NODE_PROCESSING_SECONDS,
+                &labels,
+                s.counters.processing.clone(),
+            );
+            for term in &s.outputs {
+                t.attach_counter(
+                    names::NODE_MESSAGES,
+                    &[("flow", flow), ("node", node), ("terminal", term.name)],
+                    term.count.clone(),
+                );
+            }
+        }
+    }
+
     /// Starts every input node on its own task. Must be called inside a tokio runtime.
     pub fn start(&self) -> RunningFlow {
+        self.register_series();
         // Outputs before inputs: processing nodes get ready (connect) first.
         for slot in &self.inner.slots {
             if let Imp::Processing(p) = &slot.imp {
@@ -780,7 +897,7 @@ pub(crate) fn assemble(
                 .map(|name| Terminal {
                     name,
                     targets: Vec::new(),
-                    count: AtomicU64::new(0),
+                    count: Arc::new(AtomicU64::new(0)),
                 })
                 .collect(),
             counters: NodeCounters::default(),
@@ -801,6 +918,7 @@ pub(crate) fn assemble(
             observer: None,
             cancel: Cancel::default(),
             failure: Mutex::new(None),
+            failed: Cancel::default(),
         }),
     }
 }

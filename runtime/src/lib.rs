@@ -6,10 +6,14 @@
 //! - [`node`]: the node-kind trait, specs, registry, and the two runtime node shapes.
 //! - [`engine`]: depth-first propagation, error routing, input dispatch and back-pressure.
 //! - [`activity`]: the activity log. [`stats`]: statistics. [`services`]: both, shared.
-//! - [`config`]: `flowbus.toml`. [`daemon`]: loading, starting and stopping flows.
+//! - [`config`]: `flowbus.toml`. [`daemon`]: deploying, starting, stopping, watching and
+//!   removing flows; one failure domain per flow; graceful shutdown.
+//! - [`admin`]: the admin HTTP API. [`telemetry`]: the metrics registry (a `metrics`
+//!   recorder) and the Prometheus text format.
 //! - [`harness`]: run flows in tests without a broker.
 
 pub mod activity;
+pub mod admin;
 pub mod config;
 pub mod daemon;
 pub mod engine;
@@ -19,6 +23,7 @@ pub mod message;
 pub mod node;
 pub mod services;
 pub mod stats;
+pub mod telemetry;
 pub mod time;
 
 pub use engine::{Cancel, Dispatcher, Disposition, Flow, InputCtx, Outputs, RunningFlow};

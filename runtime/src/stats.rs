@@ -1,7 +1,9 @@
 //! Statistics kept by the runtime: per MQTT server (IIB's MQTT resource statistics) and per
-//! node (messages per terminal, errors). Counters are atomics owned here, so they can be read
-//! as JSON at any time; they are mirrored to the `metrics` crate under the names in
-//! [`names`].
+//! node (messages per terminal, errors, processing time). Counters are atomics, so they can be
+//! read as JSON at any time; [`crate::telemetry`] exposes them in the Prometheus format under
+//! the names in [`names`] (the server statistics are collected at render time by
+//! [`Stats::collect`]; the node counters are registered with the telemetry registry when a flow
+//! starts).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
@@ -33,6 +35,24 @@ pub mod names {
     pub const NODE_MESSAGES: &str = "flowbus_node_messages_total";
     /// Errors raised in a node.
     pub const NODE_ERRORS: &str = "flowbus_node_errors_total";
+    /// Times a processing node was called.
+    pub const NODE_INVOCATIONS: &str = "flowbus_node_invocations_total";
+    /// Messages discarded at an input node after an exception nothing handled.
+    pub const NODE_DISCARDS: &str = "flowbus_node_discards_total";
+    /// Time in a node, downstream included (for an input node: the whole propagation).
+    pub const NODE_PROCESSING_SECONDS: &str = "flowbus_node_processing_seconds";
+    /// QoS 1 redeliveries recognised and skipped.
+    pub const MQTT_REDELIVERIES_SKIPPED: &str = "flowbus_mqtt_redeliveries_skipped_total";
+    /// Flows by state (`running`, `stopped`, `failed`).
+    pub const FLOWS: &str = "flowbus_flows";
+    /// Whether a flow is running (1) or not (0).
+    pub const FLOW_UP: &str = "flowbus_flow_up";
+    /// Activity-log entries recorded, by severity.
+    pub const ACTIVITY_LOG_ENTRIES: &str = "flowbus_activity_log_entries_total";
+    /// Activity-log entries that could not be written to the files.
+    pub const ACTIVITY_LOG_WRITE_ERRORS: &str = "flowbus_activity_log_write_errors_total";
+    /// Seconds since the daemon started.
+    pub const UPTIME_SECONDS: &str = "flowbus_uptime_seconds";
 }
 
 /// IIB's MQTT resource statistics for one server URL.
@@ -127,6 +147,86 @@ impl Stats {
     pub fn server(&self, url: &str) -> Arc<ServerStats> {
         let mut m = self.servers.lock().unwrap_or_else(|p| p.into_inner());
         m.entry(url.to_string()).or_default().clone()
+    }
+
+    /// The server statistics as Prometheus families (label `server` = the URL).
+    pub fn collect(&self) -> Vec<crate::telemetry::Collected> {
+        use crate::telemetry::Collected;
+        let servers = self.servers();
+        let family = |name: &'static str,
+                      kind: &'static str,
+                      help: &'static str,
+                      get: fn(&ServerSnapshot) -> f64| Collected {
+            name,
+            kind,
+            help,
+            samples: servers
+                .iter()
+                .map(|(url, s)| (vec![("server", crate::activity::redact(url))], get(s)))
+                .collect(),
+        };
+        vec![
+            family(
+                names::MQTT_OPEN_CONNECTIONS,
+                "gauge",
+                "MQTT connections open now (IIB OpenConnections).",
+                |s| s.open_connections as f64,
+            ),
+            family(
+                names::MQTT_CLOSED_CONNECTIONS,
+                "counter",
+                "MQTT connections closed since start (IIB ClosedConnections).",
+                |s| s.closed_connections as f64,
+            ),
+            family(
+                names::MQTT_MESSAGES_RECEIVED,
+                "counter",
+                "Messages received from the server (IIB MessagesReceived).",
+                |s| s.messages_received as f64,
+            ),
+            family(
+                names::MQTT_MESSAGES_SENT,
+                "counter",
+                "Messages published to the server (IIB MessagesSent).",
+                |s| s.messages_sent as f64,
+            ),
+            family(
+                names::MQTT_BYTES_RECEIVED,
+                "counter",
+                "Payload bytes received (IIB BytesReceived).",
+                |s| s.bytes_received as f64,
+            ),
+            family(
+                names::MQTT_BYTES_SENT,
+                "counter",
+                "Payload bytes published (IIB BytesSent).",
+                |s| s.bytes_sent as f64,
+            ),
+            family(
+                names::MQTT_FAILED_CONNECTIONS,
+                "counter",
+                "Failed connection attempts (IIB FailedConnections).",
+                |s| s.failed_connections as f64,
+            ),
+            family(
+                names::MQTT_QOS_DOWNGRADES,
+                "counter",
+                "Subscriptions or publications downgraded by the QoS policy.",
+                |s| s.qos_downgrades as f64,
+            ),
+            family(
+                names::MQTT_QOS_MISMATCHES,
+                "counter",
+                "Subscriptions or publications refused by the QoS policy (on_qos_mismatch = fail).",
+                |s| s.qos_mismatches as f64,
+            ),
+            family(
+                names::MQTT_REDELIVERIES_SKIPPED,
+                "counter",
+                "QoS 1 redeliveries recognised and not processed again.",
+                |s| s.redeliveries_skipped as f64,
+            ),
+        ]
     }
 
     /// A snapshot of every server's counters, by URL.

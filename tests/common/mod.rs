@@ -400,6 +400,51 @@ impl Running {
     }
 }
 
+/// A blocking HTTP request; returns (status, body). Status 0 when the server is not there.
+pub fn http(method: &str, url: &str, body: Option<&str>, token: Option<&str>) -> (u16, String) {
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build(),
+    );
+    let auth = |r: ureq::RequestBuilder<ureq::typestate::WithoutBody>| match token {
+        Some(t) => r.header("Authorization", format!("Bearer {t}")),
+        None => r,
+    };
+    let authb = |r: ureq::RequestBuilder<ureq::typestate::WithBody>| match token {
+        Some(t) => r.header("Authorization", format!("Bearer {t}")),
+        None => r,
+    };
+    let resp = match method {
+        "GET" => auth(agent.get(url)).call(),
+        "DELETE" => auth(agent.delete(url)).call(),
+        "PUT" => authb(agent.put(url)).send(body.unwrap_or_default()),
+        "POST" => authb(agent.post(url)).send(body.unwrap_or_default()),
+        other => panic!("method {other}"),
+    };
+    match resp {
+        Ok(mut r) => {
+            let status = r.status().as_u16();
+            (status, r.body_mut().read_to_string().unwrap_or_default())
+        }
+        Err(_) => (0, String::new()),
+    }
+}
+
+/// `http` with the body parsed as JSON (panics on a non-JSON body).
+pub fn http_json(
+    method: &str,
+    url: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let (status, text) = http(method, url, body, token);
+    let v = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{method} {url}: HTTP {status}, not JSON ({e}): {text}"));
+    (status, v)
+}
+
 /// A `flowbus.toml` with a scaled-down schedule and the data directory in `dir`.
 pub fn fast_config(extra: &str) -> String {
     format!(
@@ -419,37 +464,114 @@ pub async fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// A `flowbus run` process with its own scratch directory (config, flows, data, output).
+/// A `flowbus run` process with its own scratch directory (config, flows, data, output) and
+/// its admin API on a free loopback port.
 pub struct Daemon {
     pub child: Option<Child>,
     pub dir: PathBuf,
+    /// `127.0.0.1:PORT` of the admin API.
+    pub admin: String,
+    /// Extra environment for the daemon and for `cli` (e.g. the admin token).
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
     /// Writes the config and flows and starts `flowbus run --config ... --flows ...`.
     pub fn spawn(config_toml: &str, flows: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn_with_env(config_toml, flows, &[])
+    }
+
+    /// Like `spawn`, with extra environment variables.
+    pub fn spawn_with_env(
+        config_toml: &str,
+        flows: &[(&str, &str)],
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let dir = scratch("daemon");
         std::fs::write(dir.join("flowbus.toml"), config_toml).expect("config");
         std::fs::create_dir_all(dir.join("flows")).expect("flows dir");
         for (name, text) in flows {
             std::fs::write(dir.join("flows").join(name), text).expect("flow");
         }
+        let mut d = Daemon {
+            child: None,
+            dir,
+            admin: format!("127.0.0.1:{}", free_port()),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        d.start();
+        d
+    }
+
+    /// Starts (or starts again, after `terminate`) the process; stderr and stdout are
+    /// appended to the same files.
+    pub fn start(&mut self) {
+        let out = |name: &str| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(self.dir.join(name))
+                .expect(name)
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_flowbus"))
             .arg("run")
             .arg("--config")
-            .arg(dir.join("flowbus.toml"))
+            .arg(self.dir.join("flowbus.toml"))
             .arg("--flows")
-            .arg(dir.join("flows"))
+            .arg(self.dir.join("flows"))
+            .arg("--admin")
+            .arg(&self.admin)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("RUST_LOG", "info")
             .env("NO_COLOR", "1")
-            .stdout(std::fs::File::create(dir.join("stdout")).expect("stdout"))
-            .stderr(std::fs::File::create(dir.join("stderr")).expect("stderr"))
+            .stdout(out("stdout"))
+            .stderr(out("stderr"))
             .spawn()
             .expect("start flowbus");
-        Daemon {
-            child: Some(child),
-            dir,
+        self.child = Some(child);
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
+    }
+
+    /// Waits until the admin API answers `/healthz`.
+    pub async fn wait_api(&self) {
+        let until = Instant::now() + Duration::from_secs(20);
+        loop {
+            if http("GET", &format!("{}/healthz", self.admin_url()), None, None).0 == 200 {
+                return;
+            }
+            assert!(
+                Instant::now() < until,
+                "the admin API did not come up; log:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Runs `flowbus ARGS... --admin URL` (a CLI command against this daemon) with the
+    /// daemon's environment; returns (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(env!("CARGO_BIN_EXE_flowbus"))
+            .args(args)
+            .arg("--admin")
+            .arg(&self.admin)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("NO_COLOR", "1")
+            .current_dir(&self.dir)
+            .output()
+            .expect("run flowbus");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     }
 
     pub fn pid(&self) -> u32 {

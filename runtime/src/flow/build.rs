@@ -85,10 +85,22 @@ pub fn load_flow(
             kind: FlowErrorKind::Io(e.to_string()),
         }])
     })?;
+    load_flow_text(path, &text, registry, config, services)
+}
+
+/// Validates and builds a flow from its text; `path` names it in errors, gives the default
+/// name (the file stem) and the directory scripts are relative to.
+pub fn load_flow_text(
+    path: &Path,
+    text: &str,
+    registry: &Registry,
+    config: Arc<Config>,
+    services: Arc<Services>,
+) -> Result<Flow, FlowErrors> {
     let vctx = ValidateCtx {
         servers: config.servers.keys().cloned().collect(),
     };
-    match validate_all(path, &text, registry, &vctx) {
+    match validate_all(path, text, registry, &vctx) {
         (Some(v), errors) if errors.is_empty() => {
             build_flow(&v, registry, config, services).map_err(FlowErrors)
         }

@@ -12,7 +12,7 @@ pub mod validate;
 use std::fmt;
 use std::path::PathBuf;
 
-pub use build::{build_flow, flow_files, load_flow};
+pub use build::{build_flow, flow_files, load_flow, load_flow_text};
 pub use spans::Pos;
 pub use validate::{validate, validate_all, ValidatedFlow};
 

@@ -1,0 +1,613 @@
+//! The commands that talk to a running daemon over its admin API (`flowbus flows`, `log`,
+//! `stats`): a small blocking HTTP client (ureq) and the tables they print.
+
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+/// Where the daemon is and how to authenticate.
+pub struct Admin {
+    base: String,
+    token: Option<String>,
+}
+
+/// The token variable used when the configuration names none.
+pub const DEFAULT_TOKEN_ENV: &str = "FLOWBUS_ADMIN_TOKEN";
+
+impl Admin {
+    /// From `--admin` (a URL or `host:port`), else the configuration's `admin.listen`; the
+    /// token from the variable named by `admin.token_env` (or `FLOWBUS_ADMIN_TOKEN`).
+    pub fn new(admin: Option<&str>, config: &flowbus_runtime::config::Config) -> Admin {
+        let base = match admin {
+            Some(a) if a.starts_with("http://") || a.starts_with("https://") => a.to_string(),
+            Some(a) => format!("http://{a}"),
+            None => {
+                let listen = config.admin.listen.replace("0.0.0.0", "127.0.0.1");
+                let listen = listen.replace("[::]", "[::1]");
+                format!("http://{listen}")
+            }
+        };
+        let var = config
+            .admin
+            .token_env
+            .clone()
+            .unwrap_or_else(|| DEFAULT_TOKEN_ENV.to_string());
+        let token = std::env::var(var).ok().filter(|t| !t.trim().is_empty());
+        Admin {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.map(|t| t.trim().to_string()),
+        }
+    }
+
+    fn agent(timeout: Option<Duration>) -> ureq::Agent {
+        ureq::Agent::new_with_config(
+            ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(timeout)
+                .build(),
+        )
+    }
+
+    fn auth<B>(&self, r: ureq::RequestBuilder<B>) -> ureq::RequestBuilder<B> {
+        match &self.token {
+            Some(t) => r.header("Authorization", format!("Bearer {t}")),
+            None => r,
+        }
+    }
+
+    fn unreachable(&self, e: ureq::Error) -> anyhow::Error {
+        anyhow!(
+            "cannot reach the flowbus daemon at {}: {e} (is `flowbus run` running? point --admin at it)",
+            self.base
+        )
+    }
+
+    /// Sends a request; returns the JSON body of a 2xx answer, or an error made of the
+    /// API's `error` and `details`.
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> Result<Value> {
+        self.call_with(method, path, body, None)
+    }
+
+    /// Like [`call`](Self::call); the problems of a refused flow are shown against `local`
+    /// (the file the user deployed) instead of the daemon's copy.
+    fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        local: Option<&Path>,
+    ) -> Result<Value> {
+        let url = format!("{}{path}", self.base);
+        let agent = Admin::agent(Some(Duration::from_secs(60)));
+        let resp = match (method, body) {
+            ("GET", _) => self.auth(agent.get(&url)).call(),
+            ("DELETE", _) => self.auth(agent.delete(&url)).call(),
+            ("PUT", Some(b)) => self
+                .auth(agent.put(&url))
+                .header("Content-Type", "application/json")
+                .send(b),
+            ("POST", _) => self.auth(agent.post(&url)).send_empty(),
+            _ => bail!("unsupported request {method} {path}"),
+        };
+        let mut resp = resp.map_err(|e| self.unreachable(e))?;
+        let status = resp.status().as_u16();
+        let text = resp
+            .body_mut()
+            .read_to_string()
+            .with_context(|| format!("reading the answer to {method} {path}"))?;
+        let json: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        if (200..300).contains(&status) {
+            return Ok(json);
+        }
+        let mut msg = json
+            .get("error")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| json.to_string());
+        msg.push_str(&format!(" (HTTP {status})"));
+        for d in json
+            .get("details")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let line = match (local, d.get("message").and_then(Value::as_str)) {
+                (Some(file), Some(m)) => {
+                    let mut l = file.display().to_string();
+                    if let (Some(line), Some(col)) = (d["line"].as_u64(), d["column"].as_u64()) {
+                        l.push_str(&format!(":{line}:{col}"));
+                    }
+                    l.push_str(": ");
+                    if let Some(n) = d["node"].as_str() {
+                        l.push_str(&format!("node '{n}': "));
+                    }
+                    if let Some(t) = d["terminal"].as_str() {
+                        l.push_str(&format!("terminal '{t}': "));
+                    }
+                    l.push_str(m);
+                    l
+                }
+                _ => d
+                    .get("text")
+                    .or_else(|| d.get("message"))
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string(),
+            };
+            msg.push_str("\n  ");
+            msg.push_str(&line);
+        }
+        bail!("{msg}")
+    }
+}
+
+fn query_string(params: &[(&str, Option<String>)]) -> String {
+    let parts: Vec<String> = params
+        .iter()
+        .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={}", encode(v))))
+        .collect();
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", parts.join("&"))
+    }
+}
+
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match v.get(k) {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Null) | None => String::new(),
+        Some(other) => other.to_string(),
+    }
+}
+
+/// Whether to colour: standard output is a terminal and NO_COLOR is not set.
+fn colour() -> bool {
+    std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none()
+}
+
+fn paint(on: bool, code: &str, text: &str) -> String {
+    if on {
+        format!("\x1b[{code}m{text}\x1b[0m")
+    } else {
+        text.to_string()
+    }
+}
+
+/// Prints rows as aligned columns (the last column is not padded).
+fn table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> std::io::Result<()> {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let n = cells.len();
+        let mut l = String::new();
+        for (i, c) in cells.into_iter().enumerate() {
+            l.push_str(c);
+            if i + 1 < n {
+                l.push_str(&" ".repeat(widths[i].saturating_sub(c.chars().count()) + 2));
+            }
+        }
+        l.trim_end().to_string()
+    };
+    writeln!(out, "{}", line(header.to_vec()))?;
+    for r in rows {
+        writeln!(out, "{}", line(r.iter().map(String::as_str).collect()))?;
+    }
+    Ok(())
+}
+
+/// `flowbus flows list`.
+pub fn flows_list(admin: &Admin, json: bool) -> Result<ExitCode> {
+    let v = admin.call("GET", "/api/v1/flows", None)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&v["flows"])?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let flows = v["flows"].as_array().cloned().unwrap_or_default();
+    if flows.is_empty() {
+        writeln!(out, "no flows deployed")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let c = colour();
+    let rows: Vec<Vec<String>> = flows
+        .iter()
+        .map(|f| {
+            let state = s(f, "state");
+            let painted = match state.as_str() {
+                "running" => paint(c, "32", &state),
+                "failed" | "invalid" => paint(c, "31;1", &state),
+                _ => paint(c, "33", &state),
+            };
+            // Pad by the visible width: colour codes do not take room.
+            let pad = " ".repeat(8usize.saturating_sub(state.len()));
+            let mut note = s(f, "reason");
+            if let Some(r) = f.get("rejected").and_then(Value::as_str) {
+                let first = r.lines().next().unwrap_or_default();
+                note = if note.is_empty() {
+                    format!("newest file version rejected: {first}")
+                } else {
+                    format!("{note}; newest file version rejected: {first}")
+                };
+            }
+            vec![
+                s(f, "name"),
+                format!("{painted}{pad}"),
+                s(f, "nodes"),
+                s(f, "version"),
+                s(f, "file"),
+                note,
+            ]
+        })
+        .collect();
+    table(
+        &mut out,
+        &["NAME", "STATE   ", "NODES", "VERSION", "FILE", "REASON"],
+        &rows,
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `flowbus flows deploy FILE`.
+pub fn flows_deploy(admin: &Admin, file: &Path, name: Option<&str>) -> Result<ExitCode> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;
+    let name = match name {
+        Some(n) => n.to_string(),
+        None => serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v.get("name").and_then(Value::as_str).map(str::to_string))
+            .or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .ok_or_else(|| anyhow!("cannot tell the flow's name; give --name"))?,
+    };
+    let v = admin
+        .call_with(
+            "PUT",
+            &format!("/api/v1/flows/{}", encode(&name)),
+            Some(&text),
+            Some(file),
+        )
+        .with_context(|| format!("deploying {} as flow '{name}'", file.display()))?;
+    let d = &v["deployed"];
+    println!(
+        "deployed flow '{}' (version {}, {}) to {}",
+        s(d, "name"),
+        s(d, "version"),
+        s(d, "state"),
+        s(d, "file")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `flowbus flows start|stop NAME`.
+pub fn flows_action(admin: &Admin, action: &str, name: &str) -> Result<ExitCode> {
+    let v = admin.call(
+        "POST",
+        &format!("/api/v1/flows/{}/{action}", encode(name)),
+        None,
+    )?;
+    println!(
+        "flow '{}' is {}",
+        s(&v["flow"], "name"),
+        s(&v["flow"], "state")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `flowbus flows remove NAME`.
+pub fn flows_remove(admin: &Admin, name: &str) -> Result<ExitCode> {
+    admin.call("DELETE", &format!("/api/v1/flows/{}", encode(name)), None)?;
+    println!("flow '{name}' stopped and removed");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What `flowbus log` asks for.
+pub struct LogArgs {
+    /// Only this flow.
+    pub flow: Option<String>,
+    /// Only this node.
+    pub node: Option<String>,
+    /// At least this severity.
+    pub severity: Option<String>,
+    /// Only this number.
+    pub number: Option<String>,
+    /// Since a time or a duration back.
+    pub since: Option<String>,
+    /// At most this many past entries.
+    pub limit: usize,
+    /// Keep printing new entries.
+    pub follow: bool,
+    /// JSON lines instead of a table.
+    pub json: bool,
+}
+
+struct LogPrinter {
+    json: bool,
+    colour: bool,
+    flow_w: usize,
+    node_w: usize,
+}
+
+impl LogPrinter {
+    fn row(&self, e: &Value, out: &mut impl Write) -> std::io::Result<()> {
+        if self.json {
+            return writeln!(out, "{e}");
+        }
+        let sev = s(e, "severity");
+        let sev_cell = format!("{sev:<8}");
+        let sev_cell = match sev.as_str() {
+            "error" => paint(self.colour, "31;1", &sev_cell),
+            "warning" => paint(self.colour, "33", &sev_cell),
+            _ => sev_cell,
+        };
+        let time = paint(self.colour, "2", &format!("{:<24}", s(e, "time")));
+        let prefix = format!(
+            "{time} {sev_cell} {:<9} {:<fw$} {:<nw$} ",
+            s(e, "number"),
+            s(e, "flow"),
+            s(e, "node"),
+            fw = self.flow_w,
+            nw = self.node_w
+        );
+        let indent = 24 + 1 + 8 + 1 + 9 + 1 + self.flow_w + 1 + self.node_w + 1;
+        let msg = s(e, "message");
+        let mut lines = msg.lines();
+        writeln!(out, "{prefix}{}", lines.next().unwrap_or_default())?;
+        for l in lines {
+            writeln!(out, "{}{l}", " ".repeat(indent))?;
+        }
+        Ok(())
+    }
+
+    fn header(&self, out: &mut impl Write) -> std::io::Result<()> {
+        if self.json {
+            return Ok(());
+        }
+        writeln!(
+            out,
+            "{:<24} {:<8} {:<9} {:<fw$} {:<nw$} MESSAGE",
+            "TIME",
+            "SEVERITY",
+            "NUMBER",
+            "FLOW",
+            "NODE",
+            fw = self.flow_w,
+            nw = self.node_w
+        )
+    }
+}
+
+/// `flowbus log`.
+pub fn log(admin: &Admin, a: LogArgs) -> Result<ExitCode> {
+    let filters = [
+        ("flow", a.flow.clone()),
+        ("node", a.node.clone()),
+        ("severity", a.severity.clone()),
+        ("number", a.number.clone()),
+    ];
+    let mut params = filters.to_vec();
+    params.push(("since", a.since.clone()));
+    params.push(("limit", Some(a.limit.to_string())));
+    let v = admin.call(
+        "GET",
+        &format!("/api/v1/activity-log{}", query_string(&params)),
+        None,
+    )?;
+    let entries = v["entries"].as_array().cloned().unwrap_or_default();
+    let width = |k: &str, min: usize| {
+        entries
+            .iter()
+            .map(|e| s(e, k).chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(min)
+    };
+    let p = LogPrinter {
+        json: a.json,
+        colour: colour(),
+        flow_w: width("flow", if a.follow { 12 } else { 4 }),
+        node_w: width("node", if a.follow { 12 } else { 4 }),
+    };
+    let mut out = std::io::stdout().lock();
+    if !entries.is_empty() || a.follow {
+        p.header(&mut out)?;
+    }
+    for e in &entries {
+        p.row(e, &mut out)?;
+    }
+    out.flush()?;
+    if !a.follow {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let last = entries
+        .last()
+        .and_then(|e| e["seq"].as_u64())
+        .or_else(|| v["last_seq"].as_u64())
+        .unwrap_or(0);
+    let mut params = filters.to_vec();
+    params.push(("after", Some(last.to_string())));
+    let url = format!(
+        "{}/api/v1/activity-log/stream{}",
+        admin.base,
+        query_string(&params)
+    );
+    let agent = Admin::agent(None);
+    let mut resp = admin
+        .auth(agent.get(&url))
+        .header("Accept", "text/event-stream")
+        .call()
+        .map_err(|e| admin.unreachable(e))?;
+    if resp.status().as_u16() != 200 {
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        bail!("the daemon refused the stream: {text}");
+    }
+    let reader = BufReader::new(resp.into_body().into_reader());
+    let mut event = String::new();
+    for line in reader.lines() {
+        let line = line.context("the stream ended")?;
+        if let Some(d) = line.strip_prefix("event:") {
+            event = d.trim().to_string();
+        } else if let Some(d) = line.strip_prefix("data:") {
+            let v: Value = serde_json::from_str(d.trim()).unwrap_or(Value::Null);
+            if event == "lagged" {
+                eprintln!(
+                    "(the terminal fell behind: {} entries skipped)",
+                    s(&v, "skipped")
+                );
+            } else {
+                p.row(&v, &mut out)?;
+                out.flush()?;
+            }
+        } else if line.is_empty() {
+            event.clear();
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `flowbus stats`.
+pub fn stats(admin: &Admin, json: bool) -> Result<ExitCode> {
+    let v = admin.call("GET", "/api/v1/statistics", None)?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    writeln!(out, "since {}", s(&v, "since"))?;
+    let servers = v["servers"].as_object().cloned().unwrap_or_default();
+    if !servers.is_empty() {
+        writeln!(out, "\nMQTT servers")?;
+        let cols = [
+            "OpenConnections",
+            "ClosedConnections",
+            "FailedConnections",
+            "MessagesReceived",
+            "MessagesSent",
+            "BytesReceived",
+            "BytesSent",
+        ];
+        let rows: Vec<Vec<String>> = servers
+            .iter()
+            .map(|(url, st)| {
+                std::iter::once(url.clone())
+                    .chain(cols.iter().map(|c| s(st, c)))
+                    .collect()
+            })
+            .collect();
+        table(
+            &mut out,
+            &[
+                "SERVER",
+                "OPEN",
+                "CLOSED",
+                "FAILED",
+                "RECEIVED",
+                "SENT",
+                "BYTES IN",
+                "BYTES OUT",
+            ],
+            &rows,
+        )?;
+    }
+    let flows = v["flows"].as_object().cloned().unwrap_or_default();
+    if !flows.is_empty() {
+        writeln!(out, "\nFlows")?;
+        let mut rows = Vec::new();
+        for (flow, nodes) in &flows {
+            for n in nodes.as_array().into_iter().flatten() {
+                let terminals = n["terminals"]
+                    .as_object()
+                    .map(|t| {
+                        t.iter()
+                            .filter(|(_, c)| c.as_u64() != Some(0))
+                            .map(|(k, c)| format!("{k}={c}"))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .unwrap_or_default();
+                let count = n["processing"]["count"].as_u64().unwrap_or(0);
+                let sum = n["processing"]["sum_seconds"].as_f64().unwrap_or(0.0);
+                let avg = if count > 0 {
+                    format!("{:.3}", sum * 1000.0 / count as f64)
+                } else {
+                    "-".to_string()
+                };
+                // An input node is not called: show the messages it started instead.
+                let calls = n["invocations"].as_u64().unwrap_or(0).max(count);
+                rows.push(vec![
+                    flow.clone(),
+                    s(n, "node"),
+                    s(n, "type"),
+                    calls.to_string(),
+                    s(n, "errors"),
+                    s(n, "discards"),
+                    avg,
+                    terminals,
+                ]);
+            }
+        }
+        table(
+            &mut out,
+            &[
+                "FLOW",
+                "NODE",
+                "TYPE",
+                "CALLS",
+                "ERRORS",
+                "DISCARDS",
+                "AVG MS",
+                "TERMINALS",
+            ],
+            &rows,
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tables_align_and_queries_encode() {
+        let mut out = Vec::new();
+        table(
+            &mut out,
+            &["A", "BB"],
+            &[
+                vec!["long".into(), "x".into()],
+                vec!["s".into(), "y".into()],
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "A     BB\nlong  x\ns     y\n"
+        );
+        assert_eq!(
+            query_string(&[("flow", Some("a b&c".into())), ("node", None)]),
+            "?flow=a%20b%26c"
+        );
+    }
+}
