@@ -996,7 +996,7 @@ impl Conn {
                             log.record(log.entry(
                                 Severity::Warning,
                                 bip::DISCONNECTED,
-                                format!("Disconnected from {} to reconnect (a publish was not acknowledged in time)", log.url),
+                                format!("Disconnected from {} to reconnect after a failed publish attempt", log.url),
                             ));
                         }
                         _ => {
