@@ -772,6 +772,10 @@ impl Conn {
 
     /// Waits until connected, at most `timeout`; returns whether it is.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        // The common case, without a receiver and a timer per message.
+        if *self.connected.borrow() {
+            return true;
+        }
         let mut rx = self.connected.subscribe();
         let ok = matches!(
             tokio::time::timeout(timeout, rx.wait_for(|c| *c)).await,
