@@ -605,7 +605,7 @@ pub type OnConnected = Box<dyn Fn(bool) -> flowbus_runtime::BoxFut<'static, ()> 
 /// One client and its supervisor.
 pub struct Conn {
     /// The paho client.
-    pub client: paho::AsyncClient,
+    pub client: std::mem::ManuallyDrop<paho::AsyncClient>,
     /// Log context.
     pub log: LogCtx,
     opts: paho::ConnectOptions,
@@ -744,7 +744,7 @@ impl Conn {
             client_id: spec.client_id,
         };
         Ok(Arc::new(Conn {
-            client,
+            client: std::mem::ManuallyDrop::new(client),
             log,
             opts,
             backoff: spec.backoff,
@@ -772,6 +772,10 @@ impl Conn {
 
     /// Waits until connected, at most `timeout`; returns whether it is.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        // The common case, without a receiver and a timer per message.
+        if *self.connected.borrow() {
+            return true;
+        }
         let mut rx = self.connected.subscribe();
         let ok = matches!(
             tokio::time::timeout(timeout, rx.wait_for(|c| *c)).await,
@@ -996,7 +1000,7 @@ impl Conn {
                             log.record(log.entry(
                                 Severity::Warning,
                                 bip::DISCONNECTED,
-                                format!("Disconnected from {} to reconnect (a publish was not acknowledged in time)", log.url),
+                                format!("Disconnected from {} to reconnect after a failed publish attempt", log.url),
                             ));
                         }
                         _ => {
@@ -1092,6 +1096,29 @@ impl Conn {
             )),
         }
         self.mark_closed();
+    }
+}
+
+/// paho-mqtt clients that have been closed but are never destroyed. A paho token (say, a
+/// connect still in progress when the node stopped) keeps a reference to its client; if that
+/// reference turns out to be the last, paho-mqtt destroys the client inside the Paho C library's
+/// own callback thread, which deadlocks the library (or crashes it). Keeping every closed
+/// client here costs a few kilobytes per connection ever closed (a redeploy, an override URL)
+/// and makes that impossible.
+static CLOSED_CLIENTS: Mutex<Vec<paho::AsyncClient>> = Mutex::new(Vec::new());
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        // SAFETY: `client` is never used again: this is the drop of its owner.
+        let client = unsafe { std::mem::ManuallyDrop::take(&mut self.client) };
+        if client.is_connected() {
+            // Nobody is left to wait for the token.
+            drop(client.disconnect(None::<paho::DisconnectOptions>));
+        }
+        CLOSED_CLIENTS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(client);
     }
 }
 

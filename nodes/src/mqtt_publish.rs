@@ -313,6 +313,12 @@ impl Publish {
                     .publish(self.paho_message(t, qos, payload, conn.v5)),
             )
         };
+        if qos == 0 {
+            // QoS 0: no acknowledgement is awaited (IIB). Paho has the message and writes it
+            // in order; waiting for the write would only cost a thread hand-off per message.
+            drop(token);
+            return Ok(0);
+        }
         match tokio::time::timeout(self.ack_timeout, token).await {
             Ok(Ok(())) => Ok(qos),
             Ok(Err(e)) => Err(Attempt::Failed(format!("publish failed: {e}"))),
