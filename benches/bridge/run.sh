@@ -38,7 +38,8 @@ usage() { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; cat <<EOF
 Options:
   --reps N           repetitions of the main table (default $REPS)
   --qos "0 1 2"      QoS levels (default "$QOS")
-  --systems "..."    from: broker bridge-wait bridge-pipelined flowbus flowbus-x4 flowbus-inflight nodered
+  --systems "..."    from: broker bridge-wait bridge-pipelined flowbus flowbus-x4 flowbus-inflight
+                     flowbus-memory (server persistence = "memory") nodered
                      (default "$SYSTEMS"; --nodered appends nodered)
   --nodered          add Node-RED 4 (npm install into target/bench-nodered)
   --no-nagle-table   skip the table against mosquitto's default socket settings
@@ -186,18 +187,20 @@ stop_pid() { # pid [name]
   wait "$pid" 2>/dev/null || true
 }
 
-flowbus_flow() { # dir port qos instances in_flight
-  local extra=""
+flowbus_flow() { # dir port qos instances in_flight persistence(file|memory)
+  local extra="" server="\"url\": \"tcp://127.0.0.1:$2\""
   [[ -n "$5" ]] && extra=", \"in_flight\": $5"
+  # A named server, so its settings (persistence) apply; the URL is the same.
+  [[ -n "${6:-}" ]] && server="\"server\": \"bench\""
   cat > "$1/bridge.json" <<EOF
 {
   "name": "bridge",
   "description": "Benchmark bridge: bench/in/# -> add a field in Rhai -> bench/out/...",
   "nodes": [
-    { "id": "in", "type": "MQTTSubscribe", "url": "tcp://127.0.0.1:$2", "topic": "bench/in/#",
+    { "id": "in", "type": "MQTTSubscribe", $server, "topic": "bench/in/#",
       "qos": $3, "domain": "JSON", "instances": $4$extra },
     { "id": "enrich", "type": "Compute", "script": "enrich.rhai" },
-    { "id": "out", "type": "MQTTPublish", "url": "tcp://127.0.0.1:$2", "qos": $3 }
+    { "id": "out", "type": "MQTTPublish", $server, "qos": $3 }
   ],
   "connections": [
     { "from": "in.Out", "to": "enrich" },
@@ -217,6 +220,9 @@ flows = ["$1/bridge.json"]
 [admin]
 listen = "127.0.0.1:$(free_port)"
 EOF
+  if [[ -n "${6:-}" ]]; then
+    printf '[servers.bench]\nurl = "tcp://127.0.0.1:%s"\npersistence = "%s"\n' "$2" "$6" >> "$1/flowbus.toml"
+  fi
 }
 
 nodered_flow() { # dir port qos
@@ -253,11 +259,12 @@ start_sut() { # system port qos dir -> sets SUT_PID ("" for broker only)
     broker) ;;
     bridge-wait) "$BIN/bridge" --url "$url" --qos "$q" --mode wait >"$dir/sut.log" 2>&1 & SUT_PID=$! ;;
     bridge-pipelined) "$BIN/bridge" --url "$url" --qos "$q" --mode pipelined >"$dir/sut.log" 2>&1 & SUT_PID=$! ;;
-    flowbus|flowbus-x4|flowbus-inflight)
-      local inst=1 infl=""
+    flowbus|flowbus-x4|flowbus-inflight|flowbus-memory)
+      local inst=1 infl="" pers=""
       [[ $sys == flowbus-x4 ]] && inst=$INSTANCES_X
       [[ $sys == flowbus-inflight ]] && infl=256
-      flowbus_flow "$dir" "$port" "$q" "$inst" "$infl"
+      [[ $sys == flowbus-memory ]] && pers=memory
+      flowbus_flow "$dir" "$port" "$q" "$inst" "$infl" "$pers"
       (cd "$dir" && RUST_LOG=warn exec "$FLOWBUS" run --config "$dir/flowbus.toml") >"$dir/sut.log" 2>&1 &
       SUT_PID=$! ;;
     nodered)

@@ -19,6 +19,7 @@ const ORDER: &[&str] = &[
     "nodered",
     "flowbus",
     "flowbus-inflight",
+    "flowbus-memory",
     "flowbus-x4",
 ];
 const REFERENCES: &[&str] = &["broker", "bridge-wait", "bridge-pipelined", "nodered"];
@@ -32,6 +33,7 @@ fn describe(system: &str) -> &str {
         "flowbus" => "flowbus, `instances: 1`",
         "flowbus-inflight" => "flowbus, `instances: 1`, `in_flight: 256`",
         "flowbus-x4" => "flowbus, `instances: 4`",
+        "flowbus-memory" => "flowbus, `instances: 1`, persistence `memory`",
         other => other,
     }
 }
