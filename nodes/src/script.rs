@@ -552,14 +552,16 @@ mod tests {
 
     const T: &[&str] = &["Out", "Out1"];
 
+    /// A Compute script from inline `code` and limits, compiled (the test fails if it does not).
+    fn compiled(props: Value) -> Script {
+        load(&decl(props), Path::new("."), &["code"]).unwrap_or_else(|_| panic!("compiles"))
+    }
+
     #[test]
     fn reads_and_writes_the_trees() {
-        let s = load(
-            &decl(json!({"code": "Root.Body.f = Root.Body.c * 9 / 5 + 32; LocalEnvironment.Variables.x = 1; Environment.seen = true;"})),
-            Path::new("."),
-            &["code"],
-        )
-        .unwrap_or_else(|_| panic!("compiles"));
+        let s = compiled(
+            json!({"code": "Root.Body.f = Root.Body.c * 9 / 5 + 32; LocalEnvironment.Variables.x = 1; Environment.seen = true;"}),
+        );
         let msg = Message::new(Body::Json(json!({"c": 100})));
         let out = s.run(&msg, T).unwrap();
         assert_eq!(
@@ -574,12 +576,9 @@ mod tests {
 
     #[test]
     fn propagate_copies_the_current_state() {
-        let s = load(
-            &decl(json!({"code": "Root.Body.n = 1; propagate(\"Out1\"); Root.Body.n = 2; false"})),
-            Path::new("."),
-            &["code"],
-        )
-        .unwrap_or_else(|_| panic!("compiles"));
+        let s = compiled(
+            json!({"code": "Root.Body.n = 1; propagate(\"Out1\"); Root.Body.n = 2; false"}),
+        );
         let out = s.run(&Message::new(Body::Json(json!({}))), T).unwrap();
         assert_eq!(out.value.as_bool().ok(), Some(false));
         assert_eq!(out.propagated.len(), 1);
@@ -590,24 +589,14 @@ mod tests {
 
     #[test]
     fn endless_loop_and_huge_allocation_become_exceptions() {
-        let s = load(
-            &decl(json!({"code": "loop { }", "max_operations": 10000})),
-            Path::new("."),
-            &["code"],
-        )
-        .unwrap_or_else(|_| panic!("compiles"));
+        let s = compiled(json!({"code": "loop { }", "max_operations": 10000}));
         let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
         assert!(
             e.text.contains("exceeded max_operations (10000)"),
             "{}",
             e.text
         );
-        let s = load(
-            &decl(json!({"code": "let s = \"xx\";\nloop { s += s; }"})),
-            Path::new("."),
-            &["code"],
-        )
-        .unwrap_or_else(|_| panic!("compiles"));
+        let s = compiled(json!({"code": "let s = \"xx\";\nloop { s += s; }"}));
         let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
         assert!(
             e.text
@@ -635,12 +624,7 @@ mod tests {
 
     #[test]
     fn runtime_errors_name_script_line_and_column() {
-        let s = load(
-            &decl(json!({"code": "let a = 1;\nlet b = a + \"x\" * 2;"})),
-            Path::new("."),
-            &["code"],
-        )
-        .unwrap_or_else(|_| panic!("compiles"));
+        let s = compiled(json!({"code": "let a = 1;\nlet b = a + \"x\" * 2;"}));
         let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
         assert!(
             e.text
@@ -652,12 +636,7 @@ mod tests {
 
     #[test]
     fn environment_writes_survive_a_failing_script() {
-        let s = load(
-            &decl(json!({"code": "Environment.seen = true;\nthrow \"fail\";"})),
-            Path::new("."),
-            &["code"],
-        )
-        .unwrap_or_else(|_| panic!("compiles"));
+        let s = compiled(json!({"code": "Environment.seen = true;\nthrow \"fail\";"}));
         let msg = Message::new(Body::Json(json!({})));
         let e = s.run(&msg, T).unwrap_err();
         assert!(e.text.contains("script threw: fail"), "{}", e.text);
@@ -666,14 +645,9 @@ mod tests {
 
     #[test]
     fn maps_grown_key_by_key_are_held_to_max_map_size() {
-        let s = load(
-            &decl(
-                json!({"code": "for i in 0..100 { Root.Body[`k${i}`] = i; }", "max_map_size": 10}),
-            ),
-            Path::new("."),
-            &["code"],
-        )
-        .unwrap_or_else(|_| panic!("compiles"));
+        let s = compiled(
+            json!({"code": "for i in 0..100 { Root.Body[`k${i}`] = i; }", "max_map_size": 10}),
+        );
         let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
         assert!(
             e.text
@@ -685,12 +659,7 @@ mod tests {
 
     #[test]
     fn errors_of_helper_functions_are_not_called_throws() {
-        let s = load(
-            &decl(json!({"code": "json_decode(\"{oops\")"})),
-            Path::new("."),
-            &["code"],
-        )
-        .unwrap_or_else(|_| panic!("compiles"));
+        let s = compiled(json!({"code": "json_decode(\"{oops\")"}));
         let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
         assert!(e.text.contains(": json_decode: "), "{}", e.text);
         assert!(!e.text.contains("threw"), "{}", e.text);
@@ -698,12 +667,9 @@ mod tests {
 
     #[test]
     fn timeout_stops_a_slow_script() {
-        let s = load(
-            &decl(json!({"code": "let i = 0; loop { i += 1; }", "max_operations": 1_000_000_000_000_i64, "timeout": "50ms"})),
-            Path::new("."),
-            &["code"],
-        )
-        .unwrap_or_else(|_| panic!("compiles"));
+        let s = compiled(
+            json!({"code": "let i = 0; loop { i += 1; }", "max_operations": 1_000_000_000_000_i64, "timeout": "50ms"}),
+        );
         let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
         assert!(e.text.contains("longer than its timeout"), "{}", e.text);
     }
