@@ -877,3 +877,93 @@ async fn the_command_line_overrides_the_configuration_and_log_follows() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Files named `name` anywhere under `dir`.
+fn find_files(dir: &std::path::Path, name: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            found.extend(find_files(&p, name));
+        } else if p.file_name().is_some_and(|n| n == name) {
+            found.push(p);
+        }
+    }
+    found
+}
+
+fn live_records(log: &std::path::Path) -> usize {
+    flowbus_nodes::mqtt_store::replay(&std::fs::read(log).unwrap_or_default())
+        .live
+        .len()
+}
+
+/// A QoS 1 publication that the daemon has handed to the output broker's connection, but that
+/// is not acknowledged when the daemon crashes (SIGKILL), is sent by the next start: the
+/// publisher's in-flight log (`persistence = "file"`, the default) keeps it. The input broker
+/// already has its ack, and what the old connection wrote reaches the output broker before
+/// anyone subscribes there, so the log is the only place the message can come from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_in_flight_survives_a_crash_of_the_daemon() {
+    let a = Broker::start("");
+    let b = Broker::start("");
+    let flow = json!({
+        "name": "crash",
+        "nodes": [
+            {"id": "in", "type": "MQTTSubscribe", "url": a.url(), "topic": "crash/in", "qos": 1},
+            {"id": "out", "type": "MQTTPublish", "url": b.url(), "topic": "crash/out", "qos": 1}
+        ],
+        "connections": [{"from": "in.Out", "to": "out"}]
+    })
+    .to_string();
+    let mut d = start(&with_token(""), &[("crash.json", &flow)]);
+    d.wait_api().await;
+    cli_until(&d, &["stats", "--json"], Duration::from_secs(20), |o| {
+        serde_json::from_str::<Value>(o).is_ok_and(|v| {
+            v["servers"][b.url()]["OpenConnections"] == 1
+                && v["servers"][a.url()]["OpenConnections"] == 1
+        })
+    })
+    .await;
+    cli_until(
+        &d,
+        &["log", "--number", "BIP12095"],
+        Duration::from_secs(20),
+        |o| o.contains("Subscribed"),
+    )
+    .await;
+    let logs = find_files(&d.dir, "inflight.log");
+    assert_eq!(logs.len(), 1, "one publisher log under {:?}", d.dir);
+    let log = logs[0].clone();
+    assert_eq!(live_records(&log), 0);
+
+    // B stops answering; the publication goes out on the socket and waits for its PUBACK.
+    b.freeze();
+    let producer = Client::connect(&a.url(), false).await;
+    producer
+        .publish("crash/in", "{\"survives\": true}", 1)
+        .await;
+    common::wait_until(Duration::from_secs(10), || live_records(&log) == 1).await;
+    // The crash.
+    let mut child = d.child.take().expect("running");
+    child.kill().expect("SIGKILL");
+    let _ = child.wait();
+    // B reads what the dead connection wrote (delivered to nobody: no subscriber yet) and
+    // keeps the publisher's session.
+    b.thaw();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let consumer = Client::connect(&b.url(), false).await;
+    consumer.subscribe("crash/out", 1).await;
+
+    d.start();
+    let got = consumer.take_json(1, Duration::from_secs(20)).await;
+    assert_eq!(
+        got,
+        vec![("crash/out".to_string(), json!({"survives": true}))],
+        "log:\n{}",
+        d.stderr()
+    );
+    // Acknowledged now: nothing live in the log.
+    common::wait_until(Duration::from_secs(10), || live_records(&log) == 0).await;
+    assert!(d.terminate(Duration::from_secs(15)).success());
+}

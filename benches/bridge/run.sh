@@ -95,7 +95,7 @@ SUFFIX=""; [[ $QUICKACK == 1 ]] && SUFFIX="-quickack"
 if [[ $NODERED == 1 && " $SYSTEMS " != *" nodered "* ]]; then SYSTEMS="$SYSTEMS nodered"; fi
 
 OUT="${OUT:-$ROOT/target/bench-results/$(date +%Y%m%d-%H%M%S)}"
-mkdir -p "$OUT/logs"
+mkdir -p "$OUT/logs"; OUT="$(cd "$OUT" && pwd)"   # absolute: the systems run in their own directories
 RESULTS="$OUT/results.jsonl"
 : > "$RESULTS"
 BIN="$ROOT/target/bench/release"

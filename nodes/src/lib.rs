@@ -15,6 +15,7 @@ pub mod doctor;
 pub mod filter;
 pub mod mqtt_client;
 pub mod mqtt_publish;
+pub mod mqtt_store;
 pub mod mqtt_subscribe;
 pub mod qos_policy;
 pub mod script;

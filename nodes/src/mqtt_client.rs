@@ -657,22 +657,24 @@ impl Conn {
     pub fn new(spec: ConnSpec<'_>) -> Result<Arc<Conn>, String> {
         let ep = spec.endpoint;
         let v5 = ep.version == 5;
-        let persistence = match &spec.persist_dir {
-            Some(dir) => {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    format!(
-                        "cannot create the persistence directory {}: {e}",
-                        dir.display()
-                    )
-                })?;
-                paho::PersistenceType::FilePath(dir.clone())
-            }
-            None => paho::PersistenceType::None,
-        };
-        let create = paho::CreateOptionsBuilder::new()
+        if let Some(dir) = &spec.persist_dir {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                format!(
+                    "cannot create the persistence directory {}: {e}",
+                    dir.display()
+                )
+            })?;
+        }
+        let mut create = paho::CreateOptionsBuilder::new()
             .server_uri(&ep.url)
-            .client_id(&spec.client_id)
-            .persistence(persistence)
+            .client_id(&spec.client_id);
+        create = match &spec.persist_dir {
+            // Publications in flight go to an append-only log (see `mqtt_store`) rather than
+            // Paho's file-per-message store.
+            Some(dir) => create.user_persistence(crate::mqtt_store::LogStore::new(dir.clone())),
+            None => create.persistence(paho::PersistenceType::None),
+        };
+        let create = create
             // Paho refuses publishes beyond this many queued-and-not-yet-written messages, even
             // while connected (default 100); the node's own window bounds what it queues.
             .max_buffered_messages(10_000)

@@ -232,9 +232,9 @@ pub struct ServerConfig {
     /// publications).
     #[serde(default)]
     pub max_inflight: Option<u16>,
-    /// Where QoS 1/2 publishers keep publications in flight: `file` (default; Paho file
-    /// persistence under the data directory, survives a restart) or `memory` (survives a
-    /// reconnect, not a crash; about twice the throughput).
+    /// Where QoS 1/2 publishers keep publications in flight: `file` (default; an append-only
+    /// log under the data directory, survives a restart) or `memory` (survives a reconnect,
+    /// not a crash of the daemon).
     #[serde(default)]
     pub persistence: Option<String>,
 }
