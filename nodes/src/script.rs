@@ -419,13 +419,6 @@ impl Script {
         for (t, r, l) in state.map(|s| s.propagated).unwrap_or_default() {
             propagated.push((t, build(Some(r), Some(l))?));
         }
-        let take = |name: &str, used: bool| {
-            if used || u.propagate {
-                scope.get(name).map(Dynamic::flatten_clone)
-            } else {
-                None
-            }
-        };
         for name in ["Root", "LocalEnvironment"] {
             if let Some(d) = scope.get(name) {
                 check_sizes(d, &self.limits, name).map_err(|m| {
@@ -437,7 +430,17 @@ impl Script {
                 })?;
             }
         }
-        let message = build(take("Root", u.root), take("LocalEnvironment", u.local_env))?;
+        // The scope's trees are taken, not copied: nothing else holds them any more.
+        let mut take = |name: &str, used: bool| {
+            if used || u.propagate {
+                scope.remove::<Dynamic>(name).map(Dynamic::flatten)
+            } else {
+                None
+            }
+        };
+        let root = take("Root", u.root);
+        let le = take("LocalEnvironment", u.local_env);
+        let message = build(root, le)?;
         Ok(Outcome {
             value,
             message,
@@ -480,13 +483,65 @@ EvalAltResult::ErrorRuntime(v, _) => format!("script threw: {v}"),
     }
 }
 
+/// serde_json → Rhai, directly (no serde round trip: this runs for every message). Numbers
+/// convert as Rhai's serde support converts them: an integer that fits `i64` to INT, any other
+/// number to FLOAT.
 fn to_dynamic(v: &Value) -> Dynamic {
-    // A serde_json::Value always converts.
-    rhai::serde::to_dynamic(v).unwrap_or(Dynamic::UNIT)
+    match v {
+        Value::Null => Dynamic::UNIT,
+        Value::Bool(b) => Dynamic::from_bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Dynamic::from_int(i),
+            None => Dynamic::from_float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => Dynamic::from(rhai::ImmutableString::from(s.as_str())),
+        Value::Array(a) => Dynamic::from_array(a.iter().map(to_dynamic).collect()),
+        Value::Object(o) => map_to_dynamic(o),
+    }
+}
+
+fn map_to_dynamic(o: &Map<String, Value>) -> Dynamic {
+    let mut m = RMap::new();
+    for (k, v) in o {
+        m.insert(k.as_str().into(), to_dynamic(v));
+    }
+    Dynamic::from_map(m)
+}
+
+/// Rhai → serde_json, directly for the JSON types (no serde round trip); anything else (a
+/// blob, a char, a shared value inside a map) goes through Rhai's serde support.
+fn value_of(d: &Dynamic) -> Result<Value, String> {
+    if d.is_unit() {
+        return Ok(Value::Null);
+    }
+    if let Ok(b) = d.as_bool() {
+        return Ok(Value::Bool(b));
+    }
+    if let Ok(i) = d.as_int() {
+        return Ok(Value::from(i));
+    }
+    if let Ok(f) = d.as_float() {
+        // As serde_json does: NaN and the infinities have no JSON form.
+        return Ok(serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number));
+    }
+    if let Ok(s) = d.as_immutable_string_ref() {
+        return Ok(Value::String(s.as_str().to_owned()));
+    }
+    if let Ok(m) = d.as_map_ref() {
+        let mut out = Map::new();
+        for (k, v) in m.iter() {
+            out.insert(k.to_string(), value_of(v)?);
+        }
+        return Ok(Value::Object(out));
+    }
+    if let Ok(a) = d.as_array_ref() {
+        return a.iter().map(value_of).collect::<Result<_, _>>().map(Value::Array);
+    }
+    rhai::serde::from_dynamic::<Value>(d).map_err(|e| e.to_string())
 }
 
 fn from_dynamic(d: &Dynamic, tree: &str) -> Result<Value, Exception> {
-    rhai::serde::from_dynamic::<Value>(d).map_err(|e| {
+    value_of(d).map_err(|e| {
         Exception::new(
             ExceptionKind::Conversion,
             numbers::SCRIPT_ERROR,
@@ -497,10 +552,7 @@ fn from_dynamic(d: &Dynamic, tree: &str) -> Result<Value, Exception> {
 
 fn root_to_dynamic(root: &Root) -> Dynamic {
     let mut m = RMap::new();
-    m.insert(
-        "Properties".into(),
-        to_dynamic(&Value::Object(root.properties.clone())),
-    );
+    m.insert("Properties".into(), map_to_dynamic(&root.properties));
     let body = match &root.body {
         Body::Json(v) => to_dynamic(v),
         Body::Text(s) => Dynamic::from(s.clone()),
@@ -554,7 +606,7 @@ mod tests {
 
     /// A Compute script from inline `code` and limits, compiled (the test fails if it does not).
     fn compiled(props: Value) -> Script {
-        load(&decl(props), Path::new("."), &["code"]).unwrap_or_else(|_| panic!("compiles"))
+        load(&decl(props), Path::new("."), &["code"]).unwrap_or_else(|p| panic!("compiles: {p:?}"))
     }
 
     #[test]
@@ -572,6 +624,34 @@ mod tests {
         assert_eq!(msg.environment.snapshot(), json!({"seen": true}));
         // The input message is untouched.
         assert_eq!(msg.root.body, Body::Json(json!({"c": 100})));
+    }
+
+    #[test]
+    fn trees_convert_to_rhai_and_back_as_rhais_serde_support_does() {
+        let v = json!({
+            "i": -5, "big": 18_446_744_073_709_551_615u64, "f": 1.5, "s": "é\"", "n": null,
+            "b": true, "a": [1, [2], {"k": "v"}], "o": {}
+        });
+        let direct = to_dynamic(&v);
+        let via_serde = rhai::serde::to_dynamic(&v).unwrap();
+        assert_eq!(format!("{direct:?}"), format!("{via_serde:?}"));
+        let back = value_of(&direct).unwrap();
+        assert_eq!(back, rhai::serde::from_dynamic::<Value>(&via_serde).unwrap());
+        let mut expect = v.clone();
+        expect["big"] = json!(18_446_744_073_709_551_615u64 as f64);
+        assert_eq!(back, expect);
+    }
+
+    #[test]
+    fn script_values_without_a_json_twin_convert_as_before() {
+        let s = compiled(json!({"code": "Root.Body.nan = 0.0 / 0.0; Root.Body.c = 'x'; Root.Body.copy = Root.Body.list; Root.Body.list.push(3);"}));
+        let out = s
+            .run(&Message::new(Body::Json(json!({"list": [1]}))), T)
+            .unwrap();
+        assert_eq!(
+            out.message.root.body,
+            Body::Json(json!({"list": [1, 3], "copy": [1], "nan": null, "c": "x"}))
+        );
     }
 
     #[test]
