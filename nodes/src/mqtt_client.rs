@@ -1138,6 +1138,59 @@ impl Drop for AbandonOnDrop {
 /// its `Debug` output starts with the C struct (`... dup: 0, msgid: 7, ...`), so we read them
 /// there and stop formatting as soon as they are found (the payload is never formatted).
 pub fn wire_info(m: &paho::Message) -> (bool, i32) {
+    wire_info_fast(m).unwrap_or_else(|| wire_info_text(m))
+}
+
+/// Follows the formatter's pieces: `debug_struct` writes a field's name, `": "`, then the
+/// value (one piece for an integer). No buffer, no searching: this runs for every message.
+fn wire_info_fast(m: &dyn std::fmt::Debug) -> Option<(bool, i32)> {
+    #[derive(Clone, Copy)]
+    enum Want {
+        Nothing,
+        Dup,
+        MsgId,
+    }
+    struct Pieces {
+        want: Want,
+        dup: Option<bool>,
+        msgid: Option<i32>,
+        seen: usize,
+    }
+    impl std::fmt::Write for Pieces {
+        fn write_str(&mut self, s: &str) -> std::fmt::Result {
+            self.seen += s.len();
+            match (s, self.want) {
+                ("dup", _) => self.want = Want::Dup,
+                ("msgid", _) => self.want = Want::MsgId,
+                (": ", _) => {}
+                (v, Want::Dup) => {
+                    self.dup = v.parse::<i32>().ok().map(|d| d != 0);
+                    self.want = Want::Nothing;
+                }
+                (v, Want::MsgId) => {
+                    self.msgid = v.parse().ok();
+                    self.want = Want::Nothing;
+                }
+                _ => {}
+            }
+            if (self.dup.is_some() && self.msgid.is_some()) || self.seen > 1024 {
+                return Err(std::fmt::Error);
+            }
+            Ok(())
+        }
+    }
+    let mut p = Pieces {
+        want: Want::Nothing,
+        dup: None,
+        msgid: None,
+        seen: 0,
+    };
+    let _ = write!(p, "{m:?}");
+    Some((p.dup?, p.msgid?))
+}
+
+/// The same from the formatted text (if the formatter's pieces ever change shape).
+fn wire_info_text(m: &paho::Message) -> (bool, i32) {
     struct Finder {
         buf: String,
         found: Option<(bool, i32)>,
@@ -1315,6 +1368,33 @@ mod tests {
     fn wire_info_reads_the_c_struct() {
         let m = paho::Message::new("t", vec![1u8; 100], 1);
         assert_eq!(wire_info(&m), (false, 0));
+        // The fast path understands the formatter (no fallback to searching the text).
+        assert_eq!(wire_info_fast(&m), Some((false, 0)));
+        assert_eq!(wire_info_text(&m), (false, 0));
+        // What the C struct looks like to the formatter, with a resend's flag and id.
+        #[derive(Debug)]
+        #[allow(dead_code)]
+        struct Like {
+            struct_id: [u8; 4],
+            payloadlen: i32,
+            payload: *const u8,
+            qos: i32,
+            retained: i32,
+            dup: i32,
+            msgid: i32,
+            properties: Vec<i32>,
+        }
+        let like = Like {
+            struct_id: *b"MQTM",
+            payloadlen: 3,
+            payload: std::ptr::null(),
+            qos: 1,
+            retained: 0,
+            dup: 1,
+            msgid: 4711,
+            properties: vec![1, 2],
+        };
+        assert_eq!(wire_info_fast(&like), Some((true, 4711)));
     }
 
     #[test]

@@ -436,6 +436,12 @@ impl ProcessingNode for Publish {
                 log.record(e);
             }
             let id = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+            if !out.is_connected("Out") {
+                // Nothing reads WrittenDestination on an unconnected terminal: skip building it
+                // (and the copy of LocalEnvironment that setting it would make).
+                out.propagate("Out", msg).await?;
+                return Ok(());
+            }
             let mut w = serde_json::Map::new();
             w.insert("ClientId".into(), Value::from(log.client_id.clone()));
             w.insert("Topic".into(), Value::from(t.topic));

@@ -535,7 +535,11 @@ fn value_of(d: &Dynamic) -> Result<Value, String> {
         return Ok(Value::Object(out));
     }
     if let Ok(a) = d.as_array_ref() {
-        return a.iter().map(value_of).collect::<Result<_, _>>().map(Value::Array);
+        return a
+            .iter()
+            .map(value_of)
+            .collect::<Result<_, _>>()
+            .map(Value::Array);
     }
     rhai::serde::from_dynamic::<Value>(d).map_err(|e| e.to_string())
 }
@@ -636,7 +640,10 @@ mod tests {
         let via_serde = rhai::serde::to_dynamic(&v).unwrap();
         assert_eq!(format!("{direct:?}"), format!("{via_serde:?}"));
         let back = value_of(&direct).unwrap();
-        assert_eq!(back, rhai::serde::from_dynamic::<Value>(&via_serde).unwrap());
+        assert_eq!(
+            back,
+            rhai::serde::from_dynamic::<Value>(&via_serde).unwrap()
+        );
         let mut expect = v.clone();
         expect["big"] = json!(18_446_744_073_709_551_615u64 as f64);
         assert_eq!(back, expect);
@@ -644,7 +651,9 @@ mod tests {
 
     #[test]
     fn script_values_without_a_json_twin_convert_as_before() {
-        let s = compiled(json!({"code": "Root.Body.nan = 0.0 / 0.0; Root.Body.c = 'x'; Root.Body.copy = Root.Body.list; Root.Body.list.push(3);"}));
+        let s = compiled(
+            json!({"code": "Root.Body.nan = 0.0 / 0.0; Root.Body.c = 'x'; Root.Body.copy = Root.Body.list; Root.Body.list.push(3);"}),
+        );
         let out = s
             .run(&Message::new(Body::Json(json!({"list": [1]}))), T)
             .unwrap();
