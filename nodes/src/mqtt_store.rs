@@ -1,32 +1,34 @@
 //! Where a QoS 1/2 publisher keeps its publications in flight so that they survive a restart
-//! (`persistence = "file"`, the default): an append-only log that Paho uses as its user
-//! persistence.
+//! (`persistence = "file"`, the default): an append-only log in a memory-mapped file that Paho
+//! uses as its user persistence.
 //!
 //! Paho's own file persistence creates, writes, closes and later unlinks one file per
 //! publication (and per PUBREL at QoS 2): about a fifth of flowbus's CPU at QoS 1/2 in the
-//! bridge benchmark (docs/PERFORMANCE.md). This store appends one record per `put` and one per
-//! `remove` to a single file with one `write` each, keeps the live records in memory for
-//! Paho's `get`/`keys`, and rewrites the file from the live records once it has grown past
-//! [`COMPACT_AT`]. It gives the same guarantee as Paho's store: a record is in the kernel
-//! before Paho sends the packet, so it survives a crash of the daemon (neither store calls
-//! `fsync`; a power loss can lose the last records of either).
+//! bridge benchmark (docs/PERFORMANCE.md). Paho stores and removes four records per QoS 1
+//! message (the command, then the sent packet) and six at QoS 2; this store copies each into a
+//! shared mapping of one file (no system call), keeps the live records in memory for Paho's
+//! `get`/`keys`, and starts a new file from the live records when the mapping is full. A copy
+//! into a shared mapping is in the kernel's page cache at once, so a record survives a crash
+//! of the daemon exactly as a `write` would (neither this store nor Paho's calls `fsync`; a
+//! power loss can lose the last records of either).
 //!
 //! File format: the 8-byte header [`MAGIC`], then records
-//! `op (1) | key length (u16 LE) | data length (u32 LE) | key | data | FNV-1a of all before (u32 LE)`.
-//! A record cut short or failing its checksum ends the replay; the file is cut there and the
-//! loss is logged.
+//! `op (1) | key length (u16 LE) | data length (u32 LE) | key | data | FNV-1a of all before (u32 LE)`,
+//! then zeros up to the file's size. A record cut short or failing its checksum ends the
+//! replay; what follows is dropped and the loss is logged.
 
+use memmap2::MmapMut;
 use paho_mqtt as paho;
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// The file's first bytes.
-pub const MAGIC: &[u8; 8] = b"FBINFL01";
-/// The log is rewritten from the live records once it is this long.
-pub const COMPACT_AT: u64 = 4 << 20;
+pub const MAGIC: &[u8; 8] = b"FBINFL02";
+/// The smallest mapping (the file's size); a new file is started from the live records when
+/// it is full.
+pub const MIN_MAP: usize = 1 << 20;
 /// The log's name inside the client's persistence directory.
 pub const FILE_NAME: &str = "inflight.log";
 
@@ -42,10 +44,10 @@ pub struct LogStore {
 
 #[derive(Default)]
 struct Inner {
-    file: Option<File>,
+    map: Option<MmapMut>,
+    /// Where the next record goes.
+    end: usize,
     live: HashMap<String, Vec<u8>>,
-    live_bytes: u64,
-    log_bytes: u64,
     buf: Vec<u8>,
 }
 
@@ -93,6 +95,9 @@ pub fn replay(bytes: &[u8]) -> Replay {
     let mut at = MAGIC.len();
     while at + HEAD <= bytes.len() {
         let op = bytes[at];
+        if op == 0 {
+            break;
+        }
         let klen = u16::from_le_bytes([bytes[at + 1], bytes[at + 2]]) as usize;
         let dlen = u32::from_le_bytes(bytes[at + 3..at + 7].try_into().expect("4 bytes")) as usize;
         let end = at + HEAD + klen + dlen;
@@ -117,7 +122,12 @@ pub fn replay(bytes: &[u8]) -> Replay {
         at = end + 4;
     }
     r.good = at;
-    r.dropped = bytes.len() - at;
+    // The unused end of the file is zeros; anything else there is a record that was cut short
+    // or damaged.
+    r.dropped = match bytes[at..].iter().rposition(|b| *b != 0) {
+        Some(last) => last + 1,
+        None => 0,
+    };
     r
 }
 
@@ -145,52 +155,45 @@ fn io_err(what: &str, path: &Path, e: std::io::Error) -> paho::Error {
 }
 
 impl Inner {
+    /// Appends the record in `buf`, or starts a new file from the live records (which the
+    /// caller has already updated) when it does not fit.
     fn append(&mut self, path: &Path) -> paho::Result<()> {
-        let Some(f) = self.file.as_mut() else {
+        let Some(map) = self.map.as_mut() else {
             tracing::error!("MQTT persistence {}: used before open", path.display());
             return Err(paho::Error::PersistenceError);
         };
-        f.write_all(&self.buf)
-            .map_err(|e| io_err("append to", path, e))?;
-        self.log_bytes += self.buf.len() as u64;
-        Ok(())
+        let n = self.buf.len();
+        if self.end + n <= map.len() {
+            map[self.end..self.end + n].copy_from_slice(&self.buf);
+            self.end += n;
+            return Ok(());
+        }
+        self.rewrite(path)
     }
 
-    /// Writes the live records to a new log and puts it in place of the old one.
+    /// Writes the live records to a new file, puts it in place of the old one and maps it.
     fn rewrite(&mut self, path: &Path) -> paho::Result<()> {
         let tmp = path.with_extension("log.tmp");
-        let mut out = Vec::with_capacity(MAGIC.len() + self.live_bytes as usize);
+        let mut out = Vec::with_capacity(MIN_MAP / 4);
         out.extend_from_slice(MAGIC);
         for (k, v) in &self.live {
             encode(&mut self.buf, PUT, k, &[v]);
             out.extend_from_slice(&self.buf);
         }
-        std::fs::write(&tmp, &out).map_err(|e| io_err("write", &tmp, e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io_err("replace", path, e))?;
-        let f = OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(|e| io_err("open", path, e))?;
-        self.file = Some(f);
-        self.log_bytes = out.len() as u64;
-        Ok(())
-    }
-
-    fn maybe_compact(&mut self, path: &Path) -> paho::Result<()> {
-        if self.log_bytes < COMPACT_AT {
-            return Ok(());
-        }
-        if self.live.is_empty() {
-            // Nothing in flight: cut the log back to its header (appends go to the end).
-            let f = self.file.as_ref().expect("open");
-            f.set_len(MAGIC.len() as u64)
-                .map_err(|e| io_err("truncate", path, e))?;
-            self.log_bytes = MAGIC.len() as u64;
-            return Ok(());
-        }
-        if self.live_bytes * 4 < self.log_bytes {
-            self.rewrite(path)?;
-        }
+        // Room for at least as much again as is live.
+        let size = (out.len() * 2).max(MIN_MAP).next_multiple_of(64 << 10);
+        let write = || -> std::io::Result<MmapMut> {
+            std::fs::write(&tmp, &out)?;
+            let f = OpenOptions::new().read(true).write(true).open(&tmp)?;
+            f.set_len(size as u64)?;
+            std::fs::rename(&tmp, path)?;
+            // SAFETY: the file is ours (a private directory per client) and is only changed
+            // through this mapping while the store is open.
+            unsafe { MmapMut::map_mut(&f) }
+        };
+        let map = write().map_err(|e| io_err("start a new log at", path, e))?;
+        self.map = Some(map);
+        self.end = out.len();
         Ok(())
     }
 }
@@ -251,7 +254,6 @@ impl paho::ClientPersistence for LogStore {
         for (k, v) in &imported {
             inner.live.insert(k.clone(), v.clone());
         }
-        inner.live_bytes = inner.live.values().map(|v| v.len() as u64).sum();
         // Start from a compact log holding exactly the live records.
         inner.rewrite(&path)?;
         drop(inner);
@@ -275,16 +277,18 @@ impl paho::ClientPersistence for LogStore {
 
     fn close(&mut self) -> paho::Result<()> {
         let mut inner = self.lock();
-        if inner.live.is_empty() {
-            if let Some(f) = &inner.file {
-                // Nothing in flight: leave a log of just its header behind.
-                let _ = f.set_len(MAGIC.len() as u64);
+        if let Some(map) = inner.map.take() {
+            if inner.live.is_empty() {
+                // Nothing in flight: leave just the header behind.
+                drop(map);
+                let _ = OpenOptions::new()
+                    .write(true)
+                    .open(self.path())
+                    .and_then(|f| f.set_len(MAGIC.len() as u64));
             }
         }
-        inner.file = None;
         inner.live.clear();
-        inner.live_bytes = 0;
-        inner.log_bytes = 0;
+        inner.end = 0;
         Ok(())
     }
 
@@ -293,13 +297,14 @@ impl paho::ClientPersistence for LogStore {
         let mut inner = self.lock();
         let inner = &mut *inner;
         encode(&mut inner.buf, PUT, key, &buffers);
-        inner.append(&path)?;
-        let data = buffers.concat();
-        inner.live_bytes += data.len() as u64;
-        if let Some(old) = inner.live.insert(key.to_owned(), data) {
-            inner.live_bytes -= old.len() as u64;
-        }
-        inner.maybe_compact(&path)
+        let old = inner.live.insert(key.to_owned(), buffers.concat());
+        inner.append(&path).inspect_err(|_| {
+            // Not stored: Paho fails the publish, and the store stays as it was.
+            match old {
+                Some(v) => inner.live.insert(key.to_owned(), v),
+                None => inner.live.remove(key),
+            };
+        })
     }
 
     fn get(&mut self, key: &str) -> paho::Result<Vec<u8>> {
@@ -313,13 +318,11 @@ impl paho::ClientPersistence for LogStore {
     fn remove(&mut self, key: &str) -> paho::Result<()> {
         let path = self.path();
         let mut inner = self.lock();
-        let Some(old) = inner.live.remove(key) else {
+        if inner.live.remove(key).is_none() {
             return Ok(());
-        };
-        inner.live_bytes -= old.len() as u64;
+        }
         encode(&mut inner.buf, REMOVE, key, &[]);
-        inner.append(&path)?;
-        inner.maybe_compact(&path)
+        inner.append(&path)
     }
 
     fn keys(&mut self) -> paho::Result<Vec<String>> {
@@ -330,8 +333,7 @@ impl paho::ClientPersistence for LogStore {
         let path = self.path();
         let mut inner = self.lock();
         inner.live.clear();
-        inner.live_bytes = 0;
-        if inner.file.is_some() {
+        if inner.map.is_some() {
             inner.rewrite(&path)?;
         }
         Ok(())
@@ -395,16 +397,22 @@ mod tests {
         drop(s);
         let path = d.join(FILE_NAME);
         let full = std::fs::read(&path).unwrap();
-        // Cut the last record short.
-        std::fs::write(&path, &full[..full.len() - 3]).unwrap();
+        let used = replay(&full).good;
+        // The last record cut short (a crash in the middle of copying it).
+        let mut torn = full.clone();
+        torn[used - 3..].fill(0);
+        assert!(replay(&torn).dropped > 0);
+        std::fs::write(&path, &torn).unwrap();
         let s = &mut opened(&d);
         assert_eq!(s.keys().unwrap(), ["c-1"]);
-        // Flip a byte of the first record's data: its checksum fails, nothing is trusted.
+        // A byte of the first record's data flipped: its checksum fails, nothing is trusted.
         let mut bad = std::fs::read(&path).unwrap();
-        let at = bad.len() - 6;
-        bad[at] ^= 0xff;
+        bad[MAGIC.len() + HEAD + 3 + 1] ^= 0xff;
         std::fs::write(&path, &bad).unwrap();
         assert!(opened(&d).keys().unwrap().is_empty());
+        // A file of nothing but the header and zeros is an empty log, not a loss.
+        let r = replay(&std::fs::read(&path).unwrap());
+        assert_eq!((r.live.len(), r.dropped), (0, 0));
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -421,7 +429,7 @@ mod tests {
             }
         }
         let len = std::fs::metadata(d.join(FILE_NAME)).unwrap().len();
-        assert!(len <= COMPACT_AT + 1024, "log is {len} bytes");
+        assert_eq!(len, MIN_MAP as u64, "the log keeps its size");
         let again = &mut opened(&d);
         assert_eq!(again.keys().unwrap().len(), 20);
         assert_eq!(again.get("c-39999").unwrap(), data);
