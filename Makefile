@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: test run check fmt setup build bench bench-nodered bench-quick bench-micro bench-profile bench-lint
+.PHONY: test run check fmt setup build bench bench-nodered bench-quick bench-micro bench-profile bench-soak bench-lint
 
 ## test: install what is missing, then run every test of the workspace
 test: setup
@@ -53,6 +53,10 @@ bench-micro:
 ## bench-profile: perf profile of flowbus bridging at full load (QOS=1 by default)
 bench-profile: setup
 	benches/bridge/profile.sh --qos $(or $(QOS),1)
+
+## bench-soak: RSS of flowbus across 1,000,000 bridged messages (QOS=1 by default)
+bench-soak: setup
+	benches/bridge/soak.sh --qos $(or $(QOS),1)
 
 ## bench-lint: fmt, clippy -D warnings and unit tests of the bench package
 bench-lint:
