@@ -898,13 +898,11 @@ fn live_records(log: &std::path::Path) -> usize {
         .len()
 }
 
-/// A QoS 1 publication that the daemon has handed to the output broker's connection, but that
-/// is not acknowledged when the daemon crashes (SIGKILL), is sent by the next start: the
-/// publisher's in-flight log (`persistence = "file"`, the default) keeps it. The input broker
-/// already has its ack, and what the old connection wrote reaches the output broker before
-/// anyone subscribes there, so the log is the only place the message can come from.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_publication_in_flight_survives_a_crash_of_the_daemon() {
+/// Brokers A (input) and B (output), a daemon bridging A → B at QoS 1, and one publication
+/// that the daemon has handed to B's connection but that B has not acknowledged when the
+/// daemon is killed (SIGKILL): B is frozen while it goes out. Returns with the daemon dead, B
+/// still frozen, and the path of the publisher's in-flight log (one live record).
+async fn crash_with_a_publication_in_flight() -> (Broker, Broker, Daemon, std::path::PathBuf) {
     let a = Broker::start("");
     let b = Broker::start("");
     let flow = json!({
@@ -944,10 +942,20 @@ async fn a_publication_in_flight_survives_a_crash_of_the_daemon() {
         .publish("crash/in", "{\"survives\": true}", 1)
         .await;
     common::wait_until(Duration::from_secs(10), || live_records(&log) == 1).await;
-    // The crash.
     let mut child = d.child.take().expect("running");
     child.kill().expect("SIGKILL");
     let _ = child.wait();
+    (a, b, d, log)
+}
+
+/// A QoS 1 publication that the daemon has handed to the output broker's connection, but that
+/// is not acknowledged when the daemon crashes, is sent by the next start: the publisher's
+/// in-flight log (`persistence = "file"`, the default) keeps it. The input broker already has
+/// its ack, and what the old connection wrote reaches the output broker before anyone
+/// subscribes there, so the log is the only place the message can come from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_in_flight_survives_a_crash_of_the_daemon() {
+    let (_a, b, mut d, log) = crash_with_a_publication_in_flight().await;
     // B reads what the dead connection wrote (delivered to nobody: no subscriber yet) and
     // keeps the publisher's session.
     b.thaw();
@@ -965,5 +973,36 @@ async fn a_publication_in_flight_survives_a_crash_of_the_daemon() {
     );
     // Acknowledged now: nothing live in the log.
     common::wait_until(Duration::from_secs(10), || live_records(&log) == 0).await;
+    assert!(d.terminate(Duration::from_secs(15)).success());
+}
+
+/// The same crash, but the output broker is restarted without persistence: it has no session
+/// for the publisher, and Paho drops what it had in flight. flowbus cannot resend it, but the
+/// loss is not silent: the activity log says how many were dropped, where, and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publications_in_flight_dropped_for_a_lost_session_are_reported() {
+    let (_a, mut b, mut d, log) = crash_with_a_publication_in_flight().await;
+    b.kill();
+    b.start_again();
+    d.start();
+    d.wait_api().await;
+    let out = cli_until(
+        &d,
+        &["log", "--number", "BIP12114", "--json"],
+        Duration::from_secs(20),
+        |o| !o.trim().is_empty(),
+    )
+    .await;
+    let e: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
+    assert_eq!(e["severity"], "error", "{e}");
+    assert_eq!(e["tags"]["count"], 1, "{e}");
+    let text = e["message"].as_str().unwrap();
+    assert!(
+        text.starts_with("1 publication(s) in flight were dropped")
+            && text.contains(&b.url())
+            && text.contains("had no session"),
+        "{text}"
+    );
+    assert_eq!(live_records(&log), 0);
     assert!(d.terminate(Duration::from_secs(15)).success());
 }

@@ -64,6 +64,8 @@ pub mod bip {
     pub const QOS_RULE: u32 = 12112;
     /// The broker's QoS limit was learnt (CONNACK or probe).
     pub const BROKER_LIMIT: u32 = 12113;
+    /// Publications in flight were dropped by the client: the broker had no session for it.
+    pub const INFLIGHT_DISCARDED: u32 = 12114;
 }
 
 /// Properties both MQTT nodes have.
@@ -445,6 +447,29 @@ pub fn instance_id(data_dir: &std::path::Path) -> String {
     id
 }
 
+/// Paho drops the publications it has in flight when the broker answers a connect with no
+/// session for the client (`sessionPresent` 0: a broker restarted without persistence, or a
+/// session that expired). Those may never have reached the broker; say so where an operator
+/// looks, rather than lose them silently.
+fn report_discarded(log: &LogCtx, n: usize) {
+    log.record(
+        log.entry(
+            Severity::Error,
+            bip::INFLIGHT_DISCARDED,
+            format!(
+                "{n} publication(s) in flight were dropped by the MQTT client: the broker at {} \
+                 had no session for '{}' when it connected (restarted without persistence, or \
+                 the session expired), so they may not have reached it. Those of a running \
+                 flow are published again by their MQTTPublish node when their acknowledgement \
+                 times out; those from before a restart of flowbus are lost. Run the broker \
+                 with persistence to keep sessions across its restarts",
+                log.url, log.client_id
+            ),
+        )
+        .tag("count", n),
+    );
+}
+
 /// Identifies a connection's entries in the activity log.
 #[derive(Clone)]
 pub struct LogCtx {
@@ -625,6 +650,9 @@ pub struct Conn {
     /// The broker's QoS limit and how we learnt it, once known.
     limit: Mutex<Option<(u8, Source)>>,
     connect_timeout: Duration,
+    /// Sent publications in the in-flight log the broker has not acknowledged (file
+    /// persistence only).
+    unacknowledged: Option<Arc<std::sync::atomic::AtomicUsize>>,
     /// Permits for unacknowledged QoS 1/2 publications (the server's `max_inflight`): paho
     /// fails a publish over its limit instead of waiting, so the node waits here.
     pub inflight: Arc<tokio::sync::Semaphore>,
@@ -665,13 +693,26 @@ impl Conn {
                 )
             })?;
         }
+        let log = LogCtx {
+            stats: spec.services.stats.server(&ep.url),
+            services: spec.services,
+            flow: spec.flow.to_string(),
+            node: spec.node.to_string(),
+            url: ep.url.clone(),
+            client_id: spec.client_id,
+        };
         let mut create = paho::CreateOptionsBuilder::new()
             .server_uri(&ep.url)
-            .client_id(&spec.client_id);
+            .client_id(&log.client_id);
+        let mut unacknowledged = None;
         create = match &spec.persist_dir {
             // Publications in flight go to an append-only log (see `mqtt_store`) rather than
             // Paho's file-per-message store.
-            Some(dir) => create.user_persistence(crate::mqtt_store::LogStore::new(dir.clone())),
+            Some(dir) => {
+                let store = crate::mqtt_store::LogStore::new(dir.clone());
+                unacknowledged = Some(store.unacknowledged());
+                create.user_persistence(store)
+            }
             None => create.persistence(paho::PersistenceType::None),
         };
         let create = create
@@ -737,14 +778,6 @@ impl Conn {
             let _ = lost_tx.send(());
         });
         let (reconnect, reconnect_rx) = mpsc::unbounded_channel();
-        let log = LogCtx {
-            stats: spec.services.stats.server(&ep.url),
-            services: spec.services,
-            flow: spec.flow.to_string(),
-            node: spec.node.to_string(),
-            url: ep.url.clone(),
-            client_id: spec.client_id,
-        };
         Ok(Arc::new(Conn {
             client: std::mem::ManuallyDrop::new(client),
             log,
@@ -761,6 +794,7 @@ impl Conn {
             v5,
             limit: Mutex::new(None),
             connect_timeout: spec.connect_timeout,
+            unacknowledged,
             inflight: Arc::new(tokio::sync::Semaphore::new(usize::from(
                 ep.max_inflight.max(1),
             ))),
@@ -927,6 +961,12 @@ impl Conn {
                     _ = want.changed() => continue,
                 }
             }
+            // Nothing is sent while disconnected, so what is unacknowledged now is what Paho
+            // drops if the broker has no session for us.
+            let unacknowledged = self
+                .unacknowledged
+                .as_ref()
+                .map_or(0, |n| n.load(Ordering::Relaxed));
             let attempt = tokio::select! {
                 _ = self.stop.cancelled() => return,
                 r = self.client.connect(self.opts.clone()) => r,
@@ -957,6 +997,9 @@ impl Conn {
                         )
                         .tag("session_present", session_present),
                     );
+                    if !session_present && unacknowledged > 0 {
+                        report_discarded(log, unacknowledged);
+                    }
                     if let Some(q) = resp.properties().get_int(paho::PropertyCode::MaximumQos) {
                         self.learn_limit(q.clamp(0, 2) as u8, Source::Connack);
                         log.record(

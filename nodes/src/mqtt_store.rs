@@ -22,7 +22,8 @@ use paho_mqtt as paho;
 use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 /// The file's first bytes.
 pub const MAGIC: &[u8; 8] = b"FBINFL02";
@@ -40,6 +41,13 @@ const HEAD: usize = 7;
 pub struct LogStore {
     dir: PathBuf,
     inner: Mutex<Inner>,
+    unacknowledged: Arc<AtomicUsize>,
+}
+
+/// Whether a Paho persistence key is a QoS 1/2 publish that was sent and not yet acknowledged
+/// (`s-`, `s5-`): the broker may not have it. (A QoS 2 release, `sc-`, means it does.)
+fn unacknowledged(key: &str) -> bool {
+    key.starts_with("s-") || key.starts_with("s5-")
 }
 
 #[derive(Default)]
@@ -144,7 +152,21 @@ impl LogStore {
         LogStore {
             dir,
             inner: Mutex::new(Inner::default()),
+            unacknowledged: Arc::default(),
         }
+    }
+
+    /// How many sent publications the store holds that the broker has not acknowledged.
+    /// When the broker answers a reconnect with no session for the client (`sessionPresent`
+    /// 0), Paho removes exactly these without a word to anyone: the connection reads this
+    /// before it connects, to report them.
+    pub fn unacknowledged(&self) -> Arc<AtomicUsize> {
+        self.unacknowledged.clone()
+    }
+
+    fn count(&self, live: &HashMap<String, Vec<u8>>) {
+        let n = live.keys().filter(|k| unacknowledged(k)).count();
+        self.unacknowledged.store(n, Ordering::Relaxed);
     }
 
     fn path(&self) -> PathBuf {
@@ -263,6 +285,7 @@ impl paho::ClientPersistence for LogStore {
         }
         // Start from a compact log holding exactly the live records.
         inner.rewrite(&path)?;
+        self.count(&inner.live);
         drop(inner);
         if !imported.is_empty() {
             let old = self
@@ -296,6 +319,7 @@ impl paho::ClientPersistence for LogStore {
         }
         inner.live.clear();
         inner.end = 0;
+        self.unacknowledged.store(0, Ordering::Relaxed);
         Ok(())
     }
 
@@ -305,13 +329,18 @@ impl paho::ClientPersistence for LogStore {
         let inner = &mut *inner;
         encode(&mut inner.buf, PUT, key, &buffers);
         let old = inner.live.insert(key.to_owned(), buffers.concat());
-        inner.append(&path).inspect_err(|_| {
+        if let Err(e) = inner.append(&path) {
             // Not stored: Paho fails the publish, and the store stays as it was.
             match old {
                 Some(v) => inner.live.insert(key.to_owned(), v),
                 None => inner.live.remove(key),
             };
-        })
+            return Err(e);
+        }
+        if old.is_none() && unacknowledged(key) {
+            self.unacknowledged.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     fn get(&mut self, key: &str) -> paho::Result<Vec<u8>> {
@@ -328,6 +357,9 @@ impl paho::ClientPersistence for LogStore {
         if inner.live.remove(key).is_none() {
             return Ok(());
         }
+        if unacknowledged(key) {
+            self.unacknowledged.fetch_sub(1, Ordering::Relaxed);
+        }
         encode(&mut inner.buf, REMOVE, key, &[]);
         inner.append(&path)
     }
@@ -340,6 +372,7 @@ impl paho::ClientPersistence for LogStore {
         let path = self.path();
         let mut inner = self.lock();
         inner.live.clear();
+        self.unacknowledged.store(0, Ordering::Relaxed);
         if inner.map.is_some() {
             inner.rewrite(&path)?;
         }
@@ -440,6 +473,32 @@ mod tests {
         let again = &mut opened(&d);
         assert_eq!(again.keys().unwrap().len(), 20);
         assert_eq!(again.get("c-39999").unwrap(), data);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn counts_sent_publications_not_yet_acknowledged() {
+        let d = dir("unacked");
+        let mut s = opened(&d);
+        let n = s.unacknowledged();
+        let now = || n.load(Ordering::SeqCst);
+        s.put("c-1", vec![b"command"]).unwrap();
+        assert_eq!(now(), 0);
+        s.put("s-1", vec![b"sent"]).unwrap();
+        s.remove("c-1").unwrap();
+        s.put("s-2", vec![b"sent"]).unwrap();
+        s.put("s-2", vec![b"sent again"]).unwrap();
+        s.put("sc-3", vec![b"released"]).unwrap();
+        s.put("r-4", vec![b"received"]).unwrap();
+        assert_eq!(now(), 2);
+        s.remove("s-1").unwrap();
+        s.remove("s-1").unwrap();
+        assert_eq!(now(), 1);
+        // After a restart the count comes from the log.
+        let again = opened(&d);
+        assert_eq!(again.unacknowledged().load(Ordering::SeqCst), 1);
+        s.clear().unwrap();
+        assert_eq!(now(), 0);
         let _ = std::fs::remove_dir_all(&d);
     }
 
