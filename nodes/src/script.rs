@@ -530,7 +530,7 @@ fn value_of(d: &Dynamic) -> Result<Value, String> {
     if let Ok(m) = d.as_map_ref() {
         let mut out = Map::new();
         for (k, v) in m.iter() {
-            out.insert(k.to_string(), value_of(v)?);
+            out.insert(k.as_str().to_owned(), value_of(v)?);
         }
         return Ok(Value::Object(out));
     }
