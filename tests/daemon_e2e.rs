@@ -1006,3 +1006,73 @@ async fn publications_in_flight_dropped_for_a_lost_session_are_reported() {
     assert_eq!(live_records(&log), 0);
     assert!(d.terminate(Duration::from_secs(15)).success());
 }
+
+/// MQTT v5 session expiry (`[servers.NAME] session_expiry`): a persistent subscription outlives
+/// a stop of the daemon for as long as the configured expiry, and no longer. With an expiry of
+/// an hour, a message sent while the daemon is down is delivered when it starts again; with
+/// one second, the broker has dropped the session (and the message) by then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_session_expiry_decides_what_a_stopped_daemon_gets_later() {
+    for (expiry, delivered) in [("1h", true), ("1s", false)] {
+        let b = Broker::start("");
+        let flow = json!({
+            "name": "expiry",
+            "nodes": [
+                {"id": "in", "type": "MQTTSubscribe", "server": "b", "topic": "expiry/in", "qos": 1},
+                {"id": "out", "type": "MQTTPublish", "server": "b", "topic": "expiry/out", "qos": 1}
+            ],
+            "connections": [{"from": "in.Out", "to": "out"}]
+        })
+        .to_string();
+        let config = with_token(&format!(
+            "[servers.b]\nurl = \"{}\"\nversion = 5\nsession_expiry = \"{expiry}\"\n",
+            b.url()
+        ));
+        let mut d = start(&config, &[("expiry.json", &flow)]);
+        d.wait_api().await;
+        cli_until(
+            &d,
+            &["log", "--number", "BIP12095"],
+            Duration::from_secs(20),
+            |o| o.contains("Subscribed"),
+        )
+        .await;
+        assert!(d.terminate(Duration::from_secs(15)).success());
+        // Longer than the short expiry (mosquitto checks expiries about once a second).
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let consumer = Client::connect(&b.url(), false).await;
+        consumer.subscribe("expiry/out", 1).await;
+        consumer
+            .publish("expiry/in", "{\"while\": \"down\"}", 1)
+            .await;
+
+        d.start();
+        d.wait_api().await;
+        let resumed = cli_until(
+            &d,
+            &["log", "--number", "BIP12063", "--json"],
+            Duration::from_secs(20),
+            // Two connections (in, out) per start, and the log survives the restart.
+            |o| o.lines().count() >= 4,
+        )
+        .await;
+        let got = consumer.next(Duration::from_secs(3)).await;
+        assert_eq!(
+            got.is_some(),
+            delivered,
+            "session_expiry {expiry}: got {got:?}; connections:\n{resumed}"
+        );
+        // The subscriber's second connection says whether the broker kept the session.
+        let subscriber_connects: Vec<Value> = resumed
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|e| e["node"] == "in")
+            .collect();
+        assert_eq!(
+            subscriber_connects.last().unwrap()["tags"]["session_present"],
+            delivered,
+            "session_expiry {expiry}: {resumed}"
+        );
+        assert!(d.terminate(Duration::from_secs(15)).success());
+    }
+}
