@@ -297,3 +297,43 @@ async fn publish_overrides_and_written_destination() {
     assert!(late.next(T).await.expect("retained").retained());
     flow.stop().await;
 }
+
+/// The per-message log is sampled (10 entries a second per node, the rest summarised once a
+/// second): a burst followed by silence is still fully accounted for, without a further
+/// message to trigger the last summary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_then_silence_is_fully_summarised_in_the_log() {
+    let broker = Broker::start("");
+    let url = broker.url();
+    let flow = Running::start(
+        &bridge(&url, json!("in/+/data"), 1, "JSON", "Root.Body.ok = true;"),
+        &fast_config(""),
+        &[],
+    );
+    flow.wait_subscribed(1).await;
+    let c = Client::connect(&url, false).await;
+    c.subscribe("out/#", 1).await;
+    let n = 40u64;
+    for i in 0..n {
+        c.publish("in/dev/data", json!({"n": i}).to_string(), 1)
+            .await;
+    }
+    c.take_json(n as usize, T).await;
+    // Individual entries plus summarised ones add up to the burst, per node, once the second
+    // in which the burst ended is over.
+    let accounted = |single: &str, what: &str| {
+        let one = flow.entries(single).len() as u64;
+        let summarised: u64 = flow
+            .entries("BIP12102")
+            .iter()
+            .filter(|e| e.message.contains(what))
+            .map(|e| e.message.split(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum();
+        one + summarised
+    };
+    common::wait_until(Duration::from_secs(5), || {
+        accounted("BIP12065", "received") == n && accounted("BIP12097", "published") == n
+    })
+    .await;
+    assert!(flow.entries("BIP12065").len() < n as usize, "sampled");
+}

@@ -409,13 +409,7 @@ impl ProcessingNode for Publish {
             add(&log.stats.bytes_sent, payload.len() as u64);
             let (admit, summary) = self.sampler.admit();
             if let Some(n) = summary {
-                log.record(log.entry(
-                    Severity::Info,
-                    bip::SUMMARY,
-                    format!(
-                        "{n} further messages published in the last second (not logged one by one)"
-                    ),
-                ));
+                published_summary(log, n);
             }
             if admit {
                 let mut e = log
@@ -456,6 +450,20 @@ impl ProcessingNode for Publish {
     }
 
     fn start(self: Arc<Self>) {
+        // Summaries of sampled "Published" entries are due once a second, even when no further
+        // message comes to trigger one; the task ends with the node.
+        let weak = Arc::downgrade(&self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(node) = weak.upgrade() else { break };
+                if let Some(n) = node.sampler.overdue() {
+                    node.summarise(n);
+                }
+            }
+        });
         // Connect now, so the first message does not wait for it.
         if let Err(e) = self.conn_for(&self.endpoint.url.clone()) {
             self.services
@@ -473,6 +481,9 @@ impl ProcessingNode for Publish {
 
     fn stop(&self) -> BoxFut<'_, ()> {
         Box::pin(async move {
+            if let Some(n) = self.sampler.flush() {
+                self.summarise(n);
+            }
             let conns: Vec<Arc<Conn>> = self
                 .conns
                 .lock()
@@ -485,6 +496,44 @@ impl ProcessingNode for Publish {
                     .await;
             }
         })
+    }
+}
+
+/// The once-a-second summary of "Published" entries the sampler held back.
+fn published_summary(log: &crate::mqtt_client::LogCtx, n: u64) {
+    log.record(log.entry(
+        Severity::Info,
+        bip::SUMMARY,
+        format!("{n} further messages published in the last second (not logged one by one)"),
+    ));
+}
+
+impl Publish {
+    /// Records a summary with the log context of the node's own connection (or, before it has
+    /// one, of the node).
+    fn summarise(&self, n: u64) {
+        let conn = self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&self.endpoint.url)
+            .cloned();
+        match conn {
+            Some(c) => published_summary(&c.log, n),
+            None => self
+                .services
+                .activity
+                .record(flowbus_runtime::activity::NewEntry::new(
+                    Severity::Info,
+                    bip::SUMMARY,
+                    "MQTT",
+                    &self.flow,
+                    &self.node,
+                    format!(
+                        "{n} further messages published in the last second (not logged one by one)"
+                    ),
+                )),
+        }
     }
 }
 

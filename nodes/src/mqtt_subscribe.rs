@@ -247,6 +247,10 @@ impl Subscribe {
         let mut redeliveries = Redeliveries::new((self.high * 8).max(8192));
         let mut dispatcher = Dispatcher::new(ctx.clone(), self.instances, self.in_flight);
         let mut paused = false;
+        // Summaries of sampled "Received" entries are due once a second, even when no further
+        // message comes to trigger one.
+        let mut summaries = tokio::time::interval(Duration::from_secs(1));
+        summaries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
@@ -281,6 +285,11 @@ impl Subscribe {
                     }
                 }
                 _ = dispatcher.progress() => {}
+                _ = summaries.tick() => {
+                    if let Some(n) = sampler.overdue() {
+                        received_summary(&log, n);
+                    }
+                }
             }
         }
 
@@ -323,6 +332,9 @@ impl Subscribe {
                 .await;
         }
         dispatcher.drain().await;
+        if let Some(n) = sampler.flush() {
+            received_summary(&log, n);
+        }
     }
 
     async fn deliver(
@@ -343,11 +355,7 @@ impl Subscribe {
         }
         let (admit, summary) = sampler.admit();
         if let Some(n) = summary {
-            log.record(log.entry(
-                Severity::Info,
-                bip::SUMMARY,
-                format!("{n} further messages received in the last second (not logged one by one)"),
-            ));
+            received_summary(log, n);
         }
         if admit {
             log.record(
@@ -503,4 +511,13 @@ fn subscriber(
             }
         })
     })
+}
+
+/// The once-a-second summary of "Received" entries the sampler held back.
+fn received_summary(log: &LogCtx, n: u64) {
+    log.record(log.entry(
+        Severity::Info,
+        bip::SUMMARY,
+        format!("{n} further messages received in the last second (not logged one by one)"),
+    ));
 }

@@ -239,6 +239,25 @@ impl Sampler {
             (false, summary)
         }
     }
+
+    /// The summary of a second that has ended with suppressed events, for a node to check now
+    /// and then: otherwise the last busy second before a quiet spell is never summarised.
+    pub fn overdue(&self) -> Option<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.2 > 0 && st.0.elapsed() >= Duration::from_secs(1) {
+            let n = st.2;
+            *st = (Instant::now(), 0, 0);
+            return Some(n);
+        }
+        None
+    }
+
+    /// The events suppressed so far in the current second (when a node stops).
+    pub fn flush(&self) -> Option<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let n = std::mem::take(&mut st.2);
+        (n > 0).then_some(n)
+    }
 }
 
 /// Where and how much the log writes to disk.
@@ -640,6 +659,24 @@ mod tests {
             st.0 -= Duration::from_secs(2);
         }
         assert_eq!(s.admit(), (true, Some(2)));
+    }
+
+    #[test]
+    fn a_quiet_spell_still_gets_the_last_seconds_summary() {
+        let s = Sampler::new(1);
+        assert_eq!(s.admit(), (true, None));
+        assert_eq!(s.admit(), (false, None));
+        assert_eq!(s.admit(), (false, None));
+        // Still inside the second: nothing due yet.
+        assert_eq!(s.overdue(), None);
+        s.state.lock().unwrap().0 -= Duration::from_secs(1);
+        assert_eq!(s.overdue(), Some(2));
+        assert_eq!(s.overdue(), None);
+        // A new second starts fresh; a stop reports what is pending at once.
+        assert_eq!(s.admit(), (true, None));
+        assert_eq!(s.admit(), (false, None));
+        assert_eq!(s.flush(), Some(1));
+        assert_eq!(s.flush(), None);
     }
 
     fn temp_dir(name: &str) -> PathBuf {

@@ -245,17 +245,36 @@ impl FlowInner {
         let slot = &self.slots[node];
         let (admit, summary) = slot.error_log.admit();
         if let Some(n) = summary {
-            self.log(NewEntry::new(
-                Severity::Warning,
-                numbers::ERRORS_SUMMARISED,
-                "Flow",
-                &self.name,
-                &slot.id,
-                format!("{n} further error entries of node '{}' in the last second were not logged one by one (see the statistics)", slot.id),
-            ).per_message());
+            self.summarise_errors(node, n);
         }
         if admit {
             self.log(e.per_message());
+        }
+    }
+
+    fn summarise_errors(&self, node: usize, n: u64) {
+        let slot = &self.slots[node];
+        self.log(NewEntry::new(
+            Severity::Warning,
+            numbers::ERRORS_SUMMARISED,
+            "Flow",
+            &self.name,
+            &slot.id,
+            format!("{n} further error entries of node '{}' in the last second were not logged one by one (see the statistics)", slot.id),
+        ).per_message());
+    }
+
+    /// Summaries that are due (`final_`: everything still counted, when the flow stops).
+    fn summarise_due_errors(&self, final_: bool) {
+        for (node, slot) in self.slots.iter().enumerate() {
+            let due = if final_ {
+                slot.error_log.flush()
+            } else {
+                slot.error_log.overdue()
+            };
+            if let Some(n) = due {
+                self.summarise_errors(node, n);
+            }
         }
     }
 }
@@ -773,6 +792,22 @@ impl Flow {
                 p.clone().start();
             }
         }
+        // Error summaries are due once a second, even when no further error comes to trigger
+        // one.
+        let weak = Arc::downgrade(&self.inner);
+        let stopped = self.inner.cancel.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stopped.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let Some(flow) = weak.upgrade() else { break };
+                flow.summarise_due_errors(false);
+            }
+        });
         let mut tasks = Vec::new();
         for (node, slot) in self.inner.slots.iter().enumerate() {
             if let Imp::Input(i) = &slot.imp {
@@ -849,6 +884,7 @@ impl RunningFlow {
                 }
             }
         }
+        inner.summarise_due_errors(true);
         let msg = if late.is_empty() {
             format!("flow '{}' stopped", inner.name)
         } else {
