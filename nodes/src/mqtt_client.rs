@@ -653,6 +653,9 @@ pub struct Conn {
     /// Sent publications in the in-flight log the broker has not acknowledged (file
     /// persistence only).
     unacknowledged: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    /// Releases the in-flight log when the connection is dropped (Paho never closes it: the
+    /// client is never destroyed).
+    store: Option<crate::mqtt_store::Release>,
     /// Permits for unacknowledged QoS 1/2 publications (the server's `max_inflight`): paho
     /// fails a publish over its limit instead of waiting, so the node waits here.
     pub inflight: Arc<tokio::sync::Semaphore>,
@@ -705,13 +708,15 @@ impl Conn {
             .server_uri(&ep.url)
             .client_id(&log.client_id);
         let mut unacknowledged = None;
+        let mut store = None;
         create = match &spec.persist_dir {
             // Publications in flight go to an append-only log (see `mqtt_store`) rather than
             // Paho's file-per-message store.
             Some(dir) => {
-                let store = crate::mqtt_store::LogStore::new(dir.clone());
-                unacknowledged = Some(store.unacknowledged());
-                create.user_persistence(store)
+                let log_store = crate::mqtt_store::LogStore::new(dir.clone());
+                unacknowledged = Some(log_store.unacknowledged());
+                store = Some(log_store.releaser());
+                create.user_persistence(log_store)
             }
             None => create.persistence(paho::PersistenceType::None),
         };
@@ -795,6 +800,7 @@ impl Conn {
             limit: Mutex::new(None),
             connect_timeout: spec.connect_timeout,
             unacknowledged,
+            store,
             inflight: Arc::new(tokio::sync::Semaphore::new(usize::from(
                 ep.max_inflight.max(1),
             ))),
@@ -1164,6 +1170,9 @@ impl Drop for Conn {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(client);
+        if let Some(store) = &self.store {
+            store.release();
+        }
     }
 }
 

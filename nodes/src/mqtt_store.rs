@@ -40,8 +40,26 @@ const HEAD: usize = 7;
 /// Paho persistence on an append-only log in one directory (one client).
 pub struct LogStore {
     dir: PathBuf,
-    inner: Mutex<Inner>,
+    inner: Arc<Mutex<Inner>>,
     unacknowledged: Arc<AtomicUsize>,
+}
+
+/// Lets the connection release a store that Paho will not close: flowbus never destroys a
+/// closed Paho client (see `CLOSED_CLIENTS` in `mqtt_client`), so without this every closed
+/// publisher would keep its mapping (up to 1 MiB of memory) and open file for ever.
+#[derive(Clone)]
+pub struct Release(Arc<Mutex<Inner>>);
+
+impl Release {
+    /// Unmaps the log and forgets the live records (the file keeps them for the next client
+    /// with this id). Anything Paho still asks of the store afterwards fails.
+    pub fn release(&self) {
+        let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        inner.map = None;
+        inner.live = HashMap::new();
+        inner.buf = Vec::new();
+        inner.end = 0;
+    }
 }
 
 /// Whether a Paho persistence key is a QoS 1/2 publish that was sent and not yet acknowledged
@@ -151,9 +169,14 @@ impl LogStore {
     pub fn new(dir: PathBuf) -> LogStore {
         LogStore {
             dir,
-            inner: Mutex::new(Inner::default()),
+            inner: Arc::default(),
             unacknowledged: Arc::default(),
         }
+    }
+
+    /// A handle that releases the store's memory and file (see [`Release`]).
+    pub fn releaser(&self) -> Release {
+        Release(self.inner.clone())
     }
 
     /// How many sent publications the store holds that the broker has not acknowledged.
@@ -499,6 +522,20 @@ mod tests {
         assert_eq!(again.unacknowledged().load(Ordering::SeqCst), 1);
         s.clear().unwrap();
         assert_eq!(now(), 0);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_released_store_holds_no_mapping_and_refuses_work() {
+        let d = dir("release");
+        let mut s = opened(&d);
+        s.put("s-1", vec![b"in flight"]).unwrap();
+        let r = s.releaser();
+        r.release();
+        assert!(s.lock().map.is_none() && s.lock().live.is_empty());
+        assert!(s.put("s-2", vec![b"late"]).is_err());
+        // The file keeps what was in flight for the next client with this id.
+        assert_eq!(opened(&d).get("s-1").unwrap(), b"in flight");
         let _ = std::fs::remove_dir_all(&d);
     }
 
