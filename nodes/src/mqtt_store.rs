@@ -237,7 +237,7 @@ impl Inner {
         let write = || -> std::io::Result<MmapMut> {
             std::fs::write(&tmp, &out)?;
             let f = OpenOptions::new().read(true).write(true).open(&tmp)?;
-            f.set_len(size as u64)?;
+            allocate(&f, size)?;
             std::fs::rename(&tmp, path)?;
             // SAFETY: the file is ours (a private directory per client) and is only changed
             // through this mapping while the store is open.
@@ -248,6 +248,19 @@ impl Inner {
         self.end = out.len();
         Ok(())
     }
+}
+
+/// Gives the file `size` bytes of disk now. A store into a shared mapping of a file that has
+/// no room on disk kills the process (SIGBUS); allocating up front turns a full disk into an
+/// error here instead, which fails the publication that needed the space, visibly.
+fn allocate(f: &std::fs::File, size: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain system call on a file descriptor we own for its duration.
+    let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, size as libc::off_t) };
+    if rc == 0 {
+        return Ok(());
+    }
+    Err(std::io::Error::from_raw_os_error(rc))
 }
 
 /// Paho's own file store kept publications in `<dir>/<client id>-<server URI, ':' → '-'>/`,
