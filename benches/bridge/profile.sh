@@ -24,36 +24,12 @@ while [[ $# -gt 0 ]]; do
   esac
 done
 OUT="${OUT:-$ROOT/target/bench-profile/qos$QOS-$(date +%H%M%S)}"
-mkdir -p "$OUT"
-(cd "$ROOT" && cargo build --release --bin flowbus) >"$OUT/build.log" 2>&1
-(cd "$HERE" && cargo build --release --bins) >>"$OUT/build.log" 2>&1
-BIN="$ROOT/target/bench/release"
-
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\nset_tcp_nodelay true\nmax_queued_messages 10000\n' "$PORT" > "$OUT/mosquitto.conf"
-chmod -R a+rwx "$OUT"
-mosquitto -c "$OUT/mosquitto.conf" & BROKER=$!
-FB=""
-trap '[[ -n "$FB" ]] && kill $FB 2>/dev/null; kill $BROKER 2>/dev/null || true' EXIT
-sleep 0.3
-
-extra=""; [[ -n "$INFLIGHT" ]] && extra=", \"in_flight\": $INFLIGHT"
-cat > "$OUT/bridge.json" <<EOF
-{ "name": "bridge",
-  "nodes": [
-    { "id": "in", "type": "MQTTSubscribe", "url": "tcp://127.0.0.1:$PORT", "topic": "bench/in/#", "qos": $QOS, "domain": "JSON"$extra },
-    { "id": "enrich", "type": "Compute", "script": "enrich.rhai" },
-    { "id": "out", "type": "MQTTPublish", "url": "tcp://127.0.0.1:$PORT", "qos": $QOS } ],
-  "connections": [ { "from": "in.Out", "to": "enrich" }, { "from": "enrich.Out", "to": "out" } ] }
-EOF
-cat > "$OUT/enrich.rhai" <<'EOF'
-Root.Body.bridged = true;
-let topic = LocalEnvironment.MQTT.Input.Topic;
-LocalEnvironment.Destination = #{ MQTT: #{ Output: #{ TopicName: "bench/out/" + topic.sub_string(9) } } };
-EOF
-printf 'data_dir = "%s/data"\nflows = ["%s/bridge.json"]\n[admin]\nlisten = "127.0.0.1:0"\n' "$OUT" "$OUT" > "$OUT/flowbus.toml"
-(cd "$OUT" && RUST_LOG=warn exec "$ROOT/target/release/flowbus" run --config "$OUT/flowbus.toml") >"$OUT/flowbus.log" 2>&1 &
-FB=$!
+mkdir -p "$OUT"; OUT="$(cd "$OUT" && pwd)"
+FB=""; BROKER=""
+trap '[[ -n "$FB" ]] && kill $FB 2>/dev/null; [[ -n "$BROKER" ]] && kill $BROKER 2>/dev/null || true' EXIT
+SUB_EXTRA=""; [[ -n "$INFLIGHT" ]] && SUB_EXTRA=", \"in_flight\": $INFLIGHT"
+# shellcheck source=single.sh
+source "$HERE/single.sh"
 
 if command -v perf >/dev/null && perf record -e cpu-clock -o /dev/null -- true >/dev/null 2>&1; then
   # Start sampling once the flow is up (the load generator waits for a probe to come back).

@@ -26,33 +26,11 @@ while [[ $# -gt 0 ]]; do
 done
 OUT="${OUT:-$ROOT/target/bench-soak/qos$QOS-$(date +%H%M%S)}"
 mkdir -p "$OUT"; OUT="$(cd "$OUT" && pwd)"
-(cd "$ROOT" && cargo build --release --bin flowbus) >"$OUT/build.log" 2>&1
-(cd "$HERE" && cargo build --release --bins) >>"$OUT/build.log" 2>&1
-BIN="$ROOT/target/bench/release"
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\nset_tcp_nodelay true\nmax_queued_messages 10000\n' "$PORT" > "$OUT/mosquitto.conf"
-chmod -R a+rwx "$OUT"
-mosquitto -c "$OUT/mosquitto.conf" & BROKER=$!
-FB=""; SAMPLER=""
-trap '[[ -n "$SAMPLER" ]] && kill $SAMPLER 2>/dev/null; [[ -n "$FB" ]] && kill $FB 2>/dev/null; kill $BROKER 2>/dev/null || true' EXIT
-sleep 0.3
-cat > "$OUT/bridge.json" <<EOF
-{ "name": "bridge",
-  "nodes": [
-    { "id": "in", "type": "MQTTSubscribe", "url": "tcp://127.0.0.1:$PORT", "topic": "bench/in/#", "qos": $QOS, "domain": "JSON" },
-    { "id": "enrich", "type": "Compute", "script": "enrich.rhai" },
-    { "id": "out", "type": "MQTTPublish", "url": "tcp://127.0.0.1:$PORT", "qos": $QOS } ],
-  "connections": [ { "from": "in.Out", "to": "enrich" }, { "from": "enrich.Out", "to": "out" } ] }
-EOF
-cat > "$OUT/enrich.rhai" <<'EOF'
-Root.Body.bridged = true;
-let topic = LocalEnvironment.MQTT.Input.Topic;
-LocalEnvironment.Destination = #{ MQTT: #{ Output: #{ TopicName: "bench/out/" + topic.sub_string(9) } } };
-EOF
-printf 'data_dir = "%s/data"\nflows = ["%s/bridge.json"]\n[admin]\nlisten = "127.0.0.1:0"\n' "$OUT" "$OUT" > "$OUT/flowbus.toml"
-[[ -n "$ENTRIES" ]] && printf '[activity_log]\nbuffer_entries = %s\n' "$ENTRIES" >> "$OUT/flowbus.toml"
-(cd "$OUT" && RUST_LOG=warn exec "$ROOT/target/release/flowbus" run --config "$OUT/flowbus.toml") >"$OUT/flowbus.log" 2>&1 &
-FB=$!
+FB=""; BROKER=""; SAMPLER=""
+trap '[[ -n "$SAMPLER" ]] && kill $SAMPLER 2>/dev/null; [[ -n "$FB" ]] && kill $FB 2>/dev/null; [[ -n "$BROKER" ]] && kill $BROKER 2>/dev/null || true' EXIT
+FLOWBUS_EXTRA=""; [[ -n "$ENTRIES" ]] && FLOWBUS_EXTRA="$(printf '[activity_log]\nbuffer_entries = %s\n' "$ENTRIES")"
+# shellcheck source=single.sh
+source "$HERE/single.sh"
 START=$(date +%s.%N)
 (
   while kill -0 "$FB" 2>/dev/null; do
