@@ -285,7 +285,7 @@ impl Publish {
     /// One attempt: under the FIFO gate, wait for the connection, apply the QoS policy (the
     /// broker's limit is known once connected) and hand the message to paho; then wait for
     /// the ack (QoS 1/2) or the write (QoS 0) outside the gate. Returns the QoS used.
-    async fn attempt(&self, conn: &Conn, t: &Target, payload: &[u8]) -> Result<u8, Attempt> {
+    async fn attempt(&self, conn: &Arc<Conn>, t: &Target, payload: &[u8]) -> Result<u8, Attempt> {
         let (qos, _permit, token) = {
             let _turn = self.gate.lock().await;
             if !conn.wait_connected(self.ack_timeout).await {
@@ -306,22 +306,25 @@ impl Publish {
             } else {
                 None
             };
-            (
-                qos,
-                permit,
-                conn.client
-                    .publish(self.paho_message(t, qos, payload, conn.v5)),
-            )
+            // Queued for paho in order (the connection's outbox batches hand-overs).
+            let token = conn.send(self.paho_message(t, qos, payload, conn.v5), qos > 0);
+            (qos, permit, token)
         };
-        if qos == 0 {
-            // QoS 0: no acknowledgement is awaited (IIB). Paho has the message and writes it
-            // in order; waiting for the write would only cost a thread hand-off per message.
-            drop(token);
+        let Some(token) = token else {
+            // QoS 0: no acknowledgement is awaited (IIB). The outbox hands the message to
+            // paho, which writes it in order; waiting for the write would only cost a thread
+            // hand-off per message.
             return Ok(0);
-        }
-        match tokio::time::timeout(self.ack_timeout, token).await {
+        };
+        let acked = async {
+            match token.await {
+                Ok(t) => t.await.map_err(|e| format!("publish failed: {e}")),
+                Err(_) => Err("the connection was closed before the publication reached it".into()),
+            }
+        };
+        match tokio::time::timeout(self.ack_timeout, acked).await {
             Ok(Ok(())) => Ok(qos),
-            Ok(Err(e)) => Err(Attempt::Failed(format!("publish failed: {e}"))),
+            Ok(Err(why)) => Err(Attempt::Failed(why)),
             Err(_) => Err(Attempt::Failed(format!(
                 "no acknowledgement within {}",
                 humantime::format_duration(self.ack_timeout)
@@ -330,7 +333,7 @@ impl Publish {
     }
 
     /// Publishes with the IIB contract: one retry after a reconnect, then BIP12099.
-    async fn publish(&self, conn: &Conn, t: &Target, payload: &[u8]) -> Result<u8, Exception> {
+    async fn publish(&self, conn: &Arc<Conn>, t: &Target, payload: &[u8]) -> Result<u8, Exception> {
         let log = &conn.log;
         let requested = t
             .qos
