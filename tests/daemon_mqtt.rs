@@ -115,6 +115,17 @@ async fn flood_into_a_slow_flow_loses_nothing_and_memory_stays_bounded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_finishes_what_was_received_and_exits_zero() {
+    sigterm_mid_stream(1).await;
+}
+
+/// At QoS 0 a publish completes as soon as it is queued for paho (the connection's outbox):
+/// what is still queued at the stop goes out before the disconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_at_qos_0_publishes_everything_queued() {
+    sigterm_mid_stream(0).await;
+}
+
+async fn sigterm_mid_stream(qos: u8) {
     let a = Broker::start("");
     let b = Broker::start("");
     let flow = json!({
@@ -122,7 +133,7 @@ async fn sigterm_mid_stream_finishes_what_was_received_and_exits_zero() {
         "nodes": [
             {"id": "in", "type": "MQTTSubscribe", "url": a.url(), "topic": "in", "qos": 1},
             {"id": "work", "type": "Compute", "code": "let i = 0; while i < 2000 { i += 1; }"},
-            {"id": "out", "type": "MQTTPublish", "url": b.url(), "topic": "out", "qos": 1}
+            {"id": "out", "type": "MQTTPublish", "url": b.url(), "topic": "out", "qos": qos}
         ],
         "connections": [{"from": "in.Out", "to": "work"}, {"from": "work.Out", "to": "out"}]
     })
