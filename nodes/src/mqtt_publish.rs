@@ -502,13 +502,14 @@ impl ProcessingNode for Publish {
     }
 }
 
-/// The once-a-second summary of "Published" entries the sampler held back.
+/// The text of the once-a-second summary of "Published" entries the sampler held back.
+fn summary_text(n: u64) -> String {
+    format!("{n} further messages published in the last second (not logged one by one)")
+}
+
+/// That summary, with a connection's log context.
 fn published_summary(log: &crate::mqtt_client::LogCtx, n: u64) {
-    log.record(log.entry(
-        Severity::Info,
-        bip::SUMMARY,
-        format!("{n} further messages published in the last second (not logged one by one)"),
-    ));
+    log.record(log.entry(Severity::Info, bip::SUMMARY, summary_text(n)));
 }
 
 impl Publish {
@@ -532,9 +533,7 @@ impl Publish {
                     "MQTT",
                     &self.flow,
                     &self.node,
-                    format!(
-                        "{n} further messages published in the last second (not logged one by one)"
-                    ),
+                    summary_text(n),
                 )),
         }
     }
