@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: test run check fmt setup build bench bench-nodered bench-quick bench-micro bench-profile bench-soak bench-lint
+.PHONY: test run check fmt setup build bench bench-nodered bench-quick bench-micro bench-count bench-profile bench-soak bench-lint
 
 ## test: install what is missing, then run every test of the workspace
 test: setup
@@ -49,6 +49,10 @@ bench-quick: setup
 ## bench-micro: criterion microbenchmarks of the engine path (no MQTT) and of flow validation
 bench-micro:
 	cd benches/bridge && $(CARGO) bench --bench engine
+
+## bench-count: instructions per message of the engine path (callgrind: repeatable on a busy machine)
+bench-count:
+	benches/bridge/count.sh
 
 ## bench-profile: perf profile of flowbus bridging at full load (QOS=1 by default)
 bench-profile: setup

@@ -185,33 +185,6 @@ fn fn_error(message: String) -> Box<EvalAltResult> {
     ))
 }
 
-/// Checks the sizes a script's output trees reach. Rhai checks `max_map_size` only on values an
-/// operation returns, so a map grown key by key is caught here (its memory is bounded meanwhile
-/// by `max_operations`).
-fn check_sizes(d: &Dynamic, limits: &Limits, tree: &str) -> Result<(), String> {
-    if let Some(m) = d.read_lock::<RMap>() {
-        if m.len() > limits.max_map_size {
-            return Err(format!(
-                "a map in {tree} has {} entries, over the node's max_map_size ({})",
-                m.len(),
-                limits.max_map_size
-            ));
-        }
-        return m.values().try_for_each(|v| check_sizes(v, limits, tree));
-    }
-    if let Some(a) = d.read_lock::<rhai::Array>() {
-        if a.len() > limits.max_array_size {
-            return Err(format!(
-                "an array in {tree} has {} items, over the node's max_array_size ({})",
-                a.len(),
-                limits.max_array_size
-            ));
-        }
-        return a.iter().try_for_each(|v| check_sizes(v, limits, tree));
-    }
-    Ok(())
-}
-
 /// Where a script came from (for messages).
 #[derive(Debug, Clone)]
 pub struct Source {
@@ -398,7 +371,7 @@ impl Script {
             let env = scope
                 .get("Environment")
                 .map_or(Dynamic::UNIT, Dynamic::flatten_clone);
-            from_dynamic(&env, "Environment").map(|v| *msg.environment.lock() = v)
+            from_dynamic(env, "Environment", None).map(|v| *msg.environment.lock() = v)
         } else {
             Ok(())
         };
@@ -408,27 +381,16 @@ impl Script {
         let build = |root: Option<Dynamic>, le: Option<Dynamic>| -> Result<Message, Exception> {
             let mut m = msg.clone();
             if let Some(r) = root {
-                m.root = Arc::new(root_from_dynamic(r, domain)?);
+                m.root = Arc::new(self.root_from_dynamic(r, domain)?);
             }
             if let Some(l) = le {
-                m.local_env = Arc::new(from_dynamic(&l, "LocalEnvironment")?);
+                m.local_env = Arc::new(self.tree_from_dynamic(l, "LocalEnvironment")?);
             }
             Ok(m)
         };
         let mut propagated = Vec::new();
         for (t, r, l) in state.map(|s| s.propagated).unwrap_or_default() {
             propagated.push((t, build(Some(r), Some(l))?));
-        }
-        for name in ["Root", "LocalEnvironment"] {
-            if let Some(d) = scope.get(name) {
-                check_sizes(d, &self.limits, name).map_err(|m| {
-                    Exception::new(
-                        ExceptionKind::Recoverable,
-                        numbers::SCRIPT_ERROR,
-                        format!("Rhai error in {}: {m}", self.source.name),
-                    )
-                })?;
-            }
         }
         // The scope's trees are taken, not copied: nothing else holds them any more.
         let mut take = |name: &str, used: bool| {
@@ -508,88 +470,148 @@ fn map_to_dynamic(o: &Map<String, Value>) -> Dynamic {
     Dynamic::from_map(m)
 }
 
-/// Rhai → serde_json, directly for the JSON types (no serde round trip); anything else (a
-/// blob, a char, a shared value inside a map) goes through Rhai's serde support.
-fn value_of(d: &Dynamic) -> Result<Value, String> {
-    if d.is_unit() {
-        return Ok(Value::Null);
+/// Why a tree a script left could not be taken back.
+#[derive(Debug)]
+enum Unfit {
+    /// A map or array over the node's limits. Rhai checks `max_map_size` only on values an
+    /// operation returns, so a map grown key by key is caught here (its memory is bounded
+    /// meanwhile by `max_operations`).
+    TooLarge(String),
+    /// A value with no JSON form.
+    Unrepresentable(String),
+}
+
+/// Rhai → serde_json, taking the script's value apart (one walk, no serde round trip: this runs
+/// for every message): strings nothing else holds move without a copy, and maps and arrays are
+/// held to `limits` on the way. Anything without a direct JSON twin (a blob, a char) goes
+/// through Rhai's serde support.
+fn into_value(d: Dynamic, limits: Option<&Limits>, tree: &str) -> Result<Value, Unfit> {
+    let d = if d.is_shared() { d.flatten() } else { d };
+    if d.is_string() {
+        return d
+            .into_immutable_string()
+            .map(|s| Value::String(s.into_owned()))
+            .map_err(|t| Unfit::Unrepresentable(t.to_string()));
     }
-    if let Ok(b) = d.as_bool() {
-        return Ok(Value::Bool(b));
+    if d.is_int() {
+        return Ok(Value::from(d.as_int().unwrap_or_default()));
     }
-    if let Ok(i) = d.as_int() {
-        return Ok(Value::from(i));
-    }
-    if let Ok(f) = d.as_float() {
-        // As serde_json does: NaN and the infinities have no JSON form.
-        return Ok(serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number));
-    }
-    if let Ok(s) = d.as_immutable_string_ref() {
-        return Ok(Value::String(s.as_str().to_owned()));
-    }
-    if let Ok(m) = d.as_map_ref() {
+    if d.is_map() {
+        let m = d.cast::<RMap>();
+        if let Some(l) = limits.filter(|l| m.len() > l.max_map_size) {
+            return Err(Unfit::TooLarge(format!(
+                "a map in {tree} has {} entries, over the node's max_map_size ({})",
+                m.len(),
+                l.max_map_size
+            )));
+        }
         let mut out = Map::new();
-        for (k, v) in m.iter() {
-            out.insert(k.as_str().to_owned(), value_of(v)?);
+        for (k, v) in m {
+            out.insert(k.into(), into_value(v, limits, tree)?);
         }
         return Ok(Value::Object(out));
     }
-    if let Ok(a) = d.as_array_ref() {
+    if d.is_bool() {
+        return Ok(Value::Bool(d.as_bool().unwrap_or_default()));
+    }
+    if d.is_float() {
+        // As serde_json does: NaN and the infinities have no JSON form.
+        let f = d.as_float().unwrap_or(f64::NAN);
+        return Ok(serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number));
+    }
+    if d.is_unit() {
+        return Ok(Value::Null);
+    }
+    if d.is_array() {
+        let a = d.cast::<rhai::Array>();
+        if let Some(l) = limits.filter(|l| a.len() > l.max_array_size) {
+            return Err(Unfit::TooLarge(format!(
+                "an array in {tree} has {} items, over the node's max_array_size ({})",
+                a.len(),
+                l.max_array_size
+            )));
+        }
         return a
-            .iter()
-            .map(value_of)
+            .into_iter()
+            .map(|v| into_value(v, limits, tree))
             .collect::<Result<_, _>>()
             .map(Value::Array);
     }
-    rhai::serde::from_dynamic::<Value>(d).map_err(|e| e.to_string())
+    rhai::serde::from_dynamic::<Value>(&d).map_err(|e| Unfit::Unrepresentable(e.to_string()))
 }
 
-fn from_dynamic(d: &Dynamic, tree: &str) -> Result<Value, Exception> {
-    value_of(d).map_err(|e| {
-        Exception::new(
+/// Takes a tree back from a script; `checked` holds it to the node's size limits (the trees a
+/// message carries on; not `Environment`, which grows across messages by design).
+fn from_dynamic(
+    d: Dynamic,
+    tree: &str,
+    checked: Option<(&Limits, &Source)>,
+) -> Result<Value, Exception> {
+    into_value(d, checked.map(|(l, _)| l), tree).map_err(|e| match e {
+        Unfit::TooLarge(m) => Exception::new(
+            ExceptionKind::Recoverable,
+            numbers::SCRIPT_ERROR,
+            format!(
+                "Rhai error in {}: {m}",
+                checked.map_or("", |(_, s)| s.name.as_str())
+            ),
+        ),
+        Unfit::Unrepresentable(e) => Exception::new(
             ExceptionKind::Conversion,
             numbers::SCRIPT_ERROR,
             format!("the script left {tree} with a value that cannot be represented: {e}"),
-        )
+        ),
     })
 }
 
 fn root_to_dynamic(root: &Root) -> Dynamic {
-    let mut m = RMap::new();
-    m.insert("Properties".into(), map_to_dynamic(&root.properties));
     let body = match &root.body {
         Body::Json(v) => to_dynamic(v),
         Body::Text(s) => Dynamic::from(s.clone()),
         Body::Blob(b) => Dynamic::from_blob(b.clone()),
     };
-    m.insert("Body".into(), body);
-    Dynamic::from_map(m)
+    Dynamic::from_map(RMap::from([
+        ("Body".into(), body),
+        ("Properties".into(), map_to_dynamic(&root.properties)),
+    ]))
 }
 
-fn root_from_dynamic(d: Dynamic, domain: flowbus_runtime::Domain) -> Result<Root, Exception> {
-    let bad = |what: String| Exception::new(ExceptionKind::Conversion, numbers::SCRIPT_ERROR, what);
-    let mut map = d.try_cast::<RMap>().ok_or_else(|| {
-        bad(
-            "the script replaced Root with something that is not a map; set Root.Body instead"
-                .into(),
-        )
-    })?;
-    let properties = match map.remove("Properties") {
-        Some(p) => match from_dynamic(&p, "Root.Properties")? {
-            Value::Object(o) => o,
-            _ => return Err(bad("Root.Properties must stay a map".into())),
-        },
-        None => Map::new(),
-    };
-    let body = match map.remove("Body") {
-        None => Body::Json(Value::Null),
-        Some(b) if b.is_blob() => Body::Blob(b.cast::<rhai::Blob>()),
-        Some(b) if domain == flowbus_runtime::Domain::Text && b.is_string() => {
-            Body::Text(b.cast::<String>())
-        }
-        Some(b) => Body::Json(from_dynamic(&b, "Root.Body")?),
-    };
-    Ok(Root { properties, body })
+impl Script {
+    /// A message tree back from the script, held to the node's size limits.
+    fn tree_from_dynamic(&self, d: Dynamic, tree: &str) -> Result<Value, Exception> {
+        from_dynamic(d, tree, Some((&self.limits, &self.source)))
+    }
+
+    fn root_from_dynamic(
+        &self,
+        d: Dynamic,
+        domain: flowbus_runtime::Domain,
+    ) -> Result<Root, Exception> {
+        let bad =
+            |what: String| Exception::new(ExceptionKind::Conversion, numbers::SCRIPT_ERROR, what);
+        let mut map = d.try_cast::<RMap>().ok_or_else(|| {
+            bad(
+                "the script replaced Root with something that is not a map; set Root.Body instead"
+                    .into(),
+            )
+        })?;
+        let properties = match map.remove("Properties") {
+            Some(p) => match self.tree_from_dynamic(p, "Root.Properties")? {
+                Value::Object(o) => o,
+                _ => return Err(bad("Root.Properties must stay a map".into())),
+            },
+            None => Map::new(),
+        };
+        let body = match map.remove("Body") {
+            None => Body::Json(Value::Null),
+            Some(b) if b.is_blob() => Body::Blob(b.cast::<rhai::Blob>()),
+            Some(b) if domain == flowbus_runtime::Domain::Text && b.is_string() => {
+                Body::Text(b.cast::<String>())
+            }
+            Some(b) => Body::Json(self.tree_from_dynamic(b, "Root.Body")?),
+        };
+        Ok(Root { properties, body })
+    }
 }
 
 #[cfg(test)]
@@ -639,7 +661,7 @@ mod tests {
         let direct = to_dynamic(&v);
         let via_serde = rhai::serde::to_dynamic(&v).unwrap();
         assert_eq!(format!("{direct:?}"), format!("{via_serde:?}"));
-        let back = value_of(&direct).unwrap();
+        let back = into_value(direct.clone(), None, "test").unwrap();
         assert_eq!(
             back,
             rhai::serde::from_dynamic::<Value>(&via_serde).unwrap()
@@ -744,6 +766,50 @@ mod tests {
             "{}",
             e.text
         );
+    }
+
+    #[test]
+    fn maps_grown_key_by_key_are_held_to_max_map_size_in_every_output_tree() {
+        let s = compiled(json!({
+            "code": "LocalEnvironment.Variables.m = #{}; for i in 0..30 { LocalEnvironment.Variables.m[`k${i}`] = i; }",
+            "max_map_size": 10
+        }));
+        let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
+        assert!(
+            e.text.contains(
+                "a map in LocalEnvironment has 30 entries, over the node's max_map_size (10)"
+            ),
+            "{}",
+            e.text
+        );
+        // A copy handed to propagate() is held to the same limits.
+        let s = compiled(json!({
+            "code": "Root.Body.m = #{}; for i in 0..30 { Root.Body.m[`k${i}`] = i; } propagate(\"Out1\"); Root.Body.m = #{}; ",
+            "max_map_size": 10
+        }));
+        let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
+        assert!(
+            e.text
+                .contains("has 30 entries, over the node's max_map_size (10)"),
+            "{}",
+            e.text
+        );
+    }
+
+    #[test]
+    fn strings_the_script_shares_between_trees_come_back_whole() {
+        let s = compiled(json!({
+            "code": "let t = Root.Body.s; LocalEnvironment.Variables.t = t; Root.Body.u = t; Root.Body.s += \"!\";"
+        }));
+        let out = s
+            .run(&Message::new(Body::Json(json!({"s": "x".repeat(40)}))), T)
+            .unwrap();
+        let x = "x".repeat(40);
+        assert_eq!(
+            out.message.root.body,
+            Body::Json(json!({"s": format!("{x}!"), "u": x}))
+        );
+        assert_eq!(out.message.local_env["Variables"]["t"], json!(x));
     }
 
     #[test]

@@ -7,76 +7,19 @@
 //! per message (per flow for validation).
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+
 use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use flowbus_runtime::config::Config;
 use flowbus_runtime::flow::{load_flow, validate};
 use flowbus_runtime::message::{Body, Domain, Message};
-use flowbus_runtime::node::{NodeDecl, ValidateCtx};
+use flowbus_runtime::node::ValidateCtx;
 use flowbus_runtime::services::Services;
-use flowbus_runtime::Flow;
 use serde_json::{json, Value};
 
-/// The enrich script of the end-to-end benchmark (benches/bridge/run.sh writes the same).
-const ENRICH: &str = r#"Root.Body.bridged = true;
-let topic = LocalEnvironment.MQTT.Input.Topic;
-LocalEnvironment.Destination = #{ MQTT: #{ Output: #{ TopicName: "bench/out/" + topic.sub_string(9) } } };
-"#;
-
-/// A payload as the load generator sends it (200 bytes).
-fn payload() -> Vec<u8> {
-    let head = r#"{"run":1234567,"seq":42,"ts":1700000000123,"k":0,"pad":""#;
-    let mut v = head.as_bytes().to_vec();
-    v.resize(198, b'x');
-    v.extend_from_slice(b"\"}");
-    assert_eq!(v.len(), 200);
-    v
-}
-
-/// What MQTTSubscribe does with a payload before dispatching (nodes/src/mqtt_subscribe.rs).
-fn receive(payload: &[u8]) -> Message {
-    let body = Body::parse(Domain::Json, payload).unwrap_or(Body::Blob(payload.to_vec()));
-    let mut msg = Message::new(body);
-    msg.set_local(&["MQTT", "Input", "Topic"], Value::from("bench/in/0"));
-    msg.set_local(&["MQTT", "Input", "QualityOfService"], Value::from(1));
-    msg.set_local(&["MQTT", "Input", "Duplicate"], Value::from(false));
-    msg.set_local(&["MQTT", "Input", "Retained"], Value::from(false));
-    msg
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("flowbus-bench-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
-
-/// in (MQTTSubscribe, never started) → enrich (Compute) → nothing: the engine path of the
-/// bridge flow up to the publish node.
-fn bridge_flow() -> Flow {
-    let dir = scratch("bridge");
-    std::fs::write(dir.join("enrich.rhai"), ENRICH).expect("write script");
-    let flow = json!({
-        "name": "bridge",
-        "nodes": [
-            { "id": "in", "type": "MQTTSubscribe", "url": "tcp://127.0.0.1:1883",
-              "topic": "bench/in/#", "qos": 1 },
-            { "id": "enrich", "type": "Compute", "script": "enrich.rhai" }
-        ],
-        "connections": [ { "from": "in.Out", "to": "enrich" } ]
-    });
-    let path = dir.join("bridge.json");
-    std::fs::write(&path, flow.to_string()).expect("write flow");
-    load_flow(
-        &path,
-        &flowbus_nodes::registry(),
-        Arc::new(Config::default()),
-        Arc::new(Services::default()),
-    )
-    .unwrap_or_else(|e| panic!("{e}"))
-}
+mod fixture;
+use fixture::{bridge_flow, enrich_script, payload, receive, scratch};
 
 /// A flow of 200 nodes: one MQTTSubscribe and 199 Compute nodes in a chain, each with its own
 /// small inline script.
@@ -108,19 +51,7 @@ fn engine_path(c: &mut Criterion) {
         .expect("runtime");
     let flow = bridge_flow();
     let ctx = flow.input_ctx("in").expect("input node");
-    let script = {
-        let decl = NodeDecl {
-            id: "enrich".into(),
-            type_name: "Compute".into(),
-            props: json!({ "code": ENRICH })
-                .as_object()
-                .cloned()
-                .unwrap_or_default(),
-            pointer: "/nodes/1".into(),
-        };
-        flowbus_nodes::script::load(&decl, Path::new("."), &["code"])
-            .unwrap_or_else(|_| panic!("the enrich script compiles"))
-    };
+    let script = enrich_script();
 
     let mut g = c.benchmark_group("engine");
     g.bench_function("baseline: serde_json parse + insert + serialise", |b| {
