@@ -198,9 +198,14 @@ impl Message {
             None => return,
         };
         for p in parents {
-            let entry = cur
-                .entry((*p).to_string())
-                .or_insert_with(|| Value::Object(Map::new()));
+            // Looked up before inserting: the names exist on all but the first call, and an
+            // entry() would allocate the key every time.
+            if !cur.contains_key(*p) {
+                cur.insert((*p).to_string(), Value::Object(Map::new()));
+            }
+            let Some(entry) = cur.get_mut(*p) else {
+                unreachable!("inserted just above")
+            };
             if !entry.is_object() {
                 *entry = Value::Object(Map::new());
             }

@@ -11,14 +11,47 @@ pub fn now_rfc3339() -> String {
 pub fn format_rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs() as i64;
+    let ms = d.subsec_millis();
+    // Every message gets a CreationTime, many per second: the calendar arithmetic and
+    // `format!` run once per second and thread, the milliseconds are filled in by hand.
+    let head = SECOND.with(|c| match c.get() {
+        (s, head) if s == secs => Some(head),
+        _ => {
+            let head = <[u8; 19]>::try_from(format_seconds(secs).as_bytes()).ok()?;
+            c.set((secs, head));
+            Some(head)
+        }
+    });
+    let Some(head) = head else {
+        // A year outside 0..=9999: not 19 characters.
+        return format!("{}.{ms:03}Z", format_seconds(secs));
+    };
+    let mut out = Vec::with_capacity(24);
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (ms / 100) as u8,
+        b'0' + (ms / 10 % 10) as u8,
+        b'0' + (ms % 10) as u8,
+        b'Z',
+    ]);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+thread_local! {
+    /// The last whole second formatted on this thread and its text.
+    static SECOND: std::cell::Cell<(i64, [u8; 19])> = const { std::cell::Cell::new((i64::MIN, [0; 19])) };
+}
+
+/// `2026-11-22T10:00:00` for whole seconds since the epoch.
+fn format_seconds(secs: i64) -> String {
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     let (y, m, day) = civil_from_days(days);
     format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}",
         rem / 3600,
         (rem % 3600) / 60,
-        rem % 60,
-        d.subsec_millis()
+        rem % 60
     )
 }
 
@@ -113,6 +146,27 @@ mod tests {
         assert_eq!(format_rfc3339(t), "2026-11-22T10:00:00.123Z");
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert_eq!(format_rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn the_per_second_cache_keeps_milliseconds_and_seconds_apart() {
+        let base = UNIX_EPOCH + Duration::from_millis(1_795_341_600_000);
+        assert_eq!(format_rfc3339(base), "2026-11-22T10:00:00.000Z");
+        assert_eq!(
+            format_rfc3339(base + Duration::from_millis(7)),
+            "2026-11-22T10:00:00.007Z"
+        );
+        assert_eq!(
+            format_rfc3339(base + Duration::from_millis(1_999)),
+            "2026-11-22T10:00:01.999Z"
+        );
+        assert_eq!(
+            format_rfc3339(base + Duration::from_millis(59)),
+            "2026-11-22T10:00:00.059Z"
+        );
+        // Five-digit years do not fit the cached form and are formatted in full.
+        let far = UNIX_EPOCH + Duration::from_secs(253_402_300_800);
+        assert_eq!(format_rfc3339(far), "10000-01-01T00:00:00.000Z");
     }
 
     #[test]
