@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# CPU per message of each thread of one system under test, for A/B comparisons of two
+# flowbus builds (interleave the runs: single runs on a shared VM swing by ±10-15 %).
+# Starts a private mosquitto (set_tcp_nodelay true), the system, and the load generator;
+# reads utime+stime of every thread from /proc before and after.
+#
+#   benches/bridge/threads.sh [--system flowbus|bridge-pipelined] [--qos 1] [--n 20000]
+#                             [--rate R] [--flowbus PATH]
+#
+# Without --rate: closed loop at full speed (the throughput phase). With --rate R: N messages
+# at R msg/s (the latency phase), where nothing batches. --flowbus picks the binary (default
+# target/release/flowbus; build the other side of an A/B with its own CARGO_TARGET_DIR).
+# Prints one line (rate, loss, CPU per message of the system, load generator and broker) and
+# one line per thread group (from /proc's 10 ms ticks; with --rate these include the 1,000
+# messages of the short throughput phase that comes first).
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/../.." && pwd)"
+SYS=flowbus; QOS=1; N=20000; RATE=""; FB_BIN="$ROOT/target/release/flowbus"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --system) SYS="$2"; shift 2 ;;
+    --qos) QOS="$2"; shift 2 ;;
+    --n) N="$2"; shift 2 ;;
+    --rate) RATE="$2"; shift 2 ;;
+    --flowbus) FB_BIN="$2"; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "threads.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+BIN="$ROOT/target/bench/release"
+[[ -x "$BIN/loadgen" ]] || (cd "$HERE" && cargo build --release --bins >&2)
+mkdir -p "$ROOT/target/bench-threads"
+OUT=$(mktemp -d "$ROOT/target/bench-threads/run.XXXX")
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\nset_tcp_nodelay true\nmax_queued_messages 10000\n' "$PORT" > "$OUT/mosquitto.conf"
+chmod -R a+rwx "$OUT"
+mosquitto -c "$OUT/mosquitto.conf" & BROKER=$!
+SUT=""
+trap 'kill $SUT $BROKER 2>/dev/null || true' EXIT
+sleep 0.3
+case "$SYS" in
+  flowbus)
+    cat > "$OUT/bridge.json" <<JSON
+{ "name": "bridge",
+  "nodes": [
+    { "id": "in", "type": "MQTTSubscribe", "url": "tcp://127.0.0.1:$PORT", "topic": "bench/in/#", "qos": $QOS, "domain": "JSON" },
+    { "id": "enrich", "type": "Compute", "script": "enrich.rhai" },
+    { "id": "out", "type": "MQTTPublish", "url": "tcp://127.0.0.1:$PORT", "qos": $QOS } ],
+  "connections": [ { "from": "in.Out", "to": "enrich" }, { "from": "enrich.Out", "to": "out" } ] }
+JSON
+    cat > "$OUT/enrich.rhai" <<'RHAI'
+Root.Body.bridged = true;
+let topic = LocalEnvironment.MQTT.Input.Topic;
+LocalEnvironment.Destination = #{ MQTT: #{ Output: #{ TopicName: "bench/out/" + topic.sub_string(9) } } };
+RHAI
+    printf 'data_dir = "%s/data"\nflows = ["%s/bridge.json"]\n[admin]\nlisten = "127.0.0.1:0"\n' "$OUT" "$OUT" > "$OUT/flowbus.toml"
+    (cd "$OUT" && RUST_LOG=warn exec "$FB_BIN" run --config "$OUT/flowbus.toml") >"$OUT/flowbus.log" 2>&1 &
+    SUT=$! ;;
+  bridge-pipelined)
+    "$BIN/bridge" --url "tcp://127.0.0.1:$PORT" --qos "$QOS" --mode pipelined >"$OUT/sut.log" 2>&1 &
+    SUT=$! ;;
+  *) echo "threads.sh: --system flowbus or bridge-pipelined" >&2; exit 2 ;;
+esac
+sleep 1.5
+snap() {
+  for t in /proc/$SUT/task/*; do
+    echo "$(tr ' ' _ < "$t/comm") $(awk '{print $14+$15}' "$t/stat")"
+  done | awk '{a[$1]+=$2} END {for (k in a) print k, a[k]}' | sort
+}
+snap > "$OUT/before"
+if [[ -n "$RATE" ]]; then
+  PHASE=(--n 1000 --lat-n "$N" --rate "$RATE"); KEY=latency
+else
+  PHASE=(--n "$N" --lat-n 0); KEY=throughput
+fi
+"$BIN/loadgen" --url "tcp://127.0.0.1:$PORT" --qos "$QOS" --system "$SYS" --label threads \
+  --secs 20 "${PHASE[@]}" --pid "$SUT" > "$OUT/loadgen.json" 2>"$OUT/loadgen.log"
+snap > "$OUT/after"
+python3 - "$OUT" "$N" "$KEY" <<'PY'
+import json, sys
+out, n, key = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+before = dict(l.split() for l in open(out + "/before"))
+after = dict(l.split() for l in open(out + "/after"))
+j = json.load(open(out + "/loadgen.json"))
+t = j[key]
+cpu = j["sut"]["cpu_s_latency" if key == "latency" else "cpu_s"]
+print(f"rate {t['rate']:.0f} recv {t['received']} lost {t['lost']} dup {t['dups']} "
+      f"order {t['order_violations']} | system {cpu * 1e6 / t['received']:.1f} us/msg, "
+      f"ctx {j['sut']['ctx_switches_per_msg']}/msg | loadgen "
+      f"{j['loadgen_cpu_s'] * 1e6 / t['received']:.1f} us/msg | others "
+      f"{j['other_cpu_s'] * 1e6 / t['received']:.1f} us/msg")
+# /proc ticks are 10 ms: ticks * 1e4 / n = us per message.
+for k in sorted(after):
+    d = (int(after[k]) - int(before.get(k, 0))) * 1e4 / n
+    if d > 0.05:
+        print(f"  {k:20s} {d:6.1f} us/msg")
+PY
+rm -rf "$OUT"
