@@ -503,9 +503,11 @@ fn cmd_run(
     let _ = metrics::set_global_recorder(flowbus_runtime::telemetry::TelemetryRecorder(
         services.telemetry.clone(),
     ));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.daemon.worker_threads {
+        rt.worker_threads(n);
+    }
+    let rt = rt.enable_all().build()?;
     rt.block_on(async move {
         let listener = admin::bind(&config.admin.listen).await?;
         let addr = listener.local_addr()?;

@@ -1076,3 +1076,44 @@ async fn v5_session_expiry_decides_what_a_stopped_daemon_gets_later() {
         assert!(d.terminate(Duration::from_secs(15)).success());
     }
 }
+
+/// Threads of a process by name.
+fn threads_named(pid: u32, name: &str) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter(|t| {
+            let comm = std::fs::read_to_string(t.as_ref().unwrap().path().join("comm"));
+            comm.is_ok_and(|c| c.trim() == name)
+        })
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_worker_threads_sets_how_many_threads_run_the_flows() {
+    // 3: not what the runtime would pick by itself on the 1- and 2-core machines this runs on.
+    let d = start(
+        &with_token("worker_threads = 3\n"),
+        &[("tick.json", &json!({
+            "name": "tick",
+            "nodes": [
+                {"id": "t", "type": "Timer", "interval": "100ms"},
+                {"id": "show", "type": "Trace", "pattern": "tick ${LocalEnvironment.Timer.Input.Count}"}
+            ],
+            "connections": [{"from": "t.Out", "to": "show"}]
+        }).to_string())],
+    );
+    d.wait_api().await;
+    cli_until(
+        &d,
+        &["log", "--number", "BIP1003"],
+        Duration::from_secs(10),
+        |o| o.contains("tick 3"),
+    )
+    .await;
+    assert_eq!(
+        threads_named(d.pid(), "tokio-rt-worker"),
+        3,
+        "{}",
+        d.stderr()
+    );
+}

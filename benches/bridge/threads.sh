@@ -5,7 +5,7 @@
 # reads utime+stime of every thread from /proc before and after.
 #
 #   benches/bridge/threads.sh [--system flowbus|bridge-pipelined] [--qos 1] [--n 20000]
-#                             [--rate R] [--flowbus PATH]
+#                             [--rate R] [--flowbus PATH] [--capture]
 #
 # Without --rate: closed loop at full speed (the throughput phase). With --rate R: N messages
 # at R msg/s (the latency phase), where nothing batches. --flowbus picks the binary (default
@@ -13,10 +13,14 @@
 # Prints one line (rate, loss, CPU per message of the system, load generator and broker) and
 # one line per thread group (from /proc's 10 ms ticks; with --rate these include the 1,000
 # messages of the short throughput phase that comes first).
+# --capture (needs tcpdump, and root): records the broker's loopback traffic and prints, per
+# message, how long each leg took (stages.py): producer → broker → system, the system's own
+# time from receipt (QoS 2: from the broker's PUBREL) to its PUBLISH on the wire, broker →
+# consumer, and the publisher's PUBREC → PUBREL. Use it with --rate.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
-SYS=flowbus; QOS=1; N=20000; RATE=""; FB_BIN="$ROOT/target/release/flowbus"
+SYS=flowbus; QOS=1; N=20000; RATE=""; FB_BIN="$ROOT/target/release/flowbus"; CAPTURE=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --system) SYS="$2"; shift 2 ;;
@@ -24,7 +28,8 @@ while [[ $# -gt 0 ]]; do
     --n) N="$2"; shift 2 ;;
     --rate) RATE="$2"; shift 2 ;;
     --flowbus) FB_BIN="$2"; shift 2 ;;
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --capture) CAPTURE=1; shift ;;
+    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "threads.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -36,8 +41,8 @@ PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest none\nset_tcp_nodelay true\nmax_queued_messages 10000\n' "$PORT" > "$OUT/mosquitto.conf"
 chmod -R a+rwx "$OUT"
 mosquitto -c "$OUT/mosquitto.conf" & BROKER=$!
-SUT=""
-trap 'kill $SUT $BROKER 2>/dev/null || true' EXIT
+SUT=""; TCPDUMP=""
+trap 'kill $SUT $BROKER $TCPDUMP 2>/dev/null || true' EXIT
 sleep 0.3
 case "$SYS" in
   flowbus)
@@ -68,6 +73,11 @@ snap() {
     echo "$(tr ' ' _ < "$t/comm") $(awk '{print $14+$15}' "$t/stat")"
   done | awk '{a[$1]+=$2} END {for (k in a) print k, a[k]}' | sort
 }
+if ((CAPTURE)); then
+  command -v tcpdump >/dev/null || { echo "threads.sh: --capture needs tcpdump" >&2; exit 1; }
+  tcpdump -i lo -s 0 -w "$OUT/capture.pcap" "tcp port $PORT" >/dev/null 2>&1 & TCPDUMP=$!
+  sleep 1
+fi
 snap > "$OUT/before"
 if [[ -n "$RATE" ]]; then
   PHASE=(--n 1000 --lat-n "$N" --rate "$RATE"); KEY=latency
@@ -96,4 +106,8 @@ for k in sorted(after):
     if d > 0.05:
         print(f"  {k:20s} {d:6.1f} us/msg")
 PY
+if ((CAPTURE)); then
+  sleep 0.5; kill "$TCPDUMP"; wait "$TCPDUMP" 2>/dev/null || true; TCPDUMP=""
+  python3 "$HERE/stages.py" "$OUT/capture.pcap" "$PORT"
+fi
 rm -rf "$OUT"
