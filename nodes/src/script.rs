@@ -206,6 +206,9 @@ pub struct Script {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Uses {
     root: bool,
+    /// `Root.Properties`: a script that never names them gets a `Root` without them, and the
+    /// message keeps its own.
+    properties: bool,
     local_env: bool,
     environment: bool,
     exception_list: bool,
@@ -221,6 +224,7 @@ impl Uses {
             .collect();
         Uses {
             root: words.contains("Root"),
+            properties: words.contains("Properties"),
             local_env: words.contains("LocalEnvironment"),
             environment: words.contains("Environment"),
             exception_list: words.contains("ExceptionList"),
@@ -328,7 +332,7 @@ impl Script {
         let share = |d: Dynamic| if u.propagate { d.into_shared() } else { d };
         let mut scope = Scope::new();
         if u.root || u.propagate {
-            scope.push_dynamic("Root", share(root_to_dynamic(&msg.root)));
+            scope.push_dynamic("Root", share(root_to_dynamic(&msg.root, u.properties)));
         }
         if u.local_env || u.propagate {
             scope.push_dynamic("LocalEnvironment", share(to_dynamic(&msg.local_env)));
@@ -381,7 +385,7 @@ impl Script {
         let build = |root: Option<Dynamic>, le: Option<Dynamic>| -> Result<Message, Exception> {
             let mut m = msg.clone();
             if let Some(r) = root {
-                m.root = Arc::new(self.root_from_dynamic(r, domain)?);
+                m.root = Arc::new(self.root_from_dynamic(r, domain, &msg.root)?);
             }
             if let Some(l) = le {
                 m.local_env = Arc::new(self.tree_from_dynamic(l, "LocalEnvironment")?);
@@ -564,16 +568,18 @@ fn from_dynamic(
     })
 }
 
-fn root_to_dynamic(root: &Root) -> Dynamic {
+fn root_to_dynamic(root: &Root, properties: bool) -> Dynamic {
     let body = match &root.body {
         Body::Json(v) => to_dynamic(v),
         Body::Text(s) => Dynamic::from(s.clone()),
         Body::Blob(b) => Dynamic::from_blob(b.clone()),
     };
-    Dynamic::from_map(RMap::from([
-        ("Body".into(), body),
-        ("Properties".into(), map_to_dynamic(&root.properties)),
-    ]))
+    let mut m = RMap::new();
+    m.insert("Body".into(), body);
+    if properties {
+        m.insert("Properties".into(), map_to_dynamic(&root.properties));
+    }
+    Dynamic::from_map(m)
 }
 
 impl Script {
@@ -582,10 +588,13 @@ impl Script {
         from_dynamic(d, tree, Some((&self.limits, &self.source)))
     }
 
+    /// `Root` back from the script; `arrived` is the message's own, whose properties stay when
+    /// the script never names them.
     fn root_from_dynamic(
         &self,
         d: Dynamic,
         domain: flowbus_runtime::Domain,
+        arrived: &Root,
     ) -> Result<Root, Exception> {
         let bad =
             |what: String| Exception::new(ExceptionKind::Conversion, numbers::SCRIPT_ERROR, what);
@@ -596,11 +605,12 @@ impl Script {
             )
         })?;
         let properties = match map.remove("Properties") {
+            _ if !self.uses.properties => arrived.properties.clone(),
             Some(p) => match self.tree_from_dynamic(p, "Root.Properties")? {
-                Value::Object(o) => o,
+                Value::Object(o) => Arc::new(o),
                 _ => return Err(bad("Root.Properties must stay a map".into())),
             },
-            None => Map::new(),
+            None => Arc::new(Map::new()),
         };
         let body = match map.remove("Body") {
             None => Body::Json(Value::Null),
@@ -810,6 +820,44 @@ mod tests {
             Body::Json(json!({"s": format!("{x}!"), "u": x}))
         );
         assert_eq!(out.message.local_env["Variables"]["t"], json!(x));
+    }
+
+    #[test]
+    fn properties_pass_through_untouched_unless_the_script_names_them() {
+        let msg = Message::new(Body::Json(json!({"a": 1})));
+        // Never named: not converted, shared with the arriving message, kept even when the
+        // script replaces Root whole.
+        for code in ["Root.Body.b = 2;", "Root = #{ Body: #{ b: 2 } };"] {
+            let out = compiled(json!({ "code": code })).run(&msg, T).unwrap();
+            assert!(
+                Arc::ptr_eq(&out.message.root.properties, &msg.root.properties),
+                "{code}"
+            );
+            assert_eq!(out.message.root.body.to_value()["b"], json!(2), "{code}");
+        }
+        // Named: converted, and changes come back.
+        let out = compiled(json!({
+            "code": "Root.Properties.ContentType = \"application/json\"; Root.Body.f = Root.Properties.MessageFormat;"
+        }))
+        .run(&msg, T)
+        .unwrap();
+        assert_eq!(
+            out.message.root.properties["ContentType"],
+            json!("application/json")
+        );
+        assert_eq!(
+            out.message.root.properties["MessageFormat"],
+            msg.root.properties["MessageFormat"]
+        );
+        assert_eq!(
+            out.message.root.body.to_value()["f"],
+            msg.root.properties["MessageFormat"]
+        );
+        // Named and dropped: gone, as before.
+        let out = compiled(json!({ "code": "Root = #{ Body: 1 }; // Properties dropped" }))
+            .run(&msg, T)
+            .unwrap();
+        assert!(out.message.root.properties.is_empty());
     }
 
     #[test]

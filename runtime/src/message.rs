@@ -126,8 +126,9 @@ fn preview(payload: &[u8]) -> String {
 /// The `Root` tree: `Properties` and `Body`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Root {
-    /// `Root.Properties` (`MessageFormat`, `CreationTime`, `ContentType`, ...).
-    pub properties: Map<String, Value>,
+    /// `Root.Properties` (`MessageFormat`, `CreationTime`, `ContentType`, ...); shared, since
+    /// most nodes pass it on unchanged (copy with `Arc::make_mut` to change it).
+    pub properties: Arc<Map<String, Value>>,
     /// `Root.Body`.
     pub body: Body,
 }
@@ -141,7 +142,10 @@ impl Root {
             "CreationTime".into(),
             Value::from(crate::time::now_rfc3339()),
         );
-        Root { properties, body }
+        Root {
+            properties: Arc::new(properties),
+            body,
+        }
     }
 }
 
@@ -232,7 +236,7 @@ impl Message {
         let mut root = Map::new();
         root.insert(
             "Properties".into(),
-            Value::Object(self.root.properties.clone()),
+            Value::Object((*self.root.properties).clone()),
         );
         root.insert("Body".into(), self.root.body.to_value());
         let mut m = Map::new();
