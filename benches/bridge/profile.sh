@@ -27,7 +27,7 @@ OUT="${OUT:-$ROOT/target/bench-profile/qos$QOS-$(date +%H%M%S)}"
 mkdir -p "$OUT"; OUT="$(cd "$OUT" && pwd)"
 FB=""; BROKER=""
 trap '[[ -n "$FB" ]] && kill $FB 2>/dev/null; [[ -n "$BROKER" ]] && kill $BROKER 2>/dev/null || true' EXIT
-SUB_EXTRA=""; [[ -n "$INFLIGHT" ]] && SUB_EXTRA=", \"in_flight\": $INFLIGHT"
+IN_FLIGHT="$INFLIGHT"
 # shellcheck source=single.sh
 source "$HERE/single.sh"
 

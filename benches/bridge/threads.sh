@@ -20,6 +20,8 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
+# shellcheck source=flow.sh
+source "$HERE/flow.sh"
 SYS=flowbus; QOS=1; N=20000; RATE=""; FB_BIN="$ROOT/target/release/flowbus"; CAPTURE=0
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -46,20 +48,7 @@ trap 'kill $SUT $BROKER $TCPDUMP 2>/dev/null || true' EXIT
 sleep 0.3
 case "$SYS" in
   flowbus)
-    cat > "$OUT/bridge.json" <<JSON
-{ "name": "bridge",
-  "nodes": [
-    { "id": "in", "type": "MQTTSubscribe", "url": "tcp://127.0.0.1:$PORT", "topic": "bench/in/#", "qos": $QOS, "domain": "JSON" },
-    { "id": "enrich", "type": "Compute", "script": "enrich.rhai" },
-    { "id": "out", "type": "MQTTPublish", "url": "tcp://127.0.0.1:$PORT", "qos": $QOS } ],
-  "connections": [ { "from": "in.Out", "to": "enrich" }, { "from": "enrich.Out", "to": "out" } ] }
-JSON
-    cat > "$OUT/enrich.rhai" <<'RHAI'
-Root.Body.bridged = true;
-let topic = LocalEnvironment.MQTT.Input.Topic;
-LocalEnvironment.Destination = #{ MQTT: #{ Output: #{ TopicName: "bench/out/" + topic.sub_string(9) } } };
-RHAI
-    printf 'data_dir = "%s/data"\nflows = ["%s/bridge.json"]\n[admin]\nlisten = "127.0.0.1:0"\n' "$OUT" "$OUT" > "$OUT/flowbus.toml"
+    flowbus_flow "$OUT" "$PORT" "$QOS" 1
     (cd "$OUT" && RUST_LOG=warn exec "$FB_BIN" run --config "$OUT/flowbus.toml") >"$OUT/flowbus.log" 2>&1 &
     SUT=$! ;;
   bridge-pipelined)

@@ -13,13 +13,13 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use flowbus_runtime::config::Config;
 use flowbus_runtime::flow::{load_flow, validate};
-use flowbus_runtime::message::{Body, Domain, Message};
+use flowbus_runtime::message::{Body, Domain};
 use flowbus_runtime::node::ValidateCtx;
 use flowbus_runtime::services::Services;
 use serde_json::{json, Value};
 
 mod fixture;
-use fixture::{bridge_flow, enrich_script, payload, receive, scratch};
+use fixture::{bridge_flow, enrich_script, payload, receive, scratch, with_trees};
 
 /// A flow of 200 nodes: one MQTTSubscribe and 199 Compute nodes in a chain, each with its own
 /// small inline script.
@@ -69,14 +69,7 @@ fn engine_path(c: &mut Criterion) {
     g.bench_function("2 tree construction (Message::new + MQTT.Input)", |b| {
         b.iter_batched(
             || Body::parse(Domain::Json, &p).expect("json"),
-            |body| {
-                let mut msg = Message::new(body);
-                msg.set_local(&["MQTT", "Input", "Topic"], Value::from("bench/in/0"));
-                msg.set_local(&["MQTT", "Input", "QualityOfService"], Value::from(1));
-                msg.set_local(&["MQTT", "Input", "Duplicate"], Value::from(false));
-                msg.set_local(&["MQTT", "Input", "Retained"], Value::from(false));
-                msg
-            },
+            with_trees,
             BatchSize::SmallInput,
         )
     });
