@@ -32,6 +32,19 @@ fn relay(url: &str, version: u32, qos: u8, clean_session: bool) -> String {
     .to_string()
 }
 
+/// A flow that traces `tick N` to the log every `interval`.
+fn tick_flow(interval: &str) -> String {
+    json!({
+        "name": "tick",
+        "nodes": [
+            {"id": "t", "type": "Timer", "interval": interval},
+            {"id": "show", "type": "Trace", "pattern": "tick ${LocalEnvironment.Timer.Input.Count}"}
+        ],
+        "connections": [{"from": "t.Out", "to": "show"}]
+    })
+    .to_string()
+}
+
 fn start(config: &str, flows: &[(&str, &str)]) -> Daemon {
     Daemon::spawn_with_env(config, flows, &[(TOKEN_VAR, TOKEN)])
 }
@@ -793,14 +806,7 @@ async fn the_command_line_overrides_the_configuration_and_log_follows() {
     // the test harness passes --flows and --admin, and --data-dir is added here.
     let mut d = Daemon::spawn_with_env(
         "data_dir = \"data-from-config\"\nflows = [\"nowhere\"]\n[admin]\nlisten = \"127.0.0.1:1\"\n[daemon]\nwatch_interval = \"100ms\"\n",
-        &[("tick.json", &json!({
-            "name": "tick",
-            "nodes": [
-                {"id": "t", "type": "Timer", "interval": "200ms"},
-                {"id": "show", "type": "Trace", "pattern": "tick ${LocalEnvironment.Timer.Input.Count}"}
-            ],
-            "connections": [{"from": "t.Out", "to": "show"}]
-        }).to_string())],
+        &[("tick.json", &tick_flow("200ms"))],
         &[],
     );
     // Restart it with --data-dir on top of --config/--flows/--admin.
@@ -1093,14 +1099,7 @@ async fn daemon_worker_threads_sets_how_many_threads_run_the_flows() {
     // 3: not what the runtime would pick by itself on the 1- and 2-core machines this runs on.
     let d = start(
         &with_token("worker_threads = 3\n"),
-        &[("tick.json", &json!({
-            "name": "tick",
-            "nodes": [
-                {"id": "t", "type": "Timer", "interval": "100ms"},
-                {"id": "show", "type": "Trace", "pattern": "tick ${LocalEnvironment.Timer.Input.Count}"}
-            ],
-            "connections": [{"from": "t.Out", "to": "show"}]
-        }).to_string())],
+        &[("tick.json", &tick_flow("100ms"))],
     );
     d.wait_api().await;
     cli_until(

@@ -604,13 +604,17 @@ impl Script {
                     .into(),
             )
         })?;
-        let properties = match map.remove("Properties") {
-            _ if !self.uses.properties => arrived.properties.clone(),
-            Some(p) => match self.tree_from_dynamic(p, "Root.Properties")? {
-                Value::Object(o) => Arc::new(o),
-                _ => return Err(bad("Root.Properties must stay a map".into())),
-            },
-            None => Arc::new(Map::new()),
+        let properties = if !self.uses.properties {
+            // Never handed to the script (see `Uses`).
+            arrived.properties.clone()
+        } else {
+            match map.remove("Properties") {
+                Some(p) => match self.tree_from_dynamic(p, "Root.Properties")? {
+                    Value::Object(o) => Arc::new(o),
+                    _ => return Err(bad("Root.Properties must stay a map".into())),
+                },
+                None => Arc::new(Map::new()),
+            }
         };
         let body = match map.remove("Body") {
             None => Body::Json(Value::Null),
