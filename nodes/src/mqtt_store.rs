@@ -33,6 +33,13 @@ pub const MIN_MAP: usize = 1 << 20;
 /// The log's name inside the client's persistence directory.
 pub const FILE_NAME: &str = "inflight.log";
 
+/// The log is written front to back and never read through the mapping (the live records are
+/// also kept in memory), so every `RELEASE_STEP` bytes the pages behind the write point are
+/// dropped from the process (`MADV_DONTNEED`; for a shared file mapping they stay in the page
+/// cache and the file). Otherwise a file's whole mapping, 1 MiB or more, would become resident
+/// before each rewrite, and the daemon's memory would saw up and down by that much.
+const RELEASE_STEP: usize = 64 << 10;
+
 const PUT: u8 = 1;
 const REMOVE: u8 = 2;
 const HEAD: usize = 7;
@@ -59,6 +66,7 @@ impl Release {
         inner.live = HashMap::new();
         inner.buf = Vec::new();
         inner.end = 0;
+        inner.released = 0;
     }
 }
 
@@ -73,6 +81,8 @@ struct Inner {
     map: Option<MmapMut>,
     /// Where the next record goes.
     end: usize,
+    /// The mapping's pages before this offset have been handed back (see [`RELEASE_STEP`]).
+    released: usize,
     live: HashMap<String, Vec<u8>>,
     buf: Vec<u8>,
 }
@@ -218,6 +228,23 @@ impl Inner {
         if self.end + n <= map.len() {
             map[self.end..self.end + n].copy_from_slice(&self.buf);
             self.end += n;
+            let behind = self.end - self.end % RELEASE_STEP;
+            if behind > self.released {
+                // SAFETY: nothing holds a reference into the range (the mapping is only
+                // copied into, under the lock), and for a shared file mapping the pages'
+                // contents stay in the file: a later access would read them back.
+                let dropped = unsafe {
+                    map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        self.released,
+                        behind - self.released,
+                    )
+                };
+                // Only memory is at stake: on failure the pages stay until the next rewrite.
+                if dropped.is_ok() {
+                    self.released = behind;
+                }
+            }
             return Ok(());
         }
         self.rewrite(path)
@@ -246,6 +273,7 @@ impl Inner {
         let map = write().map_err(|e| io_err("start a new log at", path, e))?;
         self.map = Some(map);
         self.end = out.len();
+        self.released = 0;
         Ok(())
     }
 }
@@ -509,6 +537,48 @@ mod tests {
         let again = &mut opened(&d);
         assert_eq!(again.keys().unwrap().len(), 20);
         assert_eq!(again.get("c-39999").unwrap(), data);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// The resident size of this process's mapping of `path` (from /proc/self/smaps).
+    fn resident_kib(path: &Path) -> Option<u64> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let name = path.to_str().unwrap();
+        let mut lines = smaps.lines();
+        while let Some(line) = lines.next() {
+            if line.ends_with(name) {
+                let rss = lines.find(|l| l.starts_with("Rss:"))?;
+                return rss.split_whitespace().nth(1)?.parse().ok();
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn pages_behind_the_write_point_leave_the_process() {
+        let d = dir("resident");
+        let mut s = opened(&d);
+        let data = vec![7u8; 300];
+        // ~900 KiB of records through a window of 20: most of the 1 MiB file, no rewrite.
+        for i in 0..2_800u32 {
+            s.put(&format!("c-{i}"), vec![&data]).unwrap();
+            if i >= 20 {
+                s.remove(&format!("c-{}", i - 20)).unwrap();
+            }
+        }
+        let path = d.join(FILE_NAME);
+        let written = replay(&std::fs::read(&path).unwrap()).good;
+        assert!(written > 800 << 10, "{written} bytes written");
+        let kib = resident_kib(&path).expect("the log is mapped");
+        assert!(
+            kib <= (RELEASE_STEP as u64 >> 10) + 4,
+            "{kib} KiB of the log resident after {} KiB written",
+            written >> 10
+        );
+        // What left memory is still in the file.
+        let again = &mut opened(&d);
+        assert_eq!(again.keys().unwrap().len(), 20);
+        assert_eq!(again.get("c-2799").unwrap(), data);
         let _ = std::fs::remove_dir_all(&d);
     }
 

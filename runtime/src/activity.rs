@@ -375,10 +375,34 @@ impl FileSink {
     }
 }
 
+/// An entry as the rings keep it: its JSON line (the files' format) and the fields a query
+/// tests before parsing it. A quarter of the memory of an [`Entry`] with its strings and tags
+/// (one allocation instead of about fifteen), so a full ring of per-message entries costs a
+/// few hundred kilobytes; queries are rare and parse what they return.
+struct Kept {
+    seq: u64,
+    severity: Severity,
+    line: Box<str>,
+}
+
+impl Kept {
+    fn new(entry: &Entry) -> serde_json::Result<Kept> {
+        Ok(Kept {
+            seq: entry.seq,
+            severity: entry.severity,
+            line: serde_json::to_string(entry)?.into_boxed_str(),
+        })
+    }
+
+    fn entry(&self) -> Option<Entry> {
+        serde_json::from_str(&self.line).ok()
+    }
+}
+
 #[derive(Default)]
 struct Rings {
-    events: VecDeque<Arc<Entry>>,
-    messages: VecDeque<Arc<Entry>>,
+    events: VecDeque<Kept>,
+    messages: VecDeque<Kept>,
 }
 
 struct State {
@@ -444,16 +468,20 @@ impl ActivityLog {
                     .strip_prefix("BIP")
                     .and_then(|n| n.parse::<u32>().ok())
                     .is_some_and(|n| PER_MESSAGE_NUMBERS.contains(&n));
-                let flow = e.flow.clone();
-                log.push(&mut st, flow, Arc::new(e), per_message);
+                if let Ok(kept) = Kept::new(&e) {
+                    log.push(&mut st, e.flow, kept, per_message);
+                }
             }
             st.sink = Some(sink);
         }
         Ok(log)
     }
 
-    fn push(&self, st: &mut State, flow: String, entry: Arc<Entry>, per_message: bool) {
-        let rings = st.flows.entry(flow).or_default();
+    fn push(&self, st: &mut State, flow: String, entry: Kept, per_message: bool) {
+        let rings = match st.flows.get_mut(&flow) {
+            Some(rings) => rings,
+            None => st.flows.entry(flow).or_default(),
+        };
         let ring = if per_message {
             &mut rings.messages
         } else {
@@ -506,30 +534,36 @@ impl ActivityLog {
             tags,
         });
         let st = &mut *st;
-        if let Some(sink) = st.sink.as_mut() {
-            let written = serde_json::to_vec(&*entry).map(|mut line| {
-                line.push(b'\n');
-                sink.write(&line)
-            });
-            match written {
-                Ok(Ok(())) => st.write_failed = false,
-                Ok(Err(err)) => {
-                    self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
-                    // Once per run of failures, so a full disk does not become a flood.
-                    if !st.write_failed {
-                        st.write_failed = true;
-                        tracing::error!(
-                            "cannot write the activity log file in {}: {err}; entries stay in memory",
-                            sink.settings.dir.display()
-                        );
+        // The line is both the file's and the ring's copy. Serialising an entry (string keys,
+        // JSON values) cannot fail; were it to, the entry still reaches `tracing` and the live
+        // stream, and the failure is counted.
+        match Kept::new(&entry) {
+            Ok(kept) => {
+                if let Some(sink) = st.sink.as_mut() {
+                    let mut line = Vec::with_capacity(kept.line.len() + 1);
+                    line.extend_from_slice(kept.line.as_bytes());
+                    line.push(b'\n');
+                    match sink.write(&line) {
+                        Ok(()) => st.write_failed = false,
+                        Err(err) => {
+                            self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
+                            // Once per run of failures, so a full disk does not become a flood.
+                            if !st.write_failed {
+                                st.write_failed = true;
+                                tracing::error!(
+                                    "cannot write the activity log file in {}: {err}; entries stay in memory",
+                                    sink.settings.dir.display()
+                                );
+                            }
+                        }
                     }
                 }
-                Err(_) => {
-                    self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
-                }
+                self.push(st, entry.flow.clone(), kept, per_message);
+            }
+            Err(_) => {
+                self.counters.write_errors.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.push(st, entry.flow.clone(), entry.clone(), per_message);
         // No subscribers is fine.
         let _ = self.live.send(entry);
     }
@@ -537,19 +571,24 @@ impl ActivityLog {
     /// Entries matching the filter, oldest first.
     pub fn query(&self, f: &Filter) -> Vec<Arc<Entry>> {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out: Vec<Arc<Entry>> = st
+        let mut kept: Vec<&Kept> = st
             .flows
             .iter()
             .filter(|(flow, _)| f.flow.as_ref().is_none_or(|x| x == *flow))
             .flat_map(|(_, r)| r.events.iter().chain(r.messages.iter()))
-            .filter(|e| f.matches(e))
-            .cloned()
+            .filter(|k| f.after_seq.is_none_or(|s| k.seq > s))
+            .filter(|k| f.severity.is_none_or(|s| k.severity >= s))
             .collect();
-        out.sort_by_key(|e| e.seq);
-        if let Some(limit) = f.limit {
-            let skip = out.len().saturating_sub(limit);
-            out.drain(..skip);
-        }
+        kept.sort_unstable_by_key(|k| std::cmp::Reverse(k.seq));
+        // Newest first, so a limit stops the parsing early.
+        let mut out: Vec<Arc<Entry>> = kept
+            .into_iter()
+            .filter_map(Kept::entry)
+            .filter(|e| f.matches(e))
+            .take(f.limit.unwrap_or(usize::MAX))
+            .map(Arc::new)
+            .collect();
+        out.reverse();
         out
     }
 
