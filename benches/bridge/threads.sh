@@ -10,8 +10,9 @@
 # Without --rate: closed loop at full speed (the throughput phase). With --rate R: N messages
 # at R msg/s (the latency phase), where nothing batches. --flowbus picks the binary (default
 # target/release/flowbus; build the other side of an A/B with its own CARGO_TARGET_DIR).
-# Prints one line (rate, loss, CPU per message of the system, load generator and broker) and
-# one line per thread group (from /proc's 10 ms ticks; with --rate these include the 1,000
+# FLOWBUS_EXTRA (environment): more flowbus.toml, e.g. $'[daemon]\nworker_threads = 1'.
+# Prints one line (rate, loss, latency with --rate, CPU per message of the system, load
+# generator and broker) and one line per thread group (from /proc's 10 ms ticks; with --rate these include the 1,000
 # messages of the short throughput phase that comes first).
 # --capture (needs tcpdump, and root): records the broker's loopback traffic and prints, per
 # message, how long each leg took (stages.py): producer → broker → system, the system's own
@@ -31,7 +32,7 @@ while [[ $# -gt 0 ]]; do
     --rate) RATE="$2"; shift 2 ;;
     --flowbus) FB_BIN="$2"; shift 2 ;;
     --capture) CAPTURE=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "threads.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -49,6 +50,7 @@ sleep 0.3
 case "$SYS" in
   flowbus)
     flowbus_flow "$OUT" "$PORT" "$QOS" 1
+    printf '%s' "${FLOWBUS_EXTRA:-}" >> "$OUT/flowbus.toml"
     (cd "$OUT" && RUST_LOG=warn exec "$FB_BIN" run --config "$OUT/flowbus.toml") >"$OUT/flowbus.log" 2>&1 &
     SUT=$! ;;
   bridge-pipelined)
@@ -84,8 +86,9 @@ after = dict(l.split() for l in open(out + "/after"))
 j = json.load(open(out + "/loadgen.json"))
 t = j[key]
 cpu = j["sut"]["cpu_s_latency" if key == "latency" else "cpu_s"]
+lat = f" p50 {t['p50_ms']:.3f} p99 {t['p99_ms']:.3f} max {t['max_ms']:.2f} ms" if key == "latency" else ""
 print(f"rate {t['rate']:.0f} recv {t['received']} lost {t['lost']} dup {t['dups']} "
-      f"order {t['order_violations']} | system {cpu * 1e6 / t['received']:.1f} us/msg, "
+      f"order {t['order_violations']}{lat} | system {cpu * 1e6 / t['received']:.1f} us/msg, "
       f"ctx {j['sut']['ctx_switches_per_msg']}/msg | loadgen "
       f"{j['loadgen_cpu_s'] * 1e6 / t['received']:.1f} us/msg | others "
       f"{j['other_cpu_s'] * 1e6 / t['received']:.1f} us/msg")
