@@ -7,7 +7,8 @@
 #   benches/bridge/soak.sh [--qos 1] [--n 1000000] [--log-entries N] [--out DIR]
 #
 # --log-entries sets [activity_log] buffer_entries (default 1000 per ring): the per-message
-# ring fills at ~22 sampled entries a second, which shows as RSS growth in the first minute.
+# ring fills at ~22 sampled entries a second (~330 bytes each), a little RSS growth in the
+# first minute.
 #
 # Writes DIR/rss.txt (seconds since start, VmRSS, RssAnon, RssFile in KiB), DIR/loadgen.json, DIR/summary.txt.
 set -euo pipefail
@@ -20,7 +21,7 @@ while [[ $# -gt 0 ]]; do
     --n) N="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --log-entries) ENTRIES="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "soak.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done

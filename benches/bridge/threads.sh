@@ -89,7 +89,7 @@ cpu = j["sut"]["cpu_s_latency" if key == "latency" else "cpu_s"]
 lat = f" p50 {t['p50_ms']:.3f} p99 {t['p99_ms']:.3f} max {t['max_ms']:.2f} ms" if key == "latency" else ""
 print(f"rate {t['rate']:.0f} recv {t['received']} lost {t['lost']} dup {t['dups']} "
       f"order {t['order_violations']}{lat} | system {cpu * 1e6 / t['received']:.1f} us/msg, "
-      f"ctx {j['sut']['ctx_switches_per_msg']}/msg | loadgen "
+      f"ctx {j['sut']['ctx_switches_per_msg']}/msg, peak RSS {j['sut']['peak_rss_kib']} KiB | loadgen "
       f"{j['loadgen_cpu_s'] * 1e6 / t['received']:.1f} us/msg | others "
       f"{j['other_cpu_s'] * 1e6 / t['received']:.1f} us/msg")
 # /proc ticks are 10 ms: ticks * 1e4 / n = us per message.
