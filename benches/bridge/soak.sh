@@ -21,7 +21,7 @@ while [[ $# -gt 0 ]]; do
     --n) N="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --log-entries) ENTRIES="$2"; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "soak.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done

@@ -32,7 +32,7 @@ while [[ $# -gt 0 ]]; do
     --rate) RATE="$2"; shift 2 ;;
     --flowbus) FB_BIN="$2"; shift 2 ;;
     --capture) CAPTURE=1; shift ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "threads.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
