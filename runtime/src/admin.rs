@@ -96,8 +96,38 @@ pub fn router(daemon: Daemon, token: Option<String>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .merge(api)
+        .layer(axum::middleware::from_fn(refuse_oversized))
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// The largest request body the API takes: axum's default, which its extractors apply.
+const BODY_LIMIT: u64 = 2 << 20;
+/// How much of a body declared over [`BODY_LIMIT`] is read and thrown away before the 413.
+const DRAIN_LIMIT: u64 = 16 << 20;
+
+/// Refuses a body whose `Content-Length` is over the limit, after reading it (up to
+/// [`DRAIN_LIMIT`]). Answering at once and closing with the body unread makes the kernel reset
+/// the connection, and a client that writes its whole body before it reads (most scripts and
+/// HTTP libraries) then sees "connection reset" instead of the answer.
+async fn refuse_oversized(req: Request, next: Next) -> Response {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let Some(len) = declared.filter(|len| *len > BODY_LIMIT) else {
+        return next.run(req).await;
+    };
+    if len <= DRAIN_LIMIT {
+        let mut body = req.into_body().into_data_stream();
+        while let Some(Ok(_)) = futures::StreamExt::next(&mut body).await {}
+    }
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!("the request body ({len} bytes) is over the length limit of {BODY_LIMIT} bytes"),
+    )
+    .into_response()
 }
 
 /// Errors axum produces itself (a body over the size limit, a path that does not decode) are
