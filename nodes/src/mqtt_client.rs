@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use flowbus_runtime::activity::{NewEntry, Severity};
 use flowbus_runtime::config::{Config, ServerConfig};
@@ -653,8 +653,8 @@ pub struct Conn {
     /// Sent publications in the in-flight log the broker has not acknowledged (file
     /// persistence only).
     unacknowledged: Option<Arc<std::sync::atomic::AtomicUsize>>,
-    /// Releases the in-flight log when the connection is dropped (Paho never closes it: the
-    /// client is never destroyed).
+    /// Releases the in-flight log when the connection is dropped (Paho closes it only when the
+    /// client is destroyed, minutes later: see `CLOSED_CLIENTS`).
     store: Option<crate::mqtt_store::Release>,
     /// Publications on their way to paho (see [`Conn::send`]).
     outbox: Arc<Outbox>,
@@ -1235,13 +1235,76 @@ impl Conn {
     }
 }
 
-/// paho-mqtt clients that have been closed but are never destroyed. A paho token (say, a
-/// connect still in progress when the node stopped) keeps a reference to its client; if that
-/// reference turns out to be the last, paho-mqtt destroys the client inside the Paho C library's
-/// own callback thread, which deadlocks the library (or crashes it). Keeping every closed
-/// client here costs a few kilobytes per connection ever closed (a redeploy, an override URL)
-/// and makes that impossible.
-static CLOSED_CLIENTS: Mutex<Vec<paho::AsyncClient>> = Mutex::new(Vec::new());
+/// paho-mqtt clients that have been closed and wait to be destroyed. A paho token for a
+/// connect (the only kind that holds its client: a connect still in progress when the node
+/// stopped) keeps a reference to the client; if that reference turned out to be the last,
+/// paho-mqtt would destroy the client inside the Paho C library's own callback thread, which
+/// deadlocks the library (or crashes it). So a closed client stays here, holding a reference,
+/// until any connect it started has certainly ended (Paho ends one after its connect timeout:
+/// see [`REAP_GRACE`]); then the reaper thread drops it, and the client (~140 KB with its
+/// callbacks and buffers) is destroyed there, never on a Paho thread.
+static CLOSED_CLIENTS: Mutex<Vec<Closed>> = Mutex::new(Vec::new());
+
+struct Closed {
+    /// Held only to be dropped by the reaper.
+    _client: paho::AsyncClient,
+    /// When it may be destroyed.
+    due: Instant,
+}
+
+/// How long a closed client waits beyond twice its connect timeout.
+pub const REAP_GRACE: Duration = Duration::from_secs(60);
+/// How often the reaper thread looks.
+const REAP_EVERY: Duration = Duration::from_secs(30);
+
+fn retire(client: paho::AsyncClient, connect_timeout: Duration) {
+    static REAPER: std::sync::Once = std::sync::Once::new();
+    let due = Instant::now() + connect_timeout.saturating_mul(2) + REAP_GRACE;
+    CLOSED_CLIENTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(Closed {
+            _client: client,
+            due,
+        });
+    REAPER.call_once(|| {
+        let spawned = std::thread::Builder::new()
+            .name("mqtt-reaper".into())
+            .spawn(|| loop {
+                std::thread::sleep(REAP_EVERY);
+                reap_closed_clients(Instant::now());
+            });
+        // Without the thread closed clients are only kept, as they always were.
+        if let Err(e) = spawned {
+            tracing::warn!("cannot start the MQTT client reaper thread: {e}");
+        }
+    });
+}
+
+/// Destroys the closed clients due by `now`, on the calling thread (never call it on one of
+/// Paho's); returns how many. The reaper thread calls it every 30 s.
+pub fn reap_closed_clients(now: Instant) -> usize {
+    let due: Vec<Closed> = {
+        let mut closed = CLOSED_CLIENTS.lock().unwrap_or_else(|p| p.into_inner());
+        let (due, keep) = std::mem::take(&mut *closed)
+            .into_iter()
+            .partition(|c| c.due <= now);
+        *closed = keep;
+        due
+    };
+    // Outside the lock: destroying a client waits for Paho.
+    let n = due.len();
+    drop(due);
+    n
+}
+
+/// How many closed clients wait to be destroyed.
+pub fn closed_clients() -> usize {
+    CLOSED_CLIENTS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .len()
+}
 
 impl Drop for Conn {
     fn drop(&mut self) {
@@ -1254,10 +1317,7 @@ impl Drop for Conn {
         }
         self.outbox.closed.store(true, Ordering::SeqCst);
         self.outbox.wake.notify_one();
-        CLOSED_CLIENTS
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(client);
+        retire(client, self.connect_timeout);
         if let Some(store) = &self.store {
             store.release();
         }

@@ -51,9 +51,10 @@ pub struct LogStore {
     unacknowledged: Arc<AtomicUsize>,
 }
 
-/// Lets the connection release a store that Paho will not close: flowbus never destroys a
-/// closed Paho client (see `CLOSED_CLIENTS` in `mqtt_client`), so without this every closed
-/// publisher would keep its mapping (up to 1 MiB of memory) and open file for ever.
+/// Lets the connection release a store at once: Paho closes it only when it destroys the
+/// client, which flowbus does minutes after the connection closed (see `CLOSED_CLIENTS` in
+/// `mqtt_client`); until then a closed publisher would keep its mapping and open file, and a
+/// new connection with the same id would share them.
 #[derive(Clone)]
 pub struct Release(Arc<Mutex<Inner>>);
 
