@@ -460,6 +460,16 @@ mod tests {
         d
     }
 
+    /// Puts `n` publications `c-0`, `c-1`, ..., removing each once 20 newer ones are in.
+    fn through_a_window(s: &mut LogStore, n: u32, data: &[u8]) {
+        for i in 0..n {
+            s.put(&format!("c-{i}"), vec![data]).unwrap();
+            if i >= 20 {
+                s.remove(&format!("c-{}", i - 20)).unwrap();
+            }
+        }
+    }
+
     fn opened(d: &Path) -> LogStore {
         let mut s = LogStore::new(d.to_path_buf());
         s.open("cid", "tcp://127.0.0.1:1883").unwrap();
@@ -527,12 +537,7 @@ mod tests {
         let mut s = opened(&d);
         let data = vec![7u8; 300];
         // A window of 20 in flight, 40,000 publications through it (~13 MB of records).
-        for i in 0..40_000u32 {
-            s.put(&format!("c-{i}"), vec![&data]).unwrap();
-            if i >= 20 {
-                s.remove(&format!("c-{}", i - 20)).unwrap();
-            }
-        }
+        through_a_window(&mut s, 40_000, &data);
         let len = std::fs::metadata(d.join(FILE_NAME)).unwrap().len();
         assert_eq!(len, MIN_MAP as u64, "the log keeps its size");
         let again = &mut opened(&d);
@@ -561,12 +566,7 @@ mod tests {
         let mut s = opened(&d);
         let data = vec![7u8; 300];
         // ~900 KiB of records through a window of 20: most of the 1 MiB file, no rewrite.
-        for i in 0..2_800u32 {
-            s.put(&format!("c-{i}"), vec![&data]).unwrap();
-            if i >= 20 {
-                s.remove(&format!("c-{}", i - 20)).unwrap();
-            }
-        }
+        through_a_window(&mut s, 2_800, &data);
         let path = d.join(FILE_NAME);
         let written = replay(&std::fs::read(&path).unwrap()).good;
         assert!(written > 800 << 10, "{written} bytes written");

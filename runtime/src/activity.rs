@@ -478,10 +478,7 @@ impl ActivityLog {
     }
 
     fn push(&self, st: &mut State, flow: String, entry: Kept, per_message: bool) {
-        let rings = match st.flows.get_mut(&flow) {
-            Some(rings) => rings,
-            None => st.flows.entry(flow).or_default(),
-        };
+        let rings = st.flows.entry(flow).or_default();
         let ring = if per_message {
             &mut rings.messages
         } else {
