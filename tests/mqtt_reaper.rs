@@ -53,6 +53,9 @@ async fn closed_clients_are_destroyed_after_their_grace_and_paho_keeps_working()
     assert_eq!(reap_closed_clients(Instant::now()), 0);
     assert_eq!(closed_clients(), closed);
     // Later: destroyed here, on a blocking thread of the test (a deadlock fails the test).
+    // Passing a later time is only sound because both clients' connects ended long ago: a
+    // client reaped while a connect token still held it would be destroyed on Paho's thread
+    // when that connect ends (seen with a frozen broker: the deadlock the grace prevents).
     let later = Instant::now() + Duration::from_secs(2 * 30) + REAP_GRACE + Duration::from_secs(1);
     let reaped = tokio::time::timeout(
         T,
