@@ -50,23 +50,56 @@ async fn closed_clients_are_destroyed_after_their_grace_and_paho_keeps_working()
     wait_until(T, || closed_clients() >= 2).await;
     let closed = closed_clients();
     // Not before twice the connect timeout and the grace.
-    assert_eq!(reap_closed_clients(Instant::now()), 0);
+    assert_eq!(look(Instant::now()).await, 0);
     assert_eq!(closed_clients(), closed);
-    // Later: destroyed here, on a blocking thread of the test (a deadlock fails the test).
-    // Passing a later time is only sound because both clients' connects ended long ago: a
-    // client reaped while a connect token still held it would be destroyed on Paho's thread
-    // when that connect ends (seen with a frozen broker: the deadlock the grace prevents).
-    let later = Instant::now() + Duration::from_secs(2 * 30) + REAP_GRACE + Duration::from_secs(1);
-    let reaped = tokio::time::timeout(
-        T,
-        tokio::task::spawn_blocking(move || reap_closed_clients(later)),
-    )
-    .await
-    .expect("destroying the closed clients hangs")
-    .unwrap();
-    assert_eq!(reaped, closed);
+    // Later: the first look finds them idle, the second destroys them, here, on a blocking
+    // thread of the test (a deadlock fails the test).
+    let later = Instant::now() + Duration::from_secs(2 * 30) + REAP_GRACE;
+    assert_eq!(look(later).await, 0);
+    assert_eq!(look(later).await, closed);
     assert_eq!(closed_clients(), 0);
     // New clients connect and bridge as before.
     let mut again = bridges_one(&url, 2).await;
     again.stop().await;
+    drop(again);
+    wait_until(T, || closed_clients() >= 2).await;
+    let closed = closed_clients();
+    assert_eq!(look(later).await, 0);
+    assert_eq!(look(later).await, closed);
+
+    // Clients let go while their connect waits for a frozen broker: kept while Paho's token
+    // for the connect holds them (destroying them then would happen on Paho's thread, when
+    // the connect ends, and deadlock the library), destroyed once Paho has answered it (the
+    // connect times out after 5 s in the test config).
+    let frozen = Broker::start("");
+    frozen.freeze();
+    let mut stuck = Running::start(&bridge(&frozen.url()), &fast_config(""), &[]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stuck.stop().await;
+    drop(stuck);
+    wait_until(T, || closed_clients() >= 2).await;
+    let stuck = closed_clients();
+    assert_eq!(look(later).await, 0);
+    assert_eq!(look(later).await, 0, "destroyed while connecting");
+    let mut reaped = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while reaped < stuck && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        reaped += look(later).await;
+    }
+    assert_eq!(reaped, stuck, "not destroyed after the connect timed out");
+    frozen.thaw();
+    let mut last = bridges_one(&url, 3).await;
+    last.stop().await;
+}
+
+/// One look of the reaper at `at`, on a blocking thread; fails on a deadlock.
+async fn look(at: Instant) -> usize {
+    tokio::time::timeout(
+        T,
+        tokio::task::spawn_blocking(move || reap_closed_clients(at)),
+    )
+    .await
+    .expect("destroying closed clients hangs")
+    .unwrap()
 }

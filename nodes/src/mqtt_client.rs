@@ -650,6 +650,8 @@ pub struct Conn {
     /// The broker's QoS limit and how we learnt it, once known.
     limit: Mutex<Option<(u8, Source)>>,
     connect_timeout: Duration,
+    /// Connects started and not yet answered by Paho (see [`Conn::connect`]).
+    connecting: Arc<std::sync::atomic::AtomicUsize>,
     /// Sent publications in the in-flight log the broker has not acknowledged (file
     /// persistence only).
     unacknowledged: Option<Arc<std::sync::atomic::AtomicUsize>>,
@@ -881,6 +883,7 @@ impl Conn {
             v5,
             limit: Mutex::new(None),
             connect_timeout: spec.connect_timeout,
+            connecting: Arc::default(),
             unacknowledged,
             store,
             outbox: Arc::default(),
@@ -922,10 +925,29 @@ impl Conn {
         }
     }
 
+    /// Starts a connect, counted until Paho answers it: Paho's token for a connect holds the
+    /// client, so until then the client must not be destroyed (see `CLOSED_CLIENTS`). A task
+    /// waits for the answer, so the count comes down even when the caller gives up first.
+    fn connect(&self) -> impl std::future::Future<Output = paho::Result<paho::ServerResponse>> {
+        let connecting = self.connecting.clone();
+        connecting.fetch_add(1, Ordering::SeqCst);
+        let token = self.client.connect(self.opts.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let answer = token.await;
+            connecting.fetch_sub(1, Ordering::SeqCst);
+            let _ = tx.send(answer);
+        });
+        async move {
+            rx.await
+                .unwrap_or(Err(paho::Error::General("the connect was abandoned")))
+        }
+    }
+
     /// Connects once, without the supervisor (for `flowbus doctor`); returns the broker's
     /// CONNACK Maximum QoS (MQTT v5) if it sent one.
     pub async fn connect_once(&self, timeout: Duration) -> Result<Option<u8>, String> {
-        match tokio::time::timeout(timeout, self.client.connect(self.opts.clone())).await {
+        match tokio::time::timeout(timeout, self.connect()).await {
             Ok(Ok(resp)) => {
                 let max = resp
                     .properties()
@@ -1058,7 +1080,7 @@ impl Conn {
                 .map_or(0, |n| n.load(Ordering::Relaxed));
             let attempt = tokio::select! {
                 _ = self.stop.cancelled() => return,
-                r = self.client.connect(self.opts.clone()) => r,
+                r = self.connect() => r,
             };
             match attempt {
                 Ok(resp) => {
@@ -1235,21 +1257,26 @@ impl Conn {
     }
 }
 
-/// paho-mqtt clients that have been closed and wait to be destroyed. A paho token for a
-/// connect (the only kind that holds its client: a connect still in progress when the node
-/// stopped) keeps a reference to the client; if that reference turned out to be the last,
-/// paho-mqtt would destroy the client inside the Paho C library's own callback thread, which
-/// deadlocks the library (or crashes it). So a closed client stays here, holding a reference,
-/// until any connect it started has certainly ended (Paho ends one after its connect timeout:
-/// see [`REAP_GRACE`]); then the reaper thread drops it, and the client (~140 KB with its
-/// callbacks and buffers) is destroyed there, never on a Paho thread.
+/// paho-mqtt clients that have been closed and wait to be destroyed. Paho's token for a
+/// connect holds a reference to its client; if that reference turned out to be the last,
+/// paho-mqtt would destroy the client inside the Paho C library's own thread, which deadlocks
+/// the library (seen in a test that let a frozen broker answer a connect after the client was
+/// let go). So a closed client stays here, holding a reference, until no connect of its is
+/// waiting for Paho's answer, at two looks of the reaper thread in a row (30 s apart: Paho
+/// lets go of the token just after it answers), and not before twice its connect timeout and
+/// [`REAP_GRACE`] have passed; then the reaper drops it and the client (its buffers,
+/// callbacks and the flow objects they hold) is destroyed there, never on a Paho thread.
 static CLOSED_CLIENTS: Mutex<Vec<Closed>> = Mutex::new(Vec::new());
 
 struct Closed {
     /// Held only to be dropped by the reaper.
     _client: paho::AsyncClient,
-    /// When it may be destroyed.
+    /// Not destroyed before.
     due: Instant,
+    /// Its connects not yet answered.
+    connecting: Arc<std::sync::atomic::AtomicUsize>,
+    /// A look of the reaper found it due with no connect waiting.
+    idle_seen: bool,
 }
 
 /// How long a closed client waits beyond twice its connect timeout.
@@ -1257,7 +1284,11 @@ pub const REAP_GRACE: Duration = Duration::from_secs(60);
 /// How often the reaper thread looks.
 const REAP_EVERY: Duration = Duration::from_secs(30);
 
-fn retire(client: paho::AsyncClient, connect_timeout: Duration) {
+fn retire(
+    client: paho::AsyncClient,
+    connect_timeout: Duration,
+    connecting: Arc<std::sync::atomic::AtomicUsize>,
+) {
     static REAPER: std::sync::Once = std::sync::Once::new();
     let due = Instant::now() + connect_timeout.saturating_mul(2) + REAP_GRACE;
     CLOSED_CLIENTS
@@ -1266,6 +1297,8 @@ fn retire(client: paho::AsyncClient, connect_timeout: Duration) {
         .push(Closed {
             _client: client,
             due,
+            connecting,
+            idle_seen: false,
         });
     REAPER.call_once(|| {
         let spawned = std::thread::Builder::new()
@@ -1281,14 +1314,23 @@ fn retire(client: paho::AsyncClient, connect_timeout: Duration) {
     });
 }
 
-/// Destroys the closed clients due by `now`, on the calling thread (never call it on one of
-/// Paho's); returns how many. The reaper thread calls it every 30 s.
+/// One look of the reaper at `now`: destroys, on the calling thread (never call it on one of
+/// Paho's), the closed clients that the previous look already found due with no connect
+/// waiting and that still have none; returns how many. The reaper thread calls it every 30 s.
 pub fn reap_closed_clients(now: Instant) -> usize {
     let due: Vec<Closed> = {
         let mut closed = CLOSED_CLIENTS.lock().unwrap_or_else(|p| p.into_inner());
-        let (due, keep) = std::mem::take(&mut *closed)
-            .into_iter()
-            .partition(|c| c.due <= now);
+        let mut due = Vec::new();
+        let mut keep = Vec::new();
+        for mut c in std::mem::take(&mut *closed) {
+            let idle = c.due <= now && c.connecting.load(Ordering::SeqCst) == 0;
+            if idle && c.idle_seen {
+                due.push(c);
+            } else {
+                c.idle_seen = idle;
+                keep.push(c);
+            }
+        }
         *closed = keep;
         due
     };
@@ -1317,7 +1359,7 @@ impl Drop for Conn {
         }
         self.outbox.closed.store(true, Ordering::SeqCst);
         self.outbox.wake.notify_one();
-        retire(client, self.connect_timeout);
+        retire(client, self.connect_timeout, self.connecting.clone());
         if let Some(store) = &self.store {
             store.release();
         }
