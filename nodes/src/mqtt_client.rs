@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -651,10 +651,10 @@ pub struct Conn {
     limit: Mutex<Option<(u8, Source)>>,
     connect_timeout: Duration,
     /// Connects started and not yet answered by Paho (see [`Conn::connect`]).
-    connecting: Arc<std::sync::atomic::AtomicUsize>,
+    connecting: Arc<AtomicUsize>,
     /// Sent publications in the in-flight log the broker has not acknowledged (file
     /// persistence only).
-    unacknowledged: Option<Arc<std::sync::atomic::AtomicUsize>>,
+    unacknowledged: Option<Arc<AtomicUsize>>,
     /// Releases the in-flight log when the connection is dropped (Paho closes it only when the
     /// client is destroyed, minutes later: see `CLOSED_CLIENTS`).
     store: Option<crate::mqtt_store::Release>,
@@ -1274,7 +1274,7 @@ struct Closed {
     /// Not destroyed before.
     due: Instant,
     /// Its connects not yet answered.
-    connecting: Arc<std::sync::atomic::AtomicUsize>,
+    connecting: Arc<AtomicUsize>,
     /// A look of the reaper found it due with no connect waiting.
     idle_seen: bool,
 }
@@ -1284,11 +1284,7 @@ pub const REAP_GRACE: Duration = Duration::from_secs(60);
 /// How often the reaper thread looks.
 const REAP_EVERY: Duration = Duration::from_secs(30);
 
-fn retire(
-    client: paho::AsyncClient,
-    connect_timeout: Duration,
-    connecting: Arc<std::sync::atomic::AtomicUsize>,
-) {
+fn retire(client: paho::AsyncClient, connect_timeout: Duration, connecting: Arc<AtomicUsize>) {
     static REAPER: std::sync::Once = std::sync::Once::new();
     let due = Instant::now() + connect_timeout.saturating_mul(2) + REAP_GRACE;
     CLOSED_CLIENTS

@@ -96,12 +96,14 @@ pub fn router(daemon: Daemon, token: Option<String>) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
         .merge(api)
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT as usize))
         .layer(axum::middleware::from_fn(refuse_oversized))
         .layer(axum::middleware::map_response(json_errors))
         .with_state(state)
 }
 
-/// The largest request body the API takes: axum's default, which its extractors apply.
+/// The largest request body the API takes: what its extractors apply, and what
+/// [`refuse_oversized`] refuses by `Content-Length` before them.
 const BODY_LIMIT: u64 = 2 << 20;
 /// How much of a body declared over [`BODY_LIMIT`] is read and thrown away before the 413.
 const DRAIN_LIMIT: u64 = 16 << 20;
