@@ -699,6 +699,10 @@ pub struct ConnSpec<'a> {
 #[derive(Default)]
 pub struct Outbox {
     queue: Mutex<Vec<Outgoing>>,
+    /// Held while a batch is handed to paho: a flush before a disconnect waits for a hand-over
+    /// in progress on another thread, so nothing taken from the queue reaches paho after the
+    /// disconnect (paho refuses it then; seen as QoS 0 messages missing after a SIGTERM).
+    handing: Mutex<()>,
     wake: tokio::sync::Notify,
     started: AtomicBool,
     closed: AtomicBool,
@@ -711,19 +715,45 @@ type Outgoing = (
 );
 
 impl Outbox {
-    fn take(&self) -> Vec<Outgoing> {
-        std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()))
+    /// Hands everything queued to paho, in order. A hand-over in progress elsewhere finishes
+    /// first, so whatever was queued when this is called is with paho when it returns.
+    fn hand_over(&self, client: &paho::AsyncClient, log: &LogCtx) {
+        let _turn = self.handing.lock().unwrap_or_else(|p| p.into_inner());
+        let batch = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|p| p.into_inner()));
+        for (m, tx) in batch {
+            match tx {
+                Some(tx) => {
+                    let _ = tx.send(client.publish(m));
+                }
+                // QoS 0: nobody waits for the token, so a publication paho refuses (the
+                // connection went away since the node checked) is reported here.
+                None => {
+                    if let Err(e) = client.try_publish(m) {
+                        refused_qos0(log, &e);
+                    }
+                }
+            }
+        }
     }
 }
 
-/// Hands what is queued to paho, in order.
-fn hand_over(client: &paho::AsyncClient, batch: Vec<Outgoing>) {
-    for (m, tx) in batch {
-        let token = client.publish(m);
-        if let Some(tx) = tx {
-            let _ = tx.send(token);
-        }
-    }
+/// A QoS 0 publication paho refused at the hand-over: the node has already passed the message
+/// on, so the activity log is where it ends.
+fn refused_qos0(log: &LogCtx, e: &paho::Error) {
+    let (topic, why) = match e {
+        paho::Error::Publish(rc, m) => (m.topic().to_string(), paho::Error::from(*rc).to_string()),
+        other => (String::new(), other.to_string()),
+    };
+    log.record(
+        log.entry(
+            Severity::Error,
+            bip::PUBLISH_ERROR,
+            format!(
+                "Publish to '{topic}' (QoS 0) was refused by the client: {why}; the message is lost (QoS 0 is not retried)"
+            ),
+        )
+        .tag("topic", topic),
+    );
 }
 
 impl Conn {
@@ -755,7 +785,7 @@ impl Conn {
                         return;
                     }
                     let Some(conn) = conn.upgrade() else { return };
-                    hand_over(&conn.client, outbox.take());
+                    outbox.hand_over(&conn.client, &conn.log);
                 }
             });
         }
@@ -765,7 +795,7 @@ impl Conn {
 
     /// Hands whatever is still queued to paho now (before a disconnect).
     pub fn flush(&self) {
-        hand_over(&self.client, self.outbox.take());
+        self.outbox.hand_over(&self.client, &self.log);
     }
 
     /// Creates the client (connects nothing).
@@ -1348,7 +1378,7 @@ impl Drop for Conn {
     fn drop(&mut self) {
         // SAFETY: `client` is never used again: this is the drop of its owner.
         let client = unsafe { std::mem::ManuallyDrop::take(&mut self.client) };
-        hand_over(&client, self.outbox.take());
+        self.outbox.hand_over(&client, &self.log);
         if client.is_connected() {
             // Nobody is left to wait for the token.
             drop(client.disconnect(None::<paho::DisconnectOptions>));
@@ -1565,6 +1595,50 @@ pub fn check_topic(t: &str, filter: bool) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A QoS 0 publication is not waited for, so one paho refuses at the hand-over (here: the
+    /// client never connected) must end in the activity log, not vanish.
+    #[tokio::test]
+    async fn a_refused_qos_0_publication_is_logged() {
+        let services = Arc::new(Services::default());
+        let conn = Conn::new(ConnSpec {
+            endpoint: &Endpoint::inline("tcp://127.0.0.1:9", 4),
+            client_id: "refused-qos0".into(),
+            persistent_session: false,
+            persist_dir: None,
+            connect_timeout: Duration::from_secs(1),
+            backoff: Backoff {
+                initial: Duration::from_secs(5),
+                step: Duration::from_secs(5),
+                max: Duration::from_secs(5),
+            },
+            services: services.clone(),
+            flow: "f",
+            node: "out",
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(conn
+            .send(paho::Message::new("plant/out", "{}", 0), false)
+            .is_none());
+        conn.flush();
+        let errors = services.activity.query(&flowbus_runtime::activity::Filter {
+            severity: Some(Severity::Error),
+            ..Default::default()
+        });
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].number, "BIP4311");
+        assert_eq!(errors[0].node, "out");
+        assert!(
+            errors[0]
+                .message
+                .starts_with("Publish to 'plant/out' (QoS 0) was refused by the client: ")
+                && errors[0]
+                    .message
+                    .ends_with("the message is lost (QoS 0 is not retried)"),
+            "{}",
+            errors[0].message
+        );
+    }
 
     #[test]
     fn backoff_follows_the_iib_schedule() {
