@@ -907,19 +907,28 @@ fn live_records(log: &std::path::Path) -> usize {
 /// Brokers A (input) and B (output), a daemon bridging A → B at QoS 1, and one publication
 /// that the daemon has handed to B's connection but that B has not acknowledged when the
 /// daemon is killed (SIGKILL): B is frozen while it goes out. Returns with the daemon dead, B
-/// still frozen, and the path of the publisher's in-flight log (one live record).
-async fn crash_with_a_publication_in_flight() -> (Broker, Broker, Daemon, std::path::PathBuf) {
+/// still frozen, and the path of the publisher's in-flight log (one live record). With `v5`
+/// the publisher speaks MQTT v5 and adds a user property `trace: t-1`.
+async fn crash_with_a_publication_in_flight(
+    v5: bool,
+) -> (Broker, Broker, Daemon, std::path::PathBuf) {
     let a = Broker::start("");
     let b = Broker::start("");
-    let flow = json!({
-        "name": "crash",
-        "nodes": [
-            {"id": "in", "type": "MQTTSubscribe", "url": a.url(), "topic": "crash/in", "qos": 1},
-            {"id": "out", "type": "MQTTPublish", "url": b.url(), "topic": "crash/out", "qos": 1}
-        ],
-        "connections": [{"from": "in.Out", "to": "out"}]
-    })
-    .to_string();
+    let mut nodes = vec![
+        json!({"id": "in", "type": "MQTTSubscribe", "url": a.url(), "topic": "crash/in", "qos": 1}),
+        json!({"id": "out", "type": "MQTTPublish", "url": b.url(), "topic": "crash/out", "qos": 1}),
+    ];
+    let mut connections = vec![json!({"from": "in.Out", "to": "out"})];
+    if v5 {
+        nodes[1]["version"] = json!(5);
+        nodes.push(json!({"id": "tag", "type": "Compute", "code":
+            "LocalEnvironment.Destination = #{ MQTT: #{ Output: #{ UserProperties: #{ trace: \"t-1\" } } } };"}));
+        connections = vec![
+            json!({"from": "in.Out", "to": "tag"}),
+            json!({"from": "tag.Out", "to": "out"}),
+        ];
+    }
+    let flow = json!({"name": "crash", "nodes": nodes, "connections": connections}).to_string();
     let mut d = start(&with_token(""), &[("crash.json", &flow)]);
     d.wait_api().await;
     cli_until(&d, &["stats", "--json"], Duration::from_secs(20), |o| {
@@ -961,7 +970,7 @@ async fn crash_with_a_publication_in_flight() -> (Broker, Broker, Daemon, std::p
 /// subscribes there, so the log is the only place the message can come from.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publication_in_flight_survives_a_crash_of_the_daemon() {
-    let (_a, b, mut d, log) = crash_with_a_publication_in_flight().await;
+    let (_a, b, mut d, log) = crash_with_a_publication_in_flight(false).await;
     // B reads what the dead connection wrote (delivered to nobody: no subscriber yet) and
     // keeps the publisher's session.
     b.thaw();
@@ -983,15 +992,38 @@ async fn a_publication_in_flight_survives_a_crash_of_the_daemon() {
 }
 
 /// The same crash, but the output broker is restarted without persistence: it has no session
-/// for the publisher, and Paho drops what it had in flight. flowbus cannot resend it, but the
-/// loss is not silent: the activity log says how many were dropped, where, and why.
+/// for the publisher, and Paho drops what it had in flight. flowbus reads the publication back
+/// from its in-flight log and publishes it again, and the activity log says what happened.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn publications_in_flight_dropped_for_a_lost_session_are_reported() {
-    let (_a, mut b, mut d, log) = crash_with_a_publication_in_flight().await;
+async fn publications_in_flight_dropped_for_a_lost_session_are_published_again() {
+    lost_session(false).await;
+}
+
+/// The same with MQTT v5: the publication goes out again with its properties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_publications_dropped_for_a_lost_session_are_published_again_with_their_properties() {
+    lost_session(true).await;
+}
+
+async fn lost_session(v5: bool) {
+    let (_a, mut b, mut d, log) = crash_with_a_publication_in_flight(v5).await;
     b.kill();
     b.start_again();
+    let consumer = Client::connect(&b.url(), v5).await;
+    consumer.subscribe("crash/out", 1).await;
     d.start();
     d.wait_api().await;
+    let m = consumer
+        .next(Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|| panic!("nothing published again; log:\n{}", d.stderr()));
+    assert_eq!(m.topic(), "crash/out");
+    assert_eq!(&*m.payload_str(), "{\"survives\":true}");
+    assert_eq!(m.qos() as i32, 1);
+    if v5 {
+        let up: Vec<(String, String)> = m.properties().user_iter().collect();
+        assert_eq!(up, [("trace".to_string(), "t-1".to_string())]);
+    }
     let out = cli_until(
         &d,
         &["log", "--number", "BIP12114", "--json"],
@@ -1000,16 +1032,30 @@ async fn publications_in_flight_dropped_for_a_lost_session_are_reported() {
     )
     .await;
     let e: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
-    assert_eq!(e["severity"], "error", "{e}");
+    assert_eq!(e["severity"], "warning", "{e}");
     assert_eq!(e["tags"]["count"], 1, "{e}");
+    assert_eq!(e["tags"]["restored"], 1, "{e}");
     let text = e["message"].as_str().unwrap();
     assert!(
         text.starts_with("1 publication(s) in flight were dropped")
             && text.contains(&b.url())
-            && text.contains("had no session"),
+            && text.contains("had no session")
+            && text.contains("1 from before flowbus started are published again"),
         "{text}"
     );
-    assert_eq!(live_records(&log), 0);
+    let again = cli_until(
+        &d,
+        &["log", "--number", "BIP12097", "--json"],
+        Duration::from_secs(20),
+        |o| o.contains("Published again 1 publication(s)"),
+    )
+    .await;
+    assert!(again.contains("acknowledged"), "{again}");
+    // Acknowledged by the new broker: nothing live in the log.
+    common::wait_until(Duration::from_secs(10), || live_records(&log) == 0).await;
+    // Nothing was lost on the way.
+    let (_, lost, _) = d.cli(&["log", "--number", "BIP12099", "--json"]);
+    assert!(lost.trim().is_empty(), "{lost}");
     assert!(d.terminate(Duration::from_secs(15)).success());
 }
 

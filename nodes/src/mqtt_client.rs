@@ -451,23 +451,57 @@ pub fn instance_id(data_dir: &std::path::Path) -> String {
 /// session for the client (`sessionPresent` 0: a broker restarted without persistence, or a
 /// session that expired). Those may never have reached the broker; say so where an operator
 /// looks, rather than lose them silently.
-fn report_discarded(log: &LogCtx, n: usize) {
+fn report_discarded(log: &LogCtx, n: usize, restored: usize) {
     log.record(
         log.entry(
-            Severity::Error,
+            Severity::Warning,
             bip::INFLIGHT_DISCARDED,
             format!(
                 "{n} publication(s) in flight were dropped by the MQTT client: the broker at {} \
                  had no session for '{}' when it connected (restarted without persistence, or \
-                 the session expired), so they may not have reached it. Those of a running \
-                 flow are published again by their MQTTPublish node when their acknowledgement \
-                 times out; those from before a restart of flowbus are lost. Run the broker \
+                 the session expired), so they may not have reached it. {restored} from before \
+                 flowbus started are published again now from the in-flight log; those of a \
+                 running flow are published again by their MQTTPublish node when their \
+                 acknowledgement times out (either may reach the broker twice). Run the broker \
                  with persistence to keep sessions across its restarts",
                 log.url, log.client_id
             ),
         )
-        .tag("count", n),
+        .tag("count", n)
+        .tag("restored", restored),
     );
+}
+
+/// A publication read back from the in-flight log, as a paho message.
+fn restored_message(p: &crate::mqtt_store::Publication) -> paho::Message {
+    use crate::mqtt_store::Property as P;
+    let mut b = paho::MessageBuilder::new()
+        .topic(p.topic.as_str())
+        .payload(p.payload.as_slice())
+        .qos(i32::from(p.qos))
+        .retained(p.retained);
+    if !p.properties.is_empty() {
+        let mut props = paho::Properties::new();
+        for prop in &p.properties {
+            let _ = match prop {
+                P::PayloadFormat(v) => {
+                    props.push_int(paho::PropertyCode::PayloadFormatIndicator, i32::from(*v))
+                }
+                P::MessageExpiry(v) => props.push_int(
+                    paho::PropertyCode::MessageExpiryInterval,
+                    i32::try_from(*v).unwrap_or(i32::MAX),
+                ),
+                P::ContentType(v) => props.push_string(paho::PropertyCode::ContentType, v),
+                P::ResponseTopic(v) => props.push_string(paho::PropertyCode::ResponseTopic, v),
+                P::CorrelationData(v) => {
+                    props.push_binary(paho::PropertyCode::CorrelationData, v.clone())
+                }
+                P::User(k, v) => props.push_string_pair(paho::PropertyCode::UserProperty, k, v),
+            };
+        }
+        b = b.properties(props);
+    }
+    b.finalize()
 }
 
 /// Identifies a connection's entries in the activity log.
@@ -655,6 +689,9 @@ pub struct Conn {
     /// Sent publications in the in-flight log the broker has not acknowledged (file
     /// persistence only).
     unacknowledged: Option<Arc<AtomicUsize>>,
+    /// Of those, the ones restored from the log at start-up (file persistence only): nobody
+    /// waits for them, so the connection sends them again if Paho drops them.
+    restored: Option<crate::mqtt_store::Restored>,
     /// Releases the in-flight log when the connection is dropped (Paho closes it only when the
     /// client is destroyed, minutes later: see `CLOSED_CLIENTS`).
     store: Option<crate::mqtt_store::Release>,
@@ -822,6 +859,7 @@ impl Conn {
             .server_uri(&ep.url)
             .client_id(&log.client_id);
         let mut unacknowledged = None;
+        let mut restored = None;
         let mut store = None;
         create = match &spec.persist_dir {
             // Publications in flight go to an append-only log (see `mqtt_store`) rather than
@@ -829,6 +867,7 @@ impl Conn {
             Some(dir) => {
                 let log_store = crate::mqtt_store::LogStore::new(dir.clone());
                 unacknowledged = Some(log_store.unacknowledged());
+                restored = Some(log_store.restored());
                 store = Some(log_store.releaser());
                 create.user_persistence(log_store)
             }
@@ -915,6 +954,7 @@ impl Conn {
             connect_timeout: spec.connect_timeout,
             connecting: Arc::default(),
             unacknowledged,
+            restored,
             store,
             outbox: Arc::default(),
             inflight: Arc::new(tokio::sync::Semaphore::new(usize::from(
@@ -1108,6 +1148,16 @@ impl Conn {
                 .unacknowledged
                 .as_ref()
                 .map_or(0, |n| n.load(Ordering::Relaxed));
+            // Paho removes them from the store while it answers the connect, so read them now.
+            let restored: Vec<(String, Vec<u8>)> = match &self.restored {
+                Some(r) if unacknowledged > 0 => r
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+                _ => Vec::new(),
+            };
             let attempt = tokio::select! {
                 _ = self.stop.cancelled() => return,
                 r = self.connect() => r,
@@ -1139,7 +1189,10 @@ impl Conn {
                         .tag("session_present", session_present),
                     );
                     if !session_present && unacknowledged > 0 {
-                        report_discarded(log, unacknowledged);
+                        report_discarded(log, unacknowledged, restored.len());
+                        if !restored.is_empty() {
+                            tokio::spawn(self.clone().publish_restored(restored));
+                        }
                     }
                     if let Some(q) = resp.properties().get_int(paho::PropertyCode::MaximumQos) {
                         self.learn_limit(q.clamp(0, 2) as u8, Source::Connack);
@@ -1239,6 +1292,85 @@ impl Conn {
                     }
                 }
             }
+        }
+    }
+
+    /// Publishes again, in packet-id order and each under an in-flight permit, the publications
+    /// from before a restart that Paho dropped with the broker's session (`records`: key and
+    /// record from the in-flight log), and logs what became of every one: each ends
+    /// acknowledged or as an error entry.
+    async fn publish_restored(self: Arc<Self>, records: Vec<(String, Vec<u8>)>) {
+        let log = &self.log;
+        let mut publications = Vec::new();
+        for (key, rec) in records {
+            match crate::mqtt_store::parse_publish(&rec, key.starts_with("s5-")) {
+                Ok(p) => publications.push(p),
+                Err(e) => log.record(log.entry(
+                    Severity::Error,
+                    bip::NOT_ACKNOWLEDGED,
+                    format!(
+                        "A publication restored from the in-flight log ({key}) cannot be read, so it cannot be published again after the broker at {} lost the session: {e}; it is lost",
+                        log.url
+                    ),
+                )),
+            }
+        }
+        publications.sort_by_key(|p| p.msgid);
+        let mut waits = Vec::new();
+        for p in &publications {
+            let permit = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                p = self.inflight.clone().acquire_owned() => p.ok(),
+            };
+            let token = self.client.publish(restored_message(p));
+            let timeout = self.connect_timeout;
+            waits.push(async move {
+                let r = tokio::time::timeout(timeout, token).await;
+                drop(permit);
+                match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!(
+                        "no acknowledgement within {}",
+                        humantime::format_duration(timeout)
+                    )),
+                }
+            });
+        }
+        let results = tokio::select! {
+            _ = self.stop.cancelled() => return,
+            r = futures::future::join_all(waits) => r,
+        };
+        let mut acked = 0;
+        for (p, r) in publications.iter().zip(results) {
+            match r {
+                Ok(()) => acked += 1,
+                Err(why) => log.record(
+                    log.entry(
+                        Severity::Error,
+                        bip::NOT_ACKNOWLEDGED,
+                        format!(
+                            "Publish to '{}' (QoS {}), restored from the in-flight log and published again after the broker lost the session, failed: {why}; it is lost",
+                            p.topic, p.qos
+                        ),
+                    )
+                    .tag("topic", p.topic.clone())
+                    .tag("qos", p.qos),
+                ),
+            }
+        }
+        if acked > 0 {
+            log.record(
+                log.entry(
+                    Severity::Info,
+                    bip::PUBLISHED,
+                    format!(
+                        "Published again {acked} publication(s) from before flowbus started, which the broker at {} had lost with the session; acknowledged",
+                        log.url
+                    ),
+                )
+                .tag("count", acked),
+            );
         }
     }
 

@@ -19,7 +19,7 @@
 
 use memmap2::MmapMut;
 use paho_mqtt as paho;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -49,6 +49,150 @@ pub struct LogStore {
     dir: PathBuf,
     inner: Arc<Mutex<Inner>>,
     unacknowledged: Arc<AtomicUsize>,
+    restored: Restored,
+}
+
+/// The sent, unacknowledged publications a store found in its log when it was opened — from
+/// before a restart: no MQTTPublish node waits for them — by key, until Paho removes them
+/// (acknowledged, or dropped for a lost session).
+pub type Restored = Arc<Mutex<BTreeMap<String, Vec<u8>>>>;
+
+/// A QoS 1/2 publication read back from its record: the PUBLISH packet as Paho wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    /// The packet id it had.
+    pub msgid: u16,
+    /// Topic.
+    pub topic: String,
+    /// 1 or 2.
+    pub qos: u8,
+    /// Retained flag.
+    pub retained: bool,
+    /// Payload.
+    pub payload: Vec<u8>,
+    /// MQTT v5 properties worth sending again (a topic alias is not: it belonged to the old
+    /// connection).
+    pub properties: Vec<Property>,
+}
+
+/// An MQTT v5 PUBLISH property.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Property {
+    /// Payload format indicator (0x01).
+    PayloadFormat(u8),
+    /// Message expiry interval in seconds (0x02).
+    MessageExpiry(u32),
+    /// Content type (0x03).
+    ContentType(String),
+    /// Response topic (0x08).
+    ResponseTopic(String),
+    /// Correlation data (0x09).
+    CorrelationData(Vec<u8>),
+    /// A user property (0x26).
+    User(String, String),
+}
+
+/// Reads a PUBLISH packet as Paho stores it for a sent publication (key `s-`/`s5-`): fixed
+/// header, remaining length, topic, packet id, v5 properties, payload.
+pub fn parse_publish(rec: &[u8], v5: bool) -> Result<Publication, String> {
+    struct Rd<'a>(&'a [u8]);
+    impl<'a> Rd<'a> {
+        fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+            if self.0.len() < n {
+                return Err(format!(
+                    "cut short: {n} byte(s) wanted, {} left",
+                    self.0.len()
+                ));
+            }
+            let (a, b) = self.0.split_at(n);
+            self.0 = b;
+            Ok(a)
+        }
+        fn u8(&mut self) -> Result<u8, String> {
+            Ok(self.take(1)?[0])
+        }
+        fn u16(&mut self) -> Result<u16, String> {
+            let b = self.take(2)?;
+            Ok(u16::from_be_bytes([b[0], b[1]]))
+        }
+        fn u32(&mut self) -> Result<u32, String> {
+            let b = self.take(4)?;
+            Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        }
+        fn varint(&mut self) -> Result<usize, String> {
+            let mut n = 0usize;
+            for i in 0..4 {
+                let b = self.u8()?;
+                n |= usize::from(b & 0x7f) << (7 * i);
+                if b & 0x80 == 0 {
+                    return Ok(n);
+                }
+            }
+            Err("a variable-length integer longer than 4 bytes".into())
+        }
+        fn bin(&mut self) -> Result<&'a [u8], String> {
+            let n = self.u16()?;
+            self.take(usize::from(n))
+        }
+        fn text(&mut self) -> Result<String, String> {
+            let b = self.bin()?;
+            String::from_utf8(b.to_vec()).map_err(|_| "a string that is not UTF-8".to_string())
+        }
+    }
+    let mut r = Rd(rec);
+    let head = r.u8()?;
+    if head >> 4 != 3 {
+        return Err(format!("not a PUBLISH packet (type {})", head >> 4));
+    }
+    let qos = (head >> 1) & 3;
+    if qos == 0 || qos == 3 {
+        return Err(format!("QoS {qos} in a record of a sent publication"));
+    }
+    let len = r.varint()?;
+    if r.0.len() != len {
+        return Err(format!(
+            "remaining length {len}, but {} byte(s) follow",
+            r.0.len()
+        ));
+    }
+    let topic = r.text()?;
+    let msgid = r.u16()?;
+    let mut properties = Vec::new();
+    if v5 {
+        let n = r.varint()?;
+        let mut p = Rd(r.take(n)?);
+        while !p.0.is_empty() {
+            match p.u8()? {
+                0x01 => properties.push(Property::PayloadFormat(p.u8()?)),
+                0x02 => properties.push(Property::MessageExpiry(p.u32()?)),
+                0x03 => properties.push(Property::ContentType(p.text()?)),
+                0x08 => properties.push(Property::ResponseTopic(p.text()?)),
+                0x09 => properties.push(Property::CorrelationData(p.bin()?.to_vec())),
+                0x26 => {
+                    let k = p.text()?;
+                    properties.push(Property::User(k, p.text()?));
+                }
+                0x23 => {
+                    p.u16()?;
+                }
+                0x0b => {
+                    p.varint()?;
+                }
+                other => return Err(format!("unknown PUBLISH property 0x{other:02x}")),
+            }
+        }
+    }
+    if topic.is_empty() {
+        return Err("no topic name (it was sent with a topic alias)".into());
+    }
+    Ok(Publication {
+        msgid,
+        topic,
+        qos,
+        retained: head & 1 == 1,
+        payload: r.0.to_vec(),
+        properties,
+    })
 }
 
 /// Lets the connection release a store at once: Paho closes it only when it destroys the
@@ -182,7 +326,20 @@ impl LogStore {
             dir,
             inner: Arc::default(),
             unacknowledged: Arc::default(),
+            restored: Arc::default(),
         }
+    }
+
+    /// The sent publications restored from the log at open and not removed since (see
+    /// [`Restored`]). Paho drops them, as all it has in flight, when the broker answers a
+    /// connect with no session; the connection reads them before it connects, to send them
+    /// again then.
+    pub fn restored(&self) -> Restored {
+        self.restored.clone()
+    }
+
+    fn restored_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Vec<u8>>> {
+        self.restored.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A handle that releases the store's memory and file (see [`Release`]).
@@ -351,6 +508,12 @@ impl paho::ClientPersistence for LogStore {
         // Start from a compact log holding exactly the live records.
         inner.rewrite(&path)?;
         self.count(&inner.live);
+        *self.restored_lock() = inner
+            .live
+            .iter()
+            .filter(|(k, _)| unacknowledged(k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         drop(inner);
         if !imported.is_empty() {
             let old = self
@@ -385,6 +548,7 @@ impl paho::ClientPersistence for LogStore {
         inner.live.clear();
         inner.end = 0;
         self.unacknowledged.store(0, Ordering::Relaxed);
+        self.restored_lock().clear();
         Ok(())
     }
 
@@ -424,6 +588,7 @@ impl paho::ClientPersistence for LogStore {
         }
         if unacknowledged(key) {
             self.unacknowledged.fetch_sub(1, Ordering::Relaxed);
+            self.restored_lock().remove(key);
         }
         encode(&mut inner.buf, REMOVE, key, &[]);
         inner.append(&path)
@@ -438,6 +603,7 @@ impl paho::ClientPersistence for LogStore {
         let mut inner = self.lock();
         inner.live.clear();
         self.unacknowledged.store(0, Ordering::Relaxed);
+        self.restored_lock().clear();
         if inner.map.is_some() {
             inner.rewrite(&path)?;
         }
@@ -581,6 +747,94 @@ mod tests {
         assert_eq!(again.keys().unwrap().len(), 20);
         assert_eq!(again.get("c-2799").unwrap(), data);
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn sent_publications_found_at_open_are_restored_until_removed() {
+        let d = dir("restored");
+        let mut s = opened(&d);
+        s.put("c-1", vec![b"command"]).unwrap();
+        s.put("s-1", vec![b"one"]).unwrap();
+        s.put("s5-2", vec![b"two"]).unwrap();
+        s.put("sc-3", vec![b"released"]).unwrap();
+        assert!(
+            s.restored().lock().unwrap().is_empty(),
+            "nothing from before"
+        );
+        drop(s);
+        let mut again = opened(&d);
+        let restored = again.restored();
+        let keys = |r: &Restored| r.lock().unwrap().keys().cloned().collect::<Vec<_>>();
+        assert_eq!(keys(&restored), ["s-1", "s5-2"]);
+        assert_eq!(restored.lock().unwrap()["s-1"], b"one");
+        again.put("s-4", vec![b"new"]).unwrap();
+        again.remove("s-1").unwrap();
+        assert_eq!(keys(&restored), ["s5-2"]);
+        again.clear().unwrap();
+        assert!(keys(&restored).is_empty());
+    }
+
+    /// A PUBLISH packet as Paho writes it: fixed header, remaining length, topic, packet id,
+    /// (v5) properties, payload.
+    fn packet(head: u8, topic: &str, msgid: u16, props: Option<&[u8]>, payload: &[u8]) -> Vec<u8> {
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(&msgid.to_be_bytes());
+        if let Some(p) = props {
+            body.push(p.len() as u8);
+            body.extend_from_slice(p);
+        }
+        body.extend_from_slice(payload);
+        assert!(body.len() < 128);
+        let mut v = vec![head, body.len() as u8];
+        v.extend(body);
+        v
+    }
+
+    #[test]
+    fn sent_publications_read_back_from_their_records() {
+        let p = parse_publish(&packet(0x33, "a/b", 7, None, b"hi"), false).unwrap();
+        assert_eq!(
+            p,
+            Publication {
+                msgid: 7,
+                topic: "a/b".into(),
+                qos: 1,
+                retained: true,
+                payload: b"hi".to_vec(),
+                properties: vec![],
+            }
+        );
+        let mut props = vec![0x01, 1, 0x02, 0, 0, 0, 60, 0x23, 0, 3];
+        for (id, text) in [(0x03u8, "application/json"), (0x08, "r/t")] {
+            props.push(id);
+            props.extend_from_slice(&(text.len() as u16).to_be_bytes());
+            props.extend_from_slice(text.as_bytes());
+        }
+        props.extend_from_slice(&[0x09, 0, 2, 1, 2, 0x26, 0, 1, b'k', 0, 1, b'v']);
+        let p = parse_publish(&packet(0x3c, "x", 9, Some(&props), b"{}"), true).unwrap();
+        assert_eq!(
+            (p.qos, p.retained, p.msgid, p.payload.as_slice()),
+            (2, false, 9, &b"{}"[..])
+        );
+        assert_eq!(
+            p.properties,
+            [
+                Property::PayloadFormat(1),
+                Property::MessageExpiry(60),
+                Property::ContentType("application/json".into()),
+                Property::ResponseTopic("r/t".into()),
+                Property::CorrelationData(vec![1, 2]),
+                Property::User("k".into(), "v".into()),
+            ]
+        );
+        let err = |rec: &[u8], v5| parse_publish(rec, v5).unwrap_err();
+        assert!(err(&[0x62, 2, 0, 1], false).contains("not a PUBLISH"));
+        assert!(err(&packet(0x30, "a", 1, None, b""), false).contains("QoS 0"));
+        let mut short = packet(0x32, "a/b", 7, None, b"hi");
+        short.pop();
+        assert!(err(&short, false).contains("remaining length"));
+        assert!(err(&packet(0x32, "", 1, Some(&[0x23, 0, 3]), b""), true).contains("topic alias"));
     }
 
     #[test]
