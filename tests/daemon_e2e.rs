@@ -904,19 +904,17 @@ fn live_records(log: &std::path::Path) -> usize {
         .len()
 }
 
-/// Brokers A (input) and B (output), a daemon bridging A → B at QoS 1, and one publication
-/// that the daemon has handed to B's connection but that B has not acknowledged when the
-/// daemon is killed (SIGKILL): B is frozen while it goes out. Returns with the daemon dead, B
-/// still frozen, and the path of the publisher's in-flight log (one live record). With `v5`
-/// the publisher speaks MQTT v5 and adds a user property `trace: t-1`.
-async fn crash_with_a_publication_in_flight(
-    v5: bool,
-) -> (Broker, Broker, Daemon, std::path::PathBuf) {
+/// Brokers A (input) and B (output), a daemon bridging A → B at QoS 1 (ack timeout 60 s),
+/// and one publication that the daemon has handed to B's connection but that B has not
+/// acknowledged: B is frozen while it goes out. Returns with B still frozen and the path of
+/// the publisher's in-flight log (one live record). With `v5` the publisher speaks MQTT v5
+/// and adds a user property `trace: t-1`.
+async fn a_publication_in_flight(v5: bool) -> (Broker, Broker, Daemon, std::path::PathBuf) {
     let a = Broker::start("");
     let b = Broker::start("");
     let mut nodes = vec![
         json!({"id": "in", "type": "MQTTSubscribe", "url": a.url(), "topic": "crash/in", "qos": 1}),
-        json!({"id": "out", "type": "MQTTPublish", "url": b.url(), "topic": "crash/out", "qos": 1}),
+        json!({"id": "out", "type": "MQTTPublish", "url": b.url(), "topic": "crash/out", "qos": 1, "ack_timeout": "60s"}),
     ];
     let mut connections = vec![json!({"from": "in.Out", "to": "out"})];
     if v5 {
@@ -929,7 +927,7 @@ async fn crash_with_a_publication_in_flight(
         ];
     }
     let flow = json!({"name": "crash", "nodes": nodes, "connections": connections}).to_string();
-    let mut d = start(&with_token(""), &[("crash.json", &flow)]);
+    let d = start(&with_token(""), &[("crash.json", &flow)]);
     d.wait_api().await;
     cli_until(&d, &["stats", "--json"], Duration::from_secs(20), |o| {
         serde_json::from_str::<Value>(o).is_ok_and(|v| {
@@ -957,6 +955,14 @@ async fn crash_with_a_publication_in_flight(
         .publish("crash/in", "{\"survives\": true}", 1)
         .await;
     common::wait_until(Duration::from_secs(10), || live_records(&log) == 1).await;
+    (a, b, d, log)
+}
+
+/// [`a_publication_in_flight`], then the daemon is killed (SIGKILL).
+async fn crash_with_a_publication_in_flight(
+    v5: bool,
+) -> (Broker, Broker, Daemon, std::path::PathBuf) {
+    let (a, b, mut d, log) = a_publication_in_flight(v5).await;
     let mut child = d.child.take().expect("running");
     child.kill().expect("SIGKILL");
     let _ = child.wait();
@@ -1057,6 +1063,36 @@ async fn lost_session(v5: bool) {
     let (_, lost, _) = d.cli(&["log", "--number", "BIP12099", "--json"]);
     assert!(lost.trim().is_empty(), "{lost}");
     assert!(d.terminate(Duration::from_secs(15)).success());
+}
+
+/// A running flow's publication in flight when the output broker restarts without persistence:
+/// Paho drops it with the session (failing its token), and MQTTPublish retries it on the new
+/// connection at once — without asking for yet another reconnect, and not at its ack timeout
+/// (60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_flow_publishes_again_at_once_when_the_broker_lost_the_session() {
+    let (_a, mut b, d, log) = a_publication_in_flight(false).await;
+    b.kill_frozen();
+    b.start_again();
+    let consumer = Client::connect(&b.url(), false).await;
+    consumer.subscribe("crash/out", 1).await;
+    let m = consumer
+        .next(Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|| panic!("not published again within 20 s; log:\n{}", d.stderr()));
+    assert_eq!(&*m.payload_str(), "{\"survives\":true}");
+    let warned = cli_until(
+        &d,
+        &["log", "--number", "BIP4311"],
+        Duration::from_secs(5),
+        |o| o.contains("had no session for it when it reconnected"),
+    )
+    .await;
+    assert!(warned.contains("; retrying once"), "{warned}");
+    assert!(!warned.contains("reconnecting and retrying"), "{warned}");
+    common::wait_until(Duration::from_secs(10), || live_records(&log) == 0).await;
+    let (_, lost, _) = d.cli(&["log", "--number", "BIP12099"]);
+    assert!(lost.trim().is_empty(), "{lost}");
 }
 
 /// MQTT v5 session expiry (`[servers.NAME] session_expiry`): a persistent subscription outlives

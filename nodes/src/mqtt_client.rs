@@ -461,8 +461,8 @@ fn report_discarded(log: &LogCtx, n: usize, restored: usize) {
                  had no session for '{}' when it connected (restarted without persistence, or \
                  the session expired), so they may not have reached it. {restored} from before \
                  flowbus started are published again now from the in-flight log; those of a \
-                 running flow are published again by their MQTTPublish node when their \
-                 acknowledgement times out (either may reach the broker twice). Run the broker \
+                 running flow are published again at once by their MQTTPublish node (either \
+                 may reach the broker twice). Run the broker \
                  with persistence to keep sessions across its restarts",
                 log.url, log.client_id
             ),

@@ -318,13 +318,24 @@ impl Publish {
         };
         let acked = async {
             match token.await {
-                Ok(t) => t.await.map_err(|e| format!("publish failed: {e}")),
-                Err(_) => Err("the connection was closed before the publication reached it".into()),
+                Ok(t) => t.await.map_err(|e| match e {
+                    // Paho fails what it has in flight this way when it drops its session
+                    // state: on a reconnect the broker answered with no session (then the
+                    // connection is up again), or when the client closes.
+                    paho::Error::OperationIncomplete => Attempt::SessionLost(format!(
+                        "the MQTT client dropped the publication: the broker at {} had no session for it when it reconnected (or the client was closing)",
+                        conn.log.url
+                    )),
+                    e => Attempt::Failed(format!("publish failed: {e}")),
+                }),
+                Err(_) => Err(Attempt::Failed(
+                    "the connection was closed before the publication reached it".into(),
+                )),
             }
         };
         match tokio::time::timeout(self.ack_timeout, acked).await {
             Ok(Ok(())) => Ok(qos),
-            Ok(Err(why)) => Err(Attempt::Failed(why)),
+            Ok(Err(why)) => Err(why),
             Err(_) => Err(Attempt::Failed(format!(
                 "no acknowledgement within {}",
                 humantime::format_duration(self.ack_timeout)
@@ -338,25 +349,33 @@ impl Publish {
         let requested = t
             .qos
             .map_or_else(|| "by rule".to_string(), |q| q.to_string());
-        let first = match self.attempt(conn, t, payload).await {
+        let (first, reconnect) = match self.attempt(conn, t, payload).await {
             Ok(q) => return Ok(q),
             Err(Attempt::Policy(text)) => return Err(policy_exception(text)),
-            Err(Attempt::Failed(why)) => why,
+            Err(Attempt::Failed(why)) => (why, true),
+            // Connected again already: retry on this connection.
+            Err(Attempt::SessionLost(why)) => (why, false),
         };
         log.record(
             log.entry(
                 Severity::Warning,
                 bip::PUBLISH_ERROR,
-                format!("Publish to '{}' (QoS {requested}) failed: {first}; reconnecting and retrying once", t.topic),
+                format!(
+                    "Publish to '{}' (QoS {requested}) failed: {first}; {}retrying once",
+                    t.topic,
+                    if reconnect { "reconnecting and " } else { "" }
+                ),
             )
             .tag("topic", t.topic.clone())
             .tag("qos", t.qos.map_or(Value::Null, Value::from)),
         );
-        conn.request_reconnect();
+        if reconnect {
+            conn.request_reconnect();
+        }
         let second = match self.attempt(conn, t, payload).await {
             Ok(q) => return Ok(q),
             Err(Attempt::Policy(text)) => return Err(policy_exception(text)),
-            Err(Attempt::Failed(why)) => why,
+            Err(Attempt::Failed(why) | Attempt::SessionLost(why)) => why,
         };
         log.record(
             log.entry(
@@ -390,6 +409,9 @@ enum Attempt {
     Policy(String),
     /// Not connected, not acknowledged, or an error from paho.
     Failed(String),
+    /// The client dropped the publication with its session state (the broker had lost the
+    /// session on a reconnect): the connection is up again, so no reconnect is asked for.
+    SessionLost(String),
 }
 
 fn policy_exception(text: String) -> Exception {

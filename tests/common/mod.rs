@@ -170,6 +170,15 @@ impl Broker {
         }
     }
 
+    /// Kills a frozen broker as it is (no SIGCONT first, unlike [`Broker::kill`], so it
+    /// answers nothing more, not even an ack it had pending).
+    pub fn kill_frozen(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
     /// Stops the broker with SIGTERM (a persistent broker saves its sessions) and waits.
     pub fn terminate(&mut self) {
         if let Some(mut c) = self.child.take() {
