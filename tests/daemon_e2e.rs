@@ -908,13 +908,16 @@ fn live_records(log: &std::path::Path) -> usize {
 /// and one publication that the daemon has handed to B's connection but that B has not
 /// acknowledged: B is frozen while it goes out. Returns with B still frozen and the path of
 /// the publisher's in-flight log (one live record). With `v5` the publisher speaks MQTT v5
-/// and adds a user property `trace: t-1`.
-async fn a_publication_in_flight(v5: bool) -> (Broker, Broker, Daemon, std::path::PathBuf) {
+/// and adds a user property `trace: t-1`; with `retain` it publishes retained.
+async fn a_publication_in_flight(
+    v5: bool,
+    retain: bool,
+) -> (Broker, Broker, Daemon, std::path::PathBuf) {
     let a = Broker::start("");
     let b = Broker::start("");
     let mut nodes = vec![
         json!({"id": "in", "type": "MQTTSubscribe", "url": a.url(), "topic": "crash/in", "qos": 1}),
-        json!({"id": "out", "type": "MQTTPublish", "url": b.url(), "topic": "crash/out", "qos": 1, "ack_timeout": "60s"}),
+        json!({"id": "out", "type": "MQTTPublish", "url": b.url(), "topic": "crash/out", "qos": 1, "ack_timeout": "60s", "retain": retain}),
     ];
     let mut connections = vec![json!({"from": "in.Out", "to": "out"})];
     if v5 {
@@ -962,7 +965,7 @@ async fn a_publication_in_flight(v5: bool) -> (Broker, Broker, Daemon, std::path
 async fn crash_with_a_publication_in_flight(
     v5: bool,
 ) -> (Broker, Broker, Daemon, std::path::PathBuf) {
-    let (a, b, mut d, log) = a_publication_in_flight(v5).await;
+    let (a, b, mut d, log) = a_publication_in_flight(v5, false).await;
     let mut child = d.child.take().expect("running");
     child.kill().expect("SIGKILL");
     let _ = child.wait();
@@ -1071,7 +1074,8 @@ async fn lost_session(v5: bool) {
 /// (60 s here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_flow_publishes_again_at_once_when_the_broker_lost_the_session() {
-    let (_a, mut b, d, log) = a_publication_in_flight(false).await;
+    // Retained: the daemon may reconnect and publish before the consumer below subscribes.
+    let (_a, mut b, d, log) = a_publication_in_flight(false, true).await;
     b.kill_frozen();
     b.start_again();
     let consumer = Client::connect(&b.url(), false).await;
