@@ -143,7 +143,10 @@ async fn sigterm_mid_stream(qos: u8) {
         "connections": [{"from": "in.Out", "to": "work"}, {"from": "work.Out", "to": "out"}]
     })
     .to_string();
-    let mut daemon = Daemon::spawn(&fast_config(""), &[("relay.json", &flow)]);
+    // A deadline no loaded machine reaches: this test is about finishing everything (the one
+    // below is about a deadline that cuts the flow short).
+    let config = fast_config("[daemon]\nshutdown_timeout = \"120s\"\n");
+    let mut daemon = Daemon::spawn(&config, &[("relay.json", &flow)]);
     daemon
         .wait_log("BIP12095", 1, Duration::from_secs(20))
         .await;
@@ -198,6 +201,71 @@ async fn sigterm_mid_stream(qos: u8) {
     );
     assert!(log.contains("BIP12092"), "disconnected: {log}");
     assert_eq!(stats["servers"][a.url()]["OpenConnections"], 0);
+}
+
+/// A stop deadline too short for what the flow holds: the node's task is aborted, and the
+/// activity log says how many received messages were abandoned (BIP1009: those still queued,
+/// and those the flow had started), so every received message is accounted for — published,
+/// or counted as abandoned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_deadline_that_cuts_the_flow_short_counts_what_it_abandoned() {
+    let a = Broker::start("");
+    let b = Broker::start("");
+    let flow = json!({
+        "name": "slow",
+        "nodes": [
+            {"id": "in", "type": "MQTTSubscribe", "url": a.url(), "topic": "in", "qos": 1, "in_flight": 4},
+            {"id": "work", "type": "Compute", "code": "let i = 0; while i < 20000 { i += 1; }"},
+            {"id": "out", "type": "MQTTPublish", "url": b.url(), "topic": "out", "qos": 1}
+        ],
+        "connections": [{"from": "in.Out", "to": "work"}, {"from": "work.Out", "to": "out"}]
+    })
+    .to_string();
+    let config = fast_config("[daemon]\nshutdown_timeout = \"500ms\"\n");
+    let mut daemon = Daemon::spawn(&config, &[("slow.json", &flow)]);
+    daemon
+        .wait_log("BIP12095", 1, Duration::from_secs(20))
+        .await;
+    let producer = Client::connect(&a.url(), false).await;
+    flood(&producer, "in", 0, 300).await;
+    // Wait until the daemon holds them all (received), then stop it.
+    let until = Instant::now() + Duration::from_secs(20);
+    while !daemon.stderr().contains("BIP12102 ") && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = daemon.terminate(Duration::from_secs(30));
+    let stats = daemon.exit_stats();
+    let received = stats["servers"][a.url()]["MessagesReceived"]
+        .as_u64()
+        .unwrap()
+        - stats["servers"][a.url()]["RedeliveriesSkipped"]
+            .as_u64()
+            .unwrap();
+    let sent = stats["servers"][b.url()]["MessagesSent"].as_u64().unwrap();
+    let log = daemon.stderr();
+    let abandoned: Vec<u64> = log
+        .lines()
+        .filter_map(|l| l.split_once("BIP1009 "))
+        .map(|(_, rest)| {
+            rest.split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("a count first: {rest}"))
+        })
+        .collect();
+    assert!(
+        !abandoned.is_empty() && sent < received,
+        "the deadline cut the flow short: sent {sent} of {received}; log:\n{log}"
+    );
+    assert_eq!(
+        sent + abandoned.iter().sum::<u64>(),
+        received,
+        "published + abandoned = received ({abandoned:?}); log:\n{log}"
+    );
+    assert!(
+        log.contains("were still queued when the flow was stopped at its deadline"),
+        "{log}"
+    );
 }
 
 fn shared_flow(url: &str, worker: &str) -> String {

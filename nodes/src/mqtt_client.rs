@@ -1317,9 +1317,22 @@ impl Conn {
         }
         publications.sort_by_key(|p| p.msgid);
         let mut waits = Vec::new();
-        for p in &publications {
+        for (i, p) in publications.iter().enumerate() {
             let permit = tokio::select! {
-                _ = self.stop.cancelled() => return,
+                _ = self.stop.cancelled() => {
+                    // Paho has already removed these from the log: say so. (Those handed over
+                    // are in the log again and go out after the next start.)
+                    log.record(log.entry(
+                        Severity::Error,
+                        bip::NOT_ACKNOWLEDGED,
+                        format!(
+                            "{} publication(s) restored from the in-flight log were not published again to {} before the connection was stopped; they are lost",
+                            publications.len() - i,
+                            log.url
+                        ),
+                    ).tag("count", publications.len() - i));
+                    return;
+                }
                 p = self.inflight.clone().acquire_owned() => p.ok(),
             };
             let token = self.client.publish(restored_message(p));

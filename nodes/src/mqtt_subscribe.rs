@@ -217,6 +217,10 @@ impl Subscribe {
 
         let (tx, mut rx) = mpsc::unbounded_channel::<paho::Message>();
         let depth = Arc::new(AtomicUsize::new(0));
+        let _queued = QueuedAtAbort {
+            depth: depth.clone(),
+            log: log.clone(),
+        };
         let high_water = Arc::new(Notify::new());
         {
             let depth = depth.clone();
@@ -274,6 +278,8 @@ impl Subscribe {
                 }
                 m = rx.recv() => {
                     let Some(m) = m else { break };
+                    // Not counted here once `deliver` has it: nothing awaits before it is in
+                    // the dispatcher (which counts it until it is done).
                     depth.fetch_sub(1, Ordering::SeqCst);
                     self.deliver(&m, &log, &sampler, &mut redeliveries, &mut dispatcher).await;
                     if paused && depth.load(Ordering::SeqCst) <= self.low {
@@ -328,6 +334,7 @@ impl Subscribe {
         conn.shutdown(deadline).await;
         conn.client.remove_message_callback();
         while let Ok(m) = rx.try_recv() {
+            depth.fetch_sub(1, Ordering::SeqCst);
             self.deliver(&m, &log, &sampler, &mut redeliveries, &mut dispatcher)
                 .await;
         }
@@ -511,6 +518,34 @@ fn subscriber(
             }
         })
     })
+}
+
+/// Received messages not yet handed to the flow when the node's task is dropped: it was
+/// aborted at a stop deadline. Paho acknowledged them to the broker on receipt, so they are
+/// lost; the activity log says how many (the flow's dispatcher reports those it had started).
+struct QueuedAtAbort {
+    depth: Arc<AtomicUsize>,
+    log: LogCtx,
+}
+
+impl Drop for QueuedAtAbort {
+    fn drop(&mut self) {
+        let n = self.depth.load(Ordering::SeqCst);
+        if n > 0 {
+            let log = &self.log;
+            log.record(
+                log.entry(
+                    Severity::Error,
+                    flowbus_runtime::daemon::bip::ABANDONED_AT_STOP,
+                    format!(
+                        "{n} received message(s) were still queued when the flow was stopped at its deadline; the MQTT client had acknowledged them to {}, so they are lost. Raise [daemon] shutdown_timeout if the flow needs longer to finish what it received",
+                        log.url
+                    ),
+                )
+                .tag("count", n),
+            );
+        }
+    }
 }
 
 /// The once-a-second summary of "Received" entries the sampler held back.

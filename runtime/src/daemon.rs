@@ -44,6 +44,8 @@ pub mod bip {
     pub const FLOW_FAILED: u32 = 1007;
     /// The daemon started or is stopping.
     pub const DAEMON: u32 = 1008;
+    /// Messages an input node had accepted were abandoned when the stop deadline aborted it.
+    pub const ABANDONED_AT_STOP: u32 = 1009;
 }
 
 /// What the daemon refuses, and why. Each variant's text says what is wrong.

@@ -644,6 +644,32 @@ impl Dispatcher {
     }
 }
 
+/// Dropped with messages still in the flow, the dispatcher was aborted mid-way (a stop deadline
+/// ran out): say how many were abandoned, where an operator looks.
+impl Drop for Dispatcher {
+    fn drop(&mut self) {
+        // Spawned propagations that finished are not abandoned.
+        if let Some((_, set)) = &mut self.spawned {
+            while set.try_join_next().is_some() {}
+        }
+        let n = self.in_flight();
+        if n > 0 {
+            let flow = &self.ctx.flow;
+            flow.log(NewEntry::new(
+                Severity::Error,
+                crate::daemon::bip::ABANDONED_AT_STOP,
+                "Flow",
+                &flow.name,
+                self.ctx.node_id(),
+                format!(
+                    "{n} message(s) from input node '{}' were still in the flow when it was stopped at its deadline; their processing was abandoned, and they are lost unless their source sends them again. Raise [daemon] shutdown_timeout if the flow needs longer to finish",
+                    self.ctx.node_id()
+                ),
+            ).tag("count", n));
+        }
+    }
+}
+
 /// Per-terminal and per-node counters of one flow.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct NodeStatsSnapshot {
@@ -863,6 +889,9 @@ impl RunningFlow {
         self.tasks.clear();
     }
 
+    /// How long [`RunningFlow::stop`] waits for an input task it aborted to be dropped.
+    pub const ABORT_GRACE: Duration = Duration::from_secs(2);
+
     /// Stops the inputs, lets them finish what they hold, and waits up to `deadline`. Returns
     /// the ids of input nodes that did not stop in time (they are aborted).
     pub async fn stop(mut self, deadline: Duration) -> Vec<String> {
@@ -872,6 +901,10 @@ impl RunningFlow {
         for (id, mut t) in self.tasks.drain(..) {
             if tokio::time::timeout_at(until, &mut t).await.is_err() {
                 t.abort();
+                // An aborted task is dropped at its next yield (after the node it is running,
+                // a script say, returns): wait for that, briefly, so what it drops reports
+                // what it abandoned before the processing nodes stop and the daemon counts.
+                let _ = tokio::time::timeout(Self::ABORT_GRACE, &mut t).await;
                 late.push(id);
             }
         }
