@@ -21,7 +21,7 @@ use flowbus_runtime::engine::Cancel;
 use flowbus_runtime::flow::FlowErrorKind;
 use flowbus_runtime::node::{NodeDecl, Problem, PropKind, PropSpec, ValidateCtx};
 use flowbus_runtime::services::Services;
-use flowbus_runtime::stats::{inc, ServerStats};
+use flowbus_runtime::stats::{add, inc, ServerStats};
 use paho_mqtt as paho;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
@@ -763,10 +763,16 @@ impl Outbox {
                     let _ = tx.send(client.publish(m));
                 }
                 // QoS 0: nobody waits for the token, so a publication paho refuses (the
-                // connection went away since the node checked) is reported here.
+                // connection went away since the node checked) is reported here, and what it
+                // takes is counted here (the node counts QoS 1/2 once acknowledged).
                 None => {
-                    if let Err(e) = client.try_publish(m) {
-                        refused_qos0(log, &e);
+                    let len = m.payload().len() as u64;
+                    match client.try_publish(m) {
+                        Ok(_) => {
+                            inc(&log.stats.messages_sent);
+                            add(&log.stats.bytes_sent, len);
+                        }
+                        Err(e) => refused_qos0(log, &e),
                     }
                 }
             }
@@ -1771,6 +1777,11 @@ mod tests {
             ..Default::default()
         });
         assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(
+            conn.log.stats.messages_sent.load(Ordering::SeqCst),
+            0,
+            "not counted as sent"
+        );
         assert_eq!(errors[0].number, "BIP4311");
         assert_eq!(errors[0].node, "out");
         assert!(

@@ -430,8 +430,11 @@ impl ProcessingNode for Publish {
             let payload = msg.root.body.to_bytes();
             let qos = self.publish(&conn, &t, &payload).await?;
             let log = &conn.log;
-            inc(&log.stats.messages_sent);
-            add(&log.stats.bytes_sent, payload.len() as u64);
+            if qos > 0 {
+                // QoS 0 is counted when the outbox hands it to the client (`Outbox`).
+                inc(&log.stats.messages_sent);
+                add(&log.stats.bytes_sent, payload.len() as u64);
+            }
             let (admit, summary) = self.sampler.admit();
             if let Some(n) = summary {
                 published_summary(log, n);
