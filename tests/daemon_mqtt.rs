@@ -127,29 +127,58 @@ async fn sigterm_mid_stream_at_qos_0_publishes_everything_queued() {
     sigterm_mid_stream(0).await;
 }
 
+/// A daemon relaying `in` on broker `a` to `out` on broker `b` at `qos`, through a Compute
+/// node that counts to `work` so that each message costs time, with `[daemon]
+/// shutdown_timeout`; returned once it has subscribed.
+async fn busy_relay(
+    a: &Broker,
+    b: &Broker,
+    work: u32,
+    qos: u8,
+    in_flight: Option<u32>,
+    shutdown_timeout: &str,
+) -> Daemon {
+    let mut input =
+        json!({"id": "in", "type": "MQTTSubscribe", "url": a.url(), "topic": "in", "qos": 1});
+    if let Some(n) = in_flight {
+        input["in_flight"] = json!(n);
+    }
+    let flow = json!({
+        "name": "relay",
+        "nodes": [
+            input,
+            {"id": "work", "type": "Compute", "code": format!("let i = 0; while i < {work} {{ i += 1; }}")},
+            {"id": "out", "type": "MQTTPublish", "url": b.url(), "topic": "out", "qos": qos}
+        ],
+        "connections": [{"from": "in.Out", "to": "work"}, {"from": "work.Out", "to": "out"}]
+    })
+    .to_string();
+    let config = fast_config(&format!(
+        "[daemon]\nshutdown_timeout = \"{shutdown_timeout}\"\n"
+    ));
+    let daemon = Daemon::spawn(&config, &[("relay.json", &flow)]);
+    daemon
+        .wait_log("BIP12095", 1, Duration::from_secs(20))
+        .await;
+    daemon
+}
+
+/// A server statistic from the exit statistics.
+fn stat(stats: &serde_json::Value, broker: &Broker, key: &str) -> u64 {
+    stats["servers"][broker.url()][key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} of {}: {stats}", broker.url()))
+}
+
 async fn sigterm_mid_stream(qos: u8) {
     let a = Broker::start("");
     // mosquitto drops QoS 0 messages for a subscriber with more than max_queued_messages
     // (1,000) waiting; the test's consumer must not lose any on a loaded machine.
     // (Not 0 for "no limit": some 2.0 releases then drop every QoS 0 message.)
     let b = Broker::start("max_queued_messages 1000000");
-    let flow = json!({
-        "name": "relay",
-        "nodes": [
-            {"id": "in", "type": "MQTTSubscribe", "url": a.url(), "topic": "in", "qos": 1},
-            {"id": "work", "type": "Compute", "code": "let i = 0; while i < 2000 { i += 1; }"},
-            {"id": "out", "type": "MQTTPublish", "url": b.url(), "topic": "out", "qos": qos}
-        ],
-        "connections": [{"from": "in.Out", "to": "work"}, {"from": "work.Out", "to": "out"}]
-    })
-    .to_string();
     // A deadline no loaded machine reaches: this test is about finishing everything (the one
     // below is about a deadline that cuts the flow short).
-    let config = fast_config("[daemon]\nshutdown_timeout = \"120s\"\n");
-    let mut daemon = Daemon::spawn(&config, &[("relay.json", &flow)]);
-    daemon
-        .wait_log("BIP12095", 1, Duration::from_secs(20))
-        .await;
+    let mut daemon = busy_relay(&a, &b, 2000, qos, None, "120s").await;
     let consumer = Client::connect(&b.url(), false).await;
     consumer.subscribe("out", 1).await;
     let producer = Client::connect(&a.url(), false).await;
@@ -167,19 +196,14 @@ async fn sigterm_mid_stream(qos: u8) {
     );
     let _ = feed.await;
     let stats = daemon.exit_stats();
-    let received = stats["servers"][a.url()]["MessagesReceived"]
-        .as_u64()
-        .unwrap();
-    let sent = stats["servers"][b.url()]["MessagesSent"].as_u64().unwrap();
+    let received = stat(&stats, &a, "MessagesReceived");
+    let sent = stat(&stats, &b, "MessagesSent");
     assert!(
         received > 0 && received < 20_000,
         "stopped mid-stream: received {received}"
     );
     // Redeliveries after a pause are counted as received and skipped, not processed twice.
-    let skipped = stats["servers"][a.url()]["RedeliveriesSkipped"]
-        .as_u64()
-        .unwrap();
-    let received = received - skipped;
+    let received = received - stat(&stats, &a, "RedeliveriesSkipped");
     assert_eq!(
         sent, received,
         "every received message was published before exit"
@@ -200,7 +224,7 @@ async fn sigterm_mid_stream(qos: u8) {
         "{log}"
     );
     assert!(log.contains("BIP12092"), "disconnected: {log}");
-    assert_eq!(stats["servers"][a.url()]["OpenConnections"], 0);
+    assert_eq!(stat(&stats, &a, "OpenConnections"), 0);
 }
 
 /// A stop deadline too short for what the flow holds: the node's task is aborted, and the
@@ -211,21 +235,7 @@ async fn sigterm_mid_stream(qos: u8) {
 async fn a_stop_deadline_that_cuts_the_flow_short_counts_what_it_abandoned() {
     let a = Broker::start("");
     let b = Broker::start("");
-    let flow = json!({
-        "name": "slow",
-        "nodes": [
-            {"id": "in", "type": "MQTTSubscribe", "url": a.url(), "topic": "in", "qos": 1, "in_flight": 4},
-            {"id": "work", "type": "Compute", "code": "let i = 0; while i < 20000 { i += 1; }"},
-            {"id": "out", "type": "MQTTPublish", "url": b.url(), "topic": "out", "qos": 1}
-        ],
-        "connections": [{"from": "in.Out", "to": "work"}, {"from": "work.Out", "to": "out"}]
-    })
-    .to_string();
-    let config = fast_config("[daemon]\nshutdown_timeout = \"500ms\"\n");
-    let mut daemon = Daemon::spawn(&config, &[("slow.json", &flow)]);
-    daemon
-        .wait_log("BIP12095", 1, Duration::from_secs(20))
-        .await;
+    let mut daemon = busy_relay(&a, &b, 20_000, 1, Some(4), "500ms").await;
     let producer = Client::connect(&a.url(), false).await;
     flood(&producer, "in", 0, 300).await;
     // Let the daemon receive them and work for a second (its first per-second summary), then
@@ -235,13 +245,8 @@ async fn a_stop_deadline_that_cuts_the_flow_short_counts_what_it_abandoned() {
         .await;
     let _ = daemon.terminate(Duration::from_secs(30));
     let stats = daemon.exit_stats();
-    let received = stats["servers"][a.url()]["MessagesReceived"]
-        .as_u64()
-        .unwrap()
-        - stats["servers"][a.url()]["RedeliveriesSkipped"]
-            .as_u64()
-            .unwrap();
-    let sent = stats["servers"][b.url()]["MessagesSent"].as_u64().unwrap();
+    let received = stat(&stats, &a, "MessagesReceived") - stat(&stats, &a, "RedeliveriesSkipped");
+    let sent = stat(&stats, &b, "MessagesSent");
     let log = daemon.stderr();
     let abandoned: Vec<u64> = log
         .lines()
