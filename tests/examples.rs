@@ -345,7 +345,7 @@ async fn cookbook_local_environment() {
     assert_eq!(out.len(), 1);
     assert_eq!(
         out[0].local(&["Destination", "MQTT", "Output", "TopicName"]),
-        Some(&json!("sites/plant-7/sensor-1"))
+        Some(json!("sites/plant-7/sensor-1"))
     );
     assert_eq!(
         traces(&h),

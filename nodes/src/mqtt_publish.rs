@@ -155,7 +155,7 @@ impl Publish {
     /// Applies `LocalEnvironment.Destination.MQTT.Output` to the node's properties.
     fn target(&self, msg: &Message) -> Result<Target, Exception> {
         let o = msg.local(&["Destination", "MQTT", "Output"]);
-        let get = |k: &str| o.and_then(|o| o.get(k)).filter(|v| !v.is_null());
+        let get = |k: &str| o.as_ref().and_then(|o| o.get(k)).filter(|v| !v.is_null());
         let topic = match get("TopicName") {
             Some(Value::String(t)) => t.clone(),
             Some(v) => return Err(bad_override(format!("LocalEnvironment.Destination.MQTT.Output.TopicName must be a string, found {v}"))),

@@ -383,14 +383,14 @@ impl Subscribe {
             Ok(b) => (b, None),
             Err(e) => (Body::Blob(m.payload().to_vec()), Some(e)),
         };
-        let mut msg = Message::new(body);
-        msg.set_local(&["MQTT", "Input", "Topic"], Value::from(m.topic()));
-        msg.set_local(&["MQTT", "Input", "QualityOfService"], Value::from(qos));
-        msg.set_local(&["MQTT", "Input", "Duplicate"], Value::from(dup));
-        msg.set_local(&["MQTT", "Input", "Retained"], Value::from(m.retained()));
-        if let Some(up) = user_properties(m.properties()) {
-            msg.set_local(&["MQTT", "Input", "UserProperties"], up);
-        }
+        let msg = received_message(
+            body,
+            m.topic(),
+            qos,
+            dup,
+            m.retained(),
+            user_properties(m.properties()),
+        );
         match error {
             None => dispatcher.submit(msg).await,
             Some(e) => dispatcher.submit_failure(msg, *e).await,
@@ -555,4 +555,65 @@ fn received_summary(log: &LogCtx, n: u64) {
         bip::SUMMARY,
         format!("{n} further messages received in the last second (not logged one by one)"),
     ));
+}
+
+/// The message an MQTTSubscribe node dispatches for a received one: `body` with
+/// `LocalEnvironment.MQTT.Input` (`Topic`, `QualityOfService`, `Duplicate`, `Retained`, and
+/// `UserProperties` when the publication had any), built in Rhai's form directly.
+pub fn received_message(
+    body: Body,
+    topic: &str,
+    qos: i32,
+    duplicate: bool,
+    retained: bool,
+    user_properties: Option<Value>,
+) -> Message {
+    let mut input = rhai::Map::new();
+    input.insert(
+        "Topic".into(),
+        rhai::Dynamic::from(rhai::ImmutableString::from(topic)),
+    );
+    input.insert(
+        "QualityOfService".into(),
+        rhai::Dynamic::from_int(qos.into()),
+    );
+    input.insert("Duplicate".into(), rhai::Dynamic::from_bool(duplicate));
+    input.insert("Retained".into(), rhai::Dynamic::from_bool(retained));
+    if let Some(up) = user_properties {
+        input.insert(
+            "UserProperties".into(),
+            flowbus_runtime::tree::to_dynamic(&up),
+        );
+    }
+    let mut msg = Message::new(body);
+    msg.set_local_rhai(&["MQTT", "Input"], rhai::Dynamic::from_map(input));
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_received_message_carries_mqtt_input() {
+        let msg = received_message(
+            Body::Json(json!({"a": 1})),
+            "plant/7",
+            1,
+            true,
+            false,
+            Some(json!({"k": "v"})),
+        );
+        assert_eq!(
+            msg.local(&["MQTT", "Input"]),
+            Some(json!({
+                "Topic": "plant/7", "QualityOfService": 1, "Duplicate": true,
+                "Retained": false, "UserProperties": {"k": "v"}
+            }))
+        );
+        assert_eq!(msg.local(&["Variables"]), Some(json!({})));
+        let plain = received_message(Body::Text("t".into()), "t", 0, false, true, None);
+        assert_eq!(plain.local(&["MQTT", "Input", "UserProperties"]), None);
+    }
 }

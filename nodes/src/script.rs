@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use flowbus_runtime::flow::FlowErrorKind;
 use flowbus_runtime::message::{numbers, Body, Exception, ExceptionKind, Message, Root};
 use flowbus_runtime::node::{NodeDecl, Problem, PropKind, PropSpec};
+use flowbus_runtime::tree::{map_to_dynamic, to_dynamic};
 use rhai::{Dynamic, Engine, EvalAltResult, Map as RMap, Position, Scope, AST};
 use serde_json::{Map, Value};
 
@@ -335,7 +336,8 @@ impl Script {
             scope.push_dynamic("Root", share(root_to_dynamic(&msg.root, u.properties)));
         }
         if u.local_env || u.propagate {
-            scope.push_dynamic("LocalEnvironment", share(to_dynamic(&msg.local_env)));
+            // Already in Rhai's form: a copy of the maps, the strings shared.
+            scope.push_dynamic("LocalEnvironment", share((*msg.local_env).clone()));
         }
         if u.environment {
             scope.push_dynamic("Environment", to_dynamic(&msg.environment.snapshot()));
@@ -388,7 +390,7 @@ impl Script {
                 m.root = Arc::new(self.root_from_dynamic(r, domain, &msg.root)?);
             }
             if let Some(l) = le {
-                m.local_env = Arc::new(self.tree_from_dynamic(l, "LocalEnvironment")?);
+                m.local_env = Arc::new(self.fit_tree(l, "LocalEnvironment")?);
             }
             Ok(m)
         };
@@ -449,31 +451,6 @@ EvalAltResult::ErrorRuntime(v, _) => format!("script threw: {v}"),
     }
 }
 
-/// serde_json → Rhai, directly (no serde round trip: this runs for every message). Numbers
-/// convert as Rhai's serde support converts them: an integer that fits `i64` to INT, any other
-/// number to FLOAT.
-fn to_dynamic(v: &Value) -> Dynamic {
-    match v {
-        Value::Null => Dynamic::UNIT,
-        Value::Bool(b) => Dynamic::from_bool(*b),
-        Value::Number(n) => match n.as_i64() {
-            Some(i) => Dynamic::from_int(i),
-            None => Dynamic::from_float(n.as_f64().unwrap_or(f64::NAN)),
-        },
-        Value::String(s) => Dynamic::from(rhai::ImmutableString::from(s.as_str())),
-        Value::Array(a) => Dynamic::from_array(a.iter().map(to_dynamic).collect()),
-        Value::Object(o) => map_to_dynamic(o),
-    }
-}
-
-fn map_to_dynamic(o: &Map<String, Value>) -> Dynamic {
-    let mut m = RMap::new();
-    for (k, v) in o {
-        m.insert(k.as_str().into(), to_dynamic(v));
-    }
-    Dynamic::from_map(m)
-}
-
 /// Why a tree a script left could not be taken back.
 #[derive(Debug)]
 enum Unfit {
@@ -502,12 +479,8 @@ fn into_value(d: Dynamic, limits: Option<&Limits>, tree: &str) -> Result<Value, 
     }
     if d.is_map() {
         let m = d.cast::<RMap>();
-        if let Some(l) = limits.filter(|l| m.len() > l.max_map_size) {
-            return Err(Unfit::TooLarge(format!(
-                "a map in {tree} has {} entries, over the node's max_map_size ({})",
-                m.len(),
-                l.max_map_size
-            )));
+        if let Some(l) = limits {
+            map_fits(m.len(), l, tree)?;
         }
         let mut out = Map::new();
         for (k, v) in m {
@@ -528,12 +501,8 @@ fn into_value(d: Dynamic, limits: Option<&Limits>, tree: &str) -> Result<Value, 
     }
     if d.is_array() {
         let a = d.cast::<rhai::Array>();
-        if let Some(l) = limits.filter(|l| a.len() > l.max_array_size) {
-            return Err(Unfit::TooLarge(format!(
-                "an array in {tree} has {} items, over the node's max_array_size ({})",
-                a.len(),
-                l.max_array_size
-            )));
+        if let Some(l) = limits {
+            array_fits(a.len(), l, tree)?;
         }
         return a
             .into_iter()
@@ -551,13 +520,18 @@ fn from_dynamic(
     tree: &str,
     checked: Option<(&Limits, &Source)>,
 ) -> Result<Value, Exception> {
-    into_value(d, checked.map(|(l, _)| l), tree).map_err(|e| match e {
+    into_value(d, checked.map(|(l, _)| l), tree)
+        .map_err(|e| unfit_exception(e, tree, checked.map(|(_, s)| s)))
+}
+
+fn unfit_exception(e: Unfit, tree: &str, source: Option<&Source>) -> Exception {
+    match e {
         Unfit::TooLarge(m) => Exception::new(
             ExceptionKind::Recoverable,
             numbers::SCRIPT_ERROR,
             format!(
                 "Rhai error in {}: {m}",
-                checked.map_or("", |(_, s)| s.name.as_str())
+                source.map_or("", |s| s.name.as_str())
             ),
         ),
         Unfit::Unrepresentable(e) => Exception::new(
@@ -565,12 +539,59 @@ fn from_dynamic(
             numbers::SCRIPT_ERROR,
             format!("the script left {tree} with a value that cannot be represented: {e}"),
         ),
-    })
+    }
+}
+
+/// Makes a tree the script left fit to be kept in Rhai's form, in place (one walk, no copy:
+/// this runs for every message): maps and arrays are held to `limits`, shared values are
+/// unshared, and a value without a JSON twin (a char; a blob inside the tree) is converted as
+/// Rhai's serde support converts it to JSON, or refused as [`into_value`] refuses it. What is
+/// left serialises exactly as its serde_json twin does.
+fn fit(d: &mut Dynamic, limits: &Limits, tree: &str) -> Result<(), Unfit> {
+    if d.is_shared() {
+        *d = std::mem::take(d).flatten();
+    }
+    if d.is_string() || d.is_int() || d.is_bool() || d.is_float() || d.is_unit() {
+        return Ok(());
+    }
+    if let Some(mut m) = d.write_lock::<RMap>() {
+        map_fits(m.len(), limits, tree)?;
+        return m.values_mut().try_for_each(|v| fit(v, limits, tree));
+    }
+    if let Some(mut a) = d.write_lock::<rhai::Array>() {
+        array_fits(a.len(), limits, tree)?;
+        return a.iter_mut().try_for_each(|v| fit(v, limits, tree));
+    }
+    let v =
+        rhai::serde::from_dynamic::<Value>(d).map_err(|e| Unfit::Unrepresentable(e.to_string()))?;
+    *d = to_dynamic(&v);
+    Ok(())
+}
+
+fn map_fits(len: usize, limits: &Limits, tree: &str) -> Result<(), Unfit> {
+    if len <= limits.max_map_size {
+        return Ok(());
+    }
+    Err(Unfit::TooLarge(format!(
+        "a map in {tree} has {len} entries, over the node's max_map_size ({})",
+        limits.max_map_size
+    )))
+}
+
+fn array_fits(len: usize, limits: &Limits, tree: &str) -> Result<(), Unfit> {
+    if len <= limits.max_array_size {
+        return Ok(());
+    }
+    Err(Unfit::TooLarge(format!(
+        "an array in {tree} has {len} items, over the node's max_array_size ({})",
+        limits.max_array_size
+    )))
 }
 
 fn root_to_dynamic(root: &Root, properties: bool) -> Dynamic {
     let body = match &root.body {
         Body::Json(v) => to_dynamic(v),
+        Body::Rhai(d) => d.clone(),
         Body::Text(s) => Dynamic::from(s.clone()),
         Body::Blob(b) => Dynamic::from_blob(b.clone()),
     };
@@ -586,6 +607,18 @@ impl Script {
     /// A message tree back from the script, held to the node's size limits.
     fn tree_from_dynamic(&self, d: Dynamic, tree: &str) -> Result<Value, Exception> {
         from_dynamic(d, tree, Some((&self.limits, &self.source)))
+    }
+
+    /// A message tree back from the script in Rhai's form, held to the node's size limits and
+    /// left with JSON twins only (see [`fit`]).
+    fn fit_tree(&self, mut d: Dynamic, tree: &str) -> Result<Dynamic, Exception> {
+        fit(&mut d, &self.limits, tree)
+            .map(|()| d)
+            .map_err(|e| self.unfit(e, tree))
+    }
+
+    fn unfit(&self, e: Unfit, tree: &str) -> Exception {
+        unfit_exception(e, tree, Some(&self.source))
     }
 
     /// `Root` back from the script; `arrived` is the message's own, whose properties stay when
@@ -622,7 +655,8 @@ impl Script {
             Some(b) if domain == flowbus_runtime::Domain::Text && b.is_string() => {
                 Body::Text(b.cast::<String>())
             }
-            Some(b) => Body::Json(self.tree_from_dynamic(b, "Root.Body")?),
+            // Kept in Rhai's form: not converted back (see `flowbus_runtime::tree`).
+            Some(b) => Body::Rhai(self.fit_tree(b, "Root.Body")?),
         };
         Ok(Root { properties, body })
     }
@@ -660,7 +694,7 @@ mod tests {
             out.message.root.body,
             Body::Json(json!({"c": 100, "f": 212}))
         );
-        assert_eq!(out.message.local_env["Variables"]["x"], json!(1));
+        assert_eq!(out.message.local(&["Variables", "x"]), Some(json!(1)));
         assert_eq!(msg.environment.snapshot(), json!({"seen": true}));
         // The input message is untouched.
         assert_eq!(msg.root.body, Body::Json(json!({"c": 100})));
@@ -697,6 +731,43 @@ mod tests {
             out.message.root.body,
             Body::Json(json!({"list": [1, 3], "copy": [1], "nan": null, "c": "x"}))
         );
+    }
+
+    #[test]
+    fn trees_a_script_leaves_serialise_as_their_json_and_feed_the_next_script() {
+        // Root.Body and LocalEnvironment stay in Rhai's form between scripts and are
+        // serialised from it: the bytes must be those of the JSON value.
+        let first = compiled(json!({"code": r#"
+            Root.Body.c = 'x'; Root.Body.nan = 0.0 / 0.0; Root.Body.i = 9007199254740993;
+            Root.Body.f = 1.0; Root.Body.s = "é\"\n"; Root.Body.nested = #{ a: [1, #{ b: () }] };
+            LocalEnvironment.Variables.k = Root.Body.c;
+        "#}));
+        let out = first
+            .run(&Message::new(Body::Json(json!({"keep": true}))), T)
+            .unwrap()
+            .message;
+        let expect = json!({
+            "keep": true, "c": "x", "nan": null, "i": 9007199254740993_i64, "f": 1.0,
+            "s": "é\"\n", "nested": {"a": [1, {"b": null}]}
+        });
+        assert_eq!(out.root.body.to_value(), expect);
+        assert_eq!(
+            out.root.body.to_bytes(),
+            serde_json::to_vec(&expect).unwrap()
+        );
+        assert_eq!(out.local(&["Variables", "k"]), Some(json!("x")));
+        let second = compiled(json!({
+            "code": "Root.Body.n = Root.Body.nested.a[0] + 1; LocalEnvironment.Variables.k += \"y\";"
+        }));
+        let out = second.run(&out, T).unwrap().message;
+        assert_eq!(out.root.body.to_value()["n"], json!(2));
+        assert_eq!(out.root.body.to_value()["keep"], json!(true));
+        assert_eq!(out.local(&["Variables", "k"]), Some(json!("xy")));
+        // A blob has a JSON form only as the whole body.
+        let e = compiled(json!({"code": "Root.Body.b = #{ bytes: blob(2, 7) };"}))
+            .run(&out, T)
+            .unwrap_err();
+        assert_eq!(e.kind, ExceptionKind::Conversion, "{}", e.text);
     }
 
     #[test]
@@ -823,7 +894,7 @@ mod tests {
             out.message.root.body,
             Body::Json(json!({"s": format!("{x}!"), "u": x}))
         );
-        assert_eq!(out.message.local_env["Variables"]["t"], json!(x));
+        assert_eq!(out.message.local(&["Variables", "t"]), Some(json!(x)));
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub mod services;
 pub mod stats;
 pub mod telemetry;
 pub mod time;
+pub mod tree;
 
 pub use engine::{Cancel, Dispatcher, Disposition, Flow, InputCtx, Outputs, RunningFlow};
 pub use message::{Body, Domain, Exception, ExceptionKind, Message};

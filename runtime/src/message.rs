@@ -10,7 +10,10 @@
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use rhai::{Dynamic, Map as RMap};
 use serde_json::{Map, Value};
+
+use crate::tree;
 
 /// How an input node parses the payload into `Root.Body`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -46,14 +49,32 @@ impl Domain {
 }
 
 /// `Root.Body`: the parsed payload.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Body {
-    /// A JSON value (domain `JSON`).
+    /// A JSON value (domain `JSON`), as parsed.
     Json(Value),
+    /// A JSON value (domain `JSON`) as a script left it, in Rhai's form (see [`tree`]): the
+    /// next script takes it as it is, and it is serialised directly. Equal to the `Json` body
+    /// with the same value.
+    Rhai(Dynamic),
     /// Text (domain `TEXT`).
     Text(String),
     /// Bytes (domain `BLOB`).
     Blob(Vec<u8>),
+}
+
+impl PartialEq for Body {
+    fn eq(&self, other: &Body) -> bool {
+        match (self, other) {
+            (Body::Json(a), Body::Json(b)) => a == b,
+            (Body::Text(a), Body::Text(b)) => a == b,
+            (Body::Blob(a), Body::Blob(b)) => a == b,
+            (Body::Rhai(_), Body::Json(_) | Body::Rhai(_)) | (Body::Json(_), Body::Rhai(_)) => {
+                self.to_value() == other.to_value()
+            }
+            _ => false,
+        }
+    }
 }
 
 impl Body {
@@ -94,6 +115,8 @@ impl Body {
         match self {
             // Serialising a `Value` cannot fail: all its keys are strings.
             Body::Json(v) => serde_json::to_vec(v).unwrap_or_default(),
+            // As for `Json`: a tree holds only JSON twins, and its map keys are strings.
+            Body::Rhai(d) => serde_json::to_vec(d).unwrap_or_default(),
             Body::Text(s) => s.as_bytes().to_vec(),
             Body::Blob(b) => b.clone(),
         }
@@ -102,7 +125,7 @@ impl Body {
     /// The domain this body belongs to.
     pub fn domain(&self) -> Domain {
         match self {
-            Body::Json(_) => Domain::Json,
+            Body::Json(_) | Body::Rhai(_) => Domain::Json,
             Body::Text(_) => Domain::Text,
             Body::Blob(_) => Domain::Blob,
         }
@@ -112,6 +135,7 @@ impl Body {
     pub fn to_value(&self) -> Value {
         match self {
             Body::Json(v) => v.clone(),
+            Body::Rhai(d) => tree::to_value(d),
             Body::Text(s) => Value::String(s.clone()),
             Body::Blob(b) => Value::Array(b.iter().map(|x| Value::from(*x)).collect()),
         }
@@ -154,8 +178,9 @@ impl Root {
 pub struct Message {
     /// `Root` (copy-on-write).
     pub root: Arc<Root>,
-    /// `LocalEnvironment` (copy-on-write, always a JSON object).
-    pub local_env: Arc<Value>,
+    /// `LocalEnvironment` (copy-on-write, always a map), in Rhai's form (see [`tree`]): read
+    /// it with [`Message::local`], write it with [`Message::set_local`].
+    pub local_env: Arc<Dynamic>,
     /// `Environment`: shared by every copy of this message; not rolled back.
     pub environment: Environment,
     /// `ExceptionList`: empty (`None`) unless the message is on a Failure or Catch path.
@@ -166,11 +191,11 @@ impl Message {
     /// A new message with the given body, an empty `LocalEnvironment` (with `Variables`),
     /// a fresh `Environment` and no exception.
     pub fn new(body: Body) -> Message {
-        let mut le = Map::new();
-        le.insert("Variables".into(), Value::Object(Map::new()));
+        let mut le = RMap::new();
+        le.insert("Variables".into(), Dynamic::from_map(RMap::new()));
         Message {
             root: Arc::new(Root::new(body)),
-            local_env: Arc::new(Value::Object(le)),
+            local_env: Arc::new(Dynamic::from_map(le)),
             environment: Environment::default(),
             exception_list: None,
         }
@@ -181,53 +206,21 @@ impl Message {
         Arc::make_mut(&mut self.root)
     }
 
-    /// Mutable access to the `LocalEnvironment` object (copies it first if shared).
-    pub fn local_env_mut(&mut self) -> &mut Map<String, Value> {
-        let v = Arc::make_mut(&mut self.local_env);
-        if !v.is_object() {
-            *v = Value::Object(Map::new());
-        }
-        match v {
-            Value::Object(m) => m,
-            // Made an object just above.
-            _ => unreachable!("LocalEnvironment is always an object"),
-        }
-    }
-
-    /// Sets `LocalEnvironment.<path...>` to `value`, creating intermediate objects.
+    /// Sets `LocalEnvironment.<path...>` to `value`, creating intermediate maps (copies the
+    /// tree first if another branch shares it).
     pub fn set_local(&mut self, path: &[&str], value: Value) {
-        let mut cur = self.local_env_mut();
-        let (last, parents) = match path.split_last() {
-            Some(x) => x,
-            None => return,
-        };
-        for p in parents {
-            // Looked up before inserting: the names exist on all but the first call, and an
-            // entry() would allocate the key every time.
-            if !cur.contains_key(*p) {
-                cur.insert((*p).to_string(), Value::Object(Map::new()));
-            }
-            let Some(entry) = cur.get_mut(*p) else {
-                unreachable!("inserted just above")
-            };
-            if !entry.is_object() {
-                *entry = Value::Object(Map::new());
-            }
-            cur = match entry {
-                Value::Object(m) => m,
-                _ => unreachable!("made an object just above"),
-            };
-        }
-        cur.insert((*last).to_string(), value);
+        self.set_local_rhai(path, tree::to_dynamic(&value));
     }
 
-    /// Reads `LocalEnvironment.<path...>`.
-    pub fn local(&self, path: &[&str]) -> Option<&Value> {
-        let mut cur = self.local_env.as_ref();
-        for p in path {
-            cur = cur.get(*p)?;
-        }
-        Some(cur)
+    /// [`Message::set_local`] with a value already in Rhai's form (it must be a JSON twin: see
+    /// [`tree`]).
+    pub fn set_local_rhai(&mut self, path: &[&str], value: Dynamic) {
+        tree::set_path(Arc::make_mut(&mut self.local_env), path, value);
+    }
+
+    /// Reads `LocalEnvironment.<path...>` (a copy).
+    pub fn local(&self, path: &[&str]) -> Option<Value> {
+        tree::get_path(&self.local_env, path)
     }
 
     /// All four trees as one JSON object (`Root`, `LocalEnvironment`, `Environment`,
@@ -241,7 +234,7 @@ impl Message {
         root.insert("Body".into(), self.root.body.to_value());
         let mut m = Map::new();
         m.insert("Root".into(), Value::Object(root));
-        m.insert("LocalEnvironment".into(), (*self.local_env).clone());
+        m.insert("LocalEnvironment".into(), tree::to_value(&self.local_env));
         m.insert("Environment".into(), self.environment.snapshot());
         m.insert(
             "ExceptionList".into(),
@@ -499,7 +492,22 @@ mod tests {
         assert_eq!(a.root.body, Body::Json(json!({"x": 1})));
         assert_eq!(
             b.local(&["Destination", "MQTT", "Output", "TopicName"]),
-            Some(&json!("t"))
+            Some(json!("t"))
+        );
+    }
+
+    #[test]
+    fn a_body_in_rhais_form_equals_and_serialises_as_the_json_body() {
+        let v = json!({"b": [1, 2.5, null, "s"], "a": {"z": true, "y": -1}});
+        let rhai = Body::Rhai(tree::to_dynamic(&v));
+        assert_eq!(rhai, Body::Json(v.clone()));
+        assert_ne!(rhai, Body::Json(json!({})));
+        assert_ne!(rhai, Body::Text(v.to_string()));
+        assert_eq!(rhai.domain(), Domain::Json);
+        assert_eq!(rhai.to_bytes(), Body::Json(v).to_bytes());
+        assert_eq!(
+            Body::Rhai(Dynamic::from_float(f64::NAN)).to_bytes(),
+            b"null"
         );
     }
 
