@@ -51,11 +51,12 @@ impl Domain {
 /// `Root.Body`: the parsed payload.
 #[derive(Debug, Clone)]
 pub enum Body {
-    /// A JSON value (domain `JSON`), as parsed.
+    /// A JSON value (domain `JSON`) as serde_json holds it: a payload with a number Rhai cannot
+    /// hold exactly (an integer above `i64::MAX`), or a body the daemon built (a Timer's).
     Json(Value),
-    /// A JSON value (domain `JSON`) as a script left it, in Rhai's form (see [`tree`]): the
-    /// next script takes it as it is, and it is serialised directly. Equal to the `Json` body
-    /// with the same value.
+    /// A JSON value (domain `JSON`) in Rhai's form (see [`tree`]): as an input node parsed it,
+    /// or as a script left it. A script takes it as it is, and it is serialised directly.
+    /// Equal to the `Json` body with the same value.
     Rhai(Dynamic),
     /// Text (domain `TEXT`).
     Text(String),
@@ -82,7 +83,13 @@ impl Body {
     /// for `TEXT`) is a `ParserException` (BIP5705) that names the byte offset.
     pub fn parse(domain: Domain, payload: &[u8]) -> Result<Body, Box<Exception>> {
         match domain {
-            Domain::Json => serde_json::from_slice(payload).map(Body::Json).map_err(|e| {
+            // Straight into Rhai's form; serde_json's `Value` keeps what Rhai cannot hold
+            // exactly (an integer above i64::MAX), and gives the precise error.
+            Domain::Json => match tree::from_json_slice(payload) {
+                Ok(d) => Ok(Body::Rhai(d)),
+                Err(_) => serde_json::from_slice(payload).map(Body::Json),
+            }
+            .map_err(|e| {
                 Box::new(Exception::new(
                     ExceptionKind::Parser,
                     numbers::JSON_PARSER_ERROR,
@@ -494,6 +501,17 @@ mod tests {
             b.local(&["Destination", "MQTT", "Output", "TopicName"]),
             Some(json!("t"))
         );
+    }
+
+    #[test]
+    fn json_payloads_parse_into_rhais_form_unless_a_number_would_change() {
+        let b = Body::parse(Domain::Json, br#"{"a": [1, 2.5, "x"]}"#).unwrap();
+        assert!(matches!(b, Body::Rhai(_)), "{b:?}");
+        assert_eq!(b, Body::Json(json!({"a": [1, 2.5, "x"]})));
+        let big = br#"{"id":18446744073709551615}"#;
+        let b = Body::parse(Domain::Json, big).unwrap();
+        assert!(matches!(b, Body::Json(_)), "{b:?}");
+        assert_eq!(b.to_bytes(), big);
     }
 
     #[test]

@@ -5,7 +5,11 @@
 //! kept in a tree: unit, bool, INT, FLOAT, string, array and map; the script nodes convert
 //! anything else (a char, a blob inside a tree) on the way out, or refuse it.
 
+use std::borrow::Cow;
+use std::fmt;
+
 use rhai::{Dynamic, Map as RMap};
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 /// serde_json → Rhai, directly (no serde round trip: this runs for every message). Numbers
@@ -22,6 +26,100 @@ pub fn to_dynamic(v: &Value) -> Dynamic {
         Value::String(s) => Dynamic::from(rhai::ImmutableString::from(s.as_str())),
         Value::Array(a) => Dynamic::from_array(a.iter().map(to_dynamic).collect()),
         Value::Object(o) => map_to_dynamic(o),
+    }
+}
+
+/// Parses a JSON document straight into Rhai's form, the way [`to_dynamic`] converts the
+/// parsed value, but refusing (an error) a number Rhai cannot hold exactly: an integer above
+/// `i64::MAX` (Rhai's serde support would make it a float). Callers fall back to serde_json's
+/// `Value` for those, and for the precise message of a syntax error.
+pub fn from_json_slice(bytes: &[u8]) -> Result<Dynamic, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let d = de.deserialize_any(Exact)?;
+    de.end()?;
+    Ok(d)
+}
+
+/// The visitor of [`from_json_slice`].
+struct Exact;
+
+impl<'de> Visitor<'de> for Exact {
+    type Value = Dynamic;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<Dynamic, E> {
+        Ok(Dynamic::from_bool(v))
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<Dynamic, E> {
+        Ok(Dynamic::from_int(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Dynamic, E> {
+        i64::try_from(v)
+            .map(Dynamic::from_int)
+            .map_err(|_| E::custom("an integer above i64::MAX"))
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<Dynamic, E> {
+        Ok(Dynamic::from_float(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Dynamic, E> {
+        Ok(Dynamic::from(rhai::ImmutableString::from(v)))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Dynamic, E> {
+        Ok(Dynamic::from(rhai::ImmutableString::from(v)))
+    }
+    fn visit_unit<E>(self) -> Result<Dynamic, E> {
+        Ok(Dynamic::UNIT)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Dynamic, A::Error> {
+        let mut a = rhai::Array::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(v) = seq.next_element_seed(ExactSeed)? {
+            a.push(v);
+        }
+        Ok(Dynamic::from_array(a))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Dynamic, A::Error> {
+        let mut m = RMap::new();
+        while let Some(Key(k)) = map.next_key()? {
+            let v = map.next_value_seed(ExactSeed)?;
+            m.insert(k.as_ref().into(), v);
+        }
+        Ok(Dynamic::from_map(m))
+    }
+}
+
+struct ExactSeed;
+
+impl<'de> de::DeserializeSeed<'de> for ExactSeed {
+    type Value = Dynamic;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Dynamic, D::Error> {
+        d.deserialize_any(Exact)
+    }
+}
+
+/// A map key, borrowed from the input when it has no escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
@@ -132,6 +230,23 @@ mod tests {
         );
         assert_eq!(to_value(&Dynamic::from_float(f64::NAN)), Value::Null);
         assert_eq!(to_value(&Dynamic::from_char('x')), json!("x"));
+    }
+
+    #[test]
+    fn json_parses_straight_into_rhai_as_the_conversion_would() {
+        let text = r#"{"i": -5, "u": 9223372036854775807, "f": 1.5, "e": 2e3, "s": "a\\\"\u00e9",
+            "esc\"aped": 1, "n": null, "b": false, "a": [1, [2], {"k": "v"}], "o": {}, "d": 1, "d": 2}"#;
+        let v: Value = serde_json::from_str(text).unwrap();
+        let d = from_json_slice(text.as_bytes()).unwrap();
+        assert_eq!(format!("{d:?}"), format!("{:?}", to_dynamic(&v)));
+        assert_eq!(
+            serde_json::to_vec(&d).unwrap(),
+            serde_json::to_vec(&v).unwrap()
+        );
+        // Refused: what Rhai cannot hold exactly, and what is not JSON.
+        assert!(from_json_slice(b"[9223372036854775808]").is_err());
+        assert!(from_json_slice(b"{\"a\": 1,").is_err());
+        assert!(from_json_slice(b"1 2").is_err());
     }
 
     #[test]
