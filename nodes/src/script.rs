@@ -614,11 +614,7 @@ impl Script {
     fn fit_tree(&self, mut d: Dynamic, tree: &str) -> Result<Dynamic, Exception> {
         fit(&mut d, &self.limits, tree)
             .map(|()| d)
-            .map_err(|e| self.unfit(e, tree))
-    }
-
-    fn unfit(&self, e: Unfit, tree: &str) -> Exception {
-        unfit_exception(e, tree, Some(&self.source))
+            .map_err(|e| unfit_exception(e, tree, Some(&self.source)))
     }
 
     /// `Root` back from the script; `arrived` is the message's own, whose properties stay when
