@@ -462,57 +462,6 @@ enum Unfit {
     Unrepresentable(String),
 }
 
-/// Rhai → serde_json, taking the script's value apart (one walk, no serde round trip: this runs
-/// for every message): strings nothing else holds move without a copy, and maps and arrays are
-/// held to `limits` on the way. Anything without a direct JSON twin (a blob, a char) goes
-/// through Rhai's serde support.
-fn into_value(d: Dynamic, limits: Option<&Limits>, tree: &str) -> Result<Value, Unfit> {
-    let d = if d.is_shared() { d.flatten() } else { d };
-    if d.is_string() {
-        return d
-            .into_immutable_string()
-            .map(|s| Value::String(s.into_owned()))
-            .map_err(|t| Unfit::Unrepresentable(t.to_string()));
-    }
-    if d.is_int() {
-        return Ok(Value::from(d.as_int().unwrap_or_default()));
-    }
-    if d.is_map() {
-        let m = d.cast::<RMap>();
-        if let Some(l) = limits {
-            map_fits(m.len(), l, tree)?;
-        }
-        let mut out = Map::new();
-        for (k, v) in m {
-            out.insert(k.into(), into_value(v, limits, tree)?);
-        }
-        return Ok(Value::Object(out));
-    }
-    if d.is_bool() {
-        return Ok(Value::Bool(d.as_bool().unwrap_or_default()));
-    }
-    if d.is_float() {
-        // As serde_json does: NaN and the infinities have no JSON form.
-        let f = d.as_float().unwrap_or(f64::NAN);
-        return Ok(serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number));
-    }
-    if d.is_unit() {
-        return Ok(Value::Null);
-    }
-    if d.is_array() {
-        let a = d.cast::<rhai::Array>();
-        if let Some(l) = limits {
-            array_fits(a.len(), l, tree)?;
-        }
-        return a
-            .into_iter()
-            .map(|v| into_value(v, limits, tree))
-            .collect::<Result<_, _>>()
-            .map(Value::Array);
-    }
-    rhai::serde::from_dynamic::<Value>(&d).map_err(|e| Unfit::Unrepresentable(e.to_string()))
-}
-
 /// Takes a tree back from a script; `checked` holds it to the node's size limits (the trees a
 /// message carries on; not `Environment`, which grows across messages by design).
 fn from_dynamic(
@@ -520,7 +469,9 @@ fn from_dynamic(
     tree: &str,
     checked: Option<(&Limits, &Source)>,
 ) -> Result<Value, Exception> {
-    into_value(d, checked.map(|(l, _)| l), tree)
+    let mut d = d;
+    fit(&mut d, checked.map(|(l, _)| l), tree)
+        .map(|()| flowbus_runtime::tree::to_value(&d))
         .map_err(|e| unfit_exception(e, tree, checked.map(|(_, s)| s)))
 }
 
@@ -545,9 +496,10 @@ fn unfit_exception(e: Unfit, tree: &str, source: Option<&Source>) -> Exception {
 /// Makes a tree the script left fit to be kept in Rhai's form, in place (one walk, no copy:
 /// this runs for every message): maps and arrays are held to `limits`, shared values are
 /// unshared, and a value without a JSON twin (a char; a blob inside the tree) is converted as
-/// Rhai's serde support converts it to JSON, or refused as [`into_value`] refuses it. What is
-/// left serialises exactly as its serde_json twin does.
-fn fit(d: &mut Dynamic, limits: &Limits, tree: &str) -> Result<(), Unfit> {
+/// Rhai's serde support converts it to JSON, or refused. What is left serialises exactly as its
+/// serde_json twin does. `limits`: `None` for `Environment`, which grows across messages by
+/// design.
+fn fit(d: &mut Dynamic, limits: Option<&Limits>, tree: &str) -> Result<(), Unfit> {
     if d.is_shared() {
         *d = std::mem::take(d).flatten();
     }
@@ -555,11 +507,15 @@ fn fit(d: &mut Dynamic, limits: &Limits, tree: &str) -> Result<(), Unfit> {
         return Ok(());
     }
     if let Some(mut m) = d.write_lock::<RMap>() {
-        map_fits(m.len(), limits, tree)?;
+        if let Some(l) = limits {
+            map_fits(m.len(), l, tree)?;
+        }
         return m.values_mut().try_for_each(|v| fit(v, limits, tree));
     }
     if let Some(mut a) = d.write_lock::<rhai::Array>() {
-        array_fits(a.len(), limits, tree)?;
+        if let Some(l) = limits {
+            array_fits(a.len(), l, tree)?;
+        }
         return a.iter_mut().try_for_each(|v| fit(v, limits, tree));
     }
     let v =
@@ -612,7 +568,7 @@ impl Script {
     /// A message tree back from the script in Rhai's form, held to the node's size limits and
     /// left with JSON twins only (see [`fit`]).
     fn fit_tree(&self, mut d: Dynamic, tree: &str) -> Result<Dynamic, Exception> {
-        fit(&mut d, &self.limits, tree)
+        fit(&mut d, Some(&self.limits), tree)
             .map(|()| d)
             .map_err(|e| unfit_exception(e, tree, Some(&self.source)))
     }
@@ -705,7 +661,7 @@ mod tests {
         let direct = to_dynamic(&v);
         let via_serde = rhai::serde::to_dynamic(&v).unwrap();
         assert_eq!(format!("{direct:?}"), format!("{via_serde:?}"));
-        let back = into_value(direct.clone(), None, "test").unwrap();
+        let back = from_dynamic(direct.clone(), "test", None).unwrap();
         assert_eq!(
             back,
             rhai::serde::from_dynamic::<Value>(&via_serde).unwrap()
