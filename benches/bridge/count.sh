@@ -31,6 +31,7 @@ if [[ -n "$DAEMON_QOS" ]]; then
   # shellcheck source=flow.sh
   source "$HERE/flow.sh"
   N1=${N1:-600}; N2=${N2:-2400}
+  [[ -n "$FB_BIN" ]] && FB_BIN=$(realpath "$FB_BIN")
   if [[ -z "$FB_BIN" ]]; then
     (cd "$ROOT" && cargo build --release --bin flowbus) >&2
     FB_BIN="$ROOT/target/release/flowbus"

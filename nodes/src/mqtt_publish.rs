@@ -30,6 +30,7 @@ use flowbus_runtime::node::{
 };
 use flowbus_runtime::services::Services;
 use flowbus_runtime::stats::{add, inc};
+use flowbus_runtime::tree;
 use paho_mqtt as paho;
 use serde_json::Value;
 
@@ -154,10 +155,22 @@ fn bad_override(what: String) -> Exception {
 impl Publish {
     /// Applies `LocalEnvironment.Destination.MQTT.Output` to the node's properties.
     fn target(&self, msg: &Message) -> Result<Target, Exception> {
-        let o = msg.local(&["Destination", "MQTT", "Output"]);
-        let get = |k: &str| o.as_ref().and_then(|o| o.get(k)).filter(|v| !v.is_null());
+        // Read in place; only the fields present are copied out.
+        msg.with_local(&["Destination", "MQTT", "Output"], |o| {
+            let o = o.and_then(|d| d.read_lock::<rhai::Map>());
+            let get = |k: &str| {
+                o.as_ref()
+                    .and_then(|o| o.get(k))
+                    .filter(|v| !v.is_unit())
+                    .map(tree::to_value)
+            };
+            self.target_from(get)
+        })
+    }
+
+    fn target_from(&self, get: impl Fn(&str) -> Option<Value>) -> Result<Target, Exception> {
         let topic = match get("TopicName") {
-            Some(Value::String(t)) => t.clone(),
+            Some(Value::String(t)) => t,
             Some(v) => return Err(bad_override(format!("LocalEnvironment.Destination.MQTT.Output.TopicName must be a string, found {v}"))),
             None => self.topic.clone().ok_or_else(|| {
                 bad_override("no topic: set the node's \"topic\" or LocalEnvironment.Destination.MQTT.Output.TopicName".into())
@@ -176,12 +189,12 @@ impl Publish {
             None => self.qos,
         };
         let retained = match get("retained") {
-            Some(Value::Bool(b)) => *b,
+            Some(Value::Bool(b)) => b,
             Some(v) => return Err(bad_override(format!("LocalEnvironment.Destination.MQTT.Output.retained must be true or false, found {v}"))),
             None => self.retain,
         };
         let url = match get("URL") {
-            Some(Value::String(u)) => normalise_url(u).map_err(|m| {
+            Some(Value::String(u)) => normalise_url(&u).map_err(|m| {
                 bad_override(format!("LocalEnvironment.Destination.MQTT.Output.URL: {m}"))
             })?,
             Some(v) => {
@@ -193,8 +206,11 @@ impl Publish {
         };
         let user_properties = match get("UserProperties") {
             Some(Value::Object(m)) => m
-                .iter()
-                .map(|(k, v)| (k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string)))
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = v.as_str().map_or_else(|| v.to_string(), str::to_string);
+                    (k, v)
+                })
                 .collect(),
             Some(v) => return Err(bad_override(format!("LocalEnvironment.Destination.MQTT.Output.UserProperties must be an object, found {v}"))),
             None => Vec::new(),

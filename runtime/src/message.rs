@@ -230,6 +230,11 @@ impl Message {
         tree::get_path(&self.local_env, path)
     }
 
+    /// Calls `f` with `LocalEnvironment.<path...>` in Rhai's form, borrowed (no copy).
+    pub fn with_local<R>(&self, path: &[&str], f: impl FnOnce(Option<&Dynamic>) -> R) -> R {
+        tree::with_path(&self.local_env, path, f)
+    }
+
     /// All four trees as one JSON object (`Root`, `LocalEnvironment`, `Environment`,
     /// `ExceptionList`), as Trace writes them and tests compare them.
     pub fn trees_json(&self) -> Value {

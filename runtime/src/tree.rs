@@ -199,14 +199,24 @@ pub fn set_path(tree: &mut Dynamic, path: &[&str], value: Dynamic) {
     m.insert((*first).into(), child);
 }
 
-/// The value at `<path...>` in a map tree, if every step is a map that has the next name.
+/// The value at `<path...>` in a map tree (a copy), if every step is a map that has the next
+/// name.
 pub fn get_path(tree: &Dynamic, path: &[&str]) -> Option<Value> {
-    match path.split_first() {
-        None => Some(to_value(tree)),
-        Some((first, rest)) => {
-            let m = tree.as_map_ref().ok()?;
-            get_path(m.get(*first)?, rest)
-        }
+    with_path(tree, path, |d| d.map(to_value))
+}
+
+/// Calls `f` with the value at `<path...>` in a map tree, borrowed (`None` if a step is
+/// missing or not a map): for readers on the per-message path, which need no copy.
+pub fn with_path<R>(tree: &Dynamic, path: &[&str], f: impl FnOnce(Option<&Dynamic>) -> R) -> R {
+    let Some((first, rest)) = path.split_first() else {
+        return f(Some(tree));
+    };
+    match tree.read_lock::<RMap>() {
+        Some(m) => match m.get(*first) {
+            Some(child) => with_path(child, rest, f),
+            None => f(None),
+        },
+        None => f(None),
     }
 }
 
