@@ -18,6 +18,7 @@ pub mod mqtt_publish;
 pub mod mqtt_store;
 pub mod mqtt_subscribe;
 pub mod qos_policy;
+pub mod quick_hash;
 pub mod script;
 pub mod throw;
 pub mod timer;

@@ -17,9 +17,10 @@
 //! then zeros up to the file's size. A record cut short or failing its checksum ends the
 //! replay; what follows is dropped and the loss is logged.
 
+use crate::quick_hash::{self, QuickMap};
 use memmap2::MmapMut;
 use paho_mqtt as paho;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,6 +48,8 @@ const HEAD: usize = 7;
 /// Paho persistence on an append-only log in one directory (one client).
 pub struct LogStore {
     dir: PathBuf,
+    /// `dir`/[`FILE_NAME`].
+    file: PathBuf,
     inner: Arc<Mutex<Inner>>,
     unacknowledged: Arc<AtomicUsize>,
     restored: Restored,
@@ -208,7 +211,7 @@ impl Release {
     pub fn release(&self) {
         let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
         inner.map = None;
-        inner.live = HashMap::new();
+        inner.live = QuickMap::default();
         inner.buf = Vec::new();
         inner.end = 0;
         inner.released = 0;
@@ -228,23 +231,13 @@ struct Inner {
     end: usize,
     /// The mapping's pages before this offset have been handed back (see [`RELEASE_STEP`]).
     released: usize,
-    live: HashMap<String, Vec<u8>>,
+    live: QuickMap<String, Vec<u8>>,
     buf: Vec<u8>,
 }
 
-/// The records' checksum: FNV's prime a word at a time, with a rotation (every step is a
-/// bijection, so any change to a record changes the 64-bit state; folded to 32 bits).
+/// The records' checksum: [`quick_hash::of`] folded to 32 bits.
 fn checksum(bytes: &[u8]) -> u32 {
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ bytes.len() as u64;
-    let mut words = bytes.chunks_exact(8);
-    for w in &mut words {
-        let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-        h = (h ^ w).wrapping_mul(PRIME).rotate_left(29);
-    }
-    for b in words.remainder() {
-        h = (h ^ u64::from(*b)).wrapping_mul(PRIME);
-    }
+    let h = quick_hash::of(bytes);
     (h ^ (h >> 32)) as u32
 }
 
@@ -266,7 +259,7 @@ fn encode(buf: &mut Vec<u8>, op: u8, key: &str, parts: &[&[u8]]) {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Replay {
     /// Live records.
-    pub live: HashMap<String, Vec<u8>>,
+    pub live: QuickMap<String, Vec<u8>>,
     /// Bytes of valid log.
     pub good: usize,
     /// Bytes after the last valid record (a record cut short or corrupt).
@@ -323,6 +316,7 @@ impl LogStore {
     /// A store whose log lives in `dir` (created on open).
     pub fn new(dir: PathBuf) -> LogStore {
         LogStore {
+            file: dir.join(FILE_NAME),
             dir,
             inner: Arc::default(),
             unacknowledged: Arc::default(),
@@ -355,13 +349,13 @@ impl LogStore {
         self.unacknowledged.clone()
     }
 
-    fn count(&self, live: &HashMap<String, Vec<u8>>) {
+    fn count(&self, live: &QuickMap<String, Vec<u8>>) {
         let n = live.keys().filter(|k| unacknowledged(k)).count();
         self.unacknowledged.store(n, Ordering::Relaxed);
     }
 
-    fn path(&self) -> PathBuf {
-        self.dir.join(FILE_NAME)
+    fn path(&self) -> &Path {
+        &self.file
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -482,10 +476,10 @@ impl paho::ClientPersistence for LogStore {
     fn open(&mut self, client_id: &str, server_uri: &str) -> paho::Result<()> {
         let path = self.path();
         std::fs::create_dir_all(&self.dir).map_err(|e| io_err("create", &self.dir, e))?;
-        let bytes = match std::fs::read(&path) {
+        let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => return Err(io_err("read", &path, e)),
+            Err(e) => return Err(io_err("read", path, e)),
         };
         let r = replay(&bytes);
         if r.dropped > 0 && !bytes.is_empty() {
@@ -506,7 +500,7 @@ impl paho::ClientPersistence for LogStore {
             inner.live.insert(k.clone(), v.clone());
         }
         // Start from a compact log holding exactly the live records.
-        inner.rewrite(&path)?;
+        inner.rewrite(path)?;
         self.count(&inner.live);
         *self.restored_lock() = inner
             .live
@@ -558,7 +552,7 @@ impl paho::ClientPersistence for LogStore {
         let inner = &mut *inner;
         encode(&mut inner.buf, PUT, key, &buffers);
         let old = inner.live.insert(key.to_owned(), buffers.concat());
-        if let Err(e) = inner.append(&path) {
+        if let Err(e) = inner.append(path) {
             // Not stored: Paho fails the publish, and the store stays as it was.
             match old {
                 Some(v) => inner.live.insert(key.to_owned(), v),
@@ -591,7 +585,7 @@ impl paho::ClientPersistence for LogStore {
             self.restored_lock().remove(key);
         }
         encode(&mut inner.buf, REMOVE, key, &[]);
-        inner.append(&path)
+        inner.append(path)
     }
 
     fn keys(&mut self) -> paho::Result<Vec<String>> {
@@ -605,7 +599,7 @@ impl paho::ClientPersistence for LogStore {
         self.unacknowledged.store(0, Ordering::Relaxed);
         self.restored_lock().clear();
         if inner.map.is_some() {
-            inner.rewrite(&path)?;
+            inner.rewrite(path)?;
         }
         Ok(())
     }
