@@ -1568,6 +1568,7 @@ pub fn wire_info(m: &paho::Message) -> (bool, i32) {
 /// as `msgid`.
 #[repr(C)]
 #[derive(Clone, Copy)]
+#[cfg_attr(test, derive(Debug))]
 struct CMessageHead {
     struct_id: [u8; 4],
     struct_version: i32,
@@ -1909,27 +1910,15 @@ mod tests {
         assert_eq!(wire_info_fast(&m), Some((false, 0)));
         assert_eq!(wire_info_text(&m), (false, 0));
         // What the C struct looks like to the formatter, with a resend's flag and id.
-        #[derive(Debug)]
-        #[allow(dead_code)]
-        struct Like {
-            struct_id: [u8; 4],
-            payloadlen: i32,
-            payload: *const u8,
-            qos: i32,
-            retained: i32,
-            dup: i32,
-            msgid: i32,
-            properties: Vec<i32>,
-        }
-        let like = Like {
+        let like = CMessageHead {
             struct_id: *b"MQTM",
+            struct_version: 1,
             payloadlen: 3,
             payload: std::ptr::null(),
             qos: 1,
             retained: 0,
             dup: 1,
             msgid: 4711,
-            properties: vec![1, 2],
         };
         assert_eq!(wire_info_fast(&like), Some((true, 4711)));
     }
