@@ -13,7 +13,9 @@
 # FLOWBUS_EXTRA (environment): more flowbus.toml, e.g. $'[daemon]\nworker_threads = 1'.
 # Prints one line (rate, loss, latency with --rate, CPU per message of the system, load
 # generator and broker) and one line per thread group (from /proc's 10 ms ticks; with --rate these include the 1,000
-# messages of the short throughput phase that comes first).
+# messages of the short throughput phase that comes first). With --rate, also the messages
+# slower than the p99 grouped into runs of consecutive sequence numbers (a stall of the system
+# delays a run of them; scheduling noise scattered ones).
 # --capture (needs tcpdump, and root): records the broker's loopback traffic and prints, per
 # message, how long each leg took (stages.py): producer → broker → system, the system's own
 # time from receipt (QoS 2: from the broker's PUBREL) to its PUBLISH on the wire, broker →
@@ -92,6 +94,18 @@ print(f"rate {t['rate']:.0f} recv {t['received']} lost {t['lost']} dup {t['dups'
       f"ctx {j['sut']['ctx_switches_per_msg']}/msg, peak RSS {j['sut']['peak_rss_kib']} KiB | loadgen "
       f"{j['loadgen_cpu_s'] * 1e6 / t['received']:.1f} us/msg | others "
       f"{j['other_cpu_s'] * 1e6 / t['received']:.1f} us/msg")
+if key == "latency" and t.get("slower_than_p99"):
+    # Group the slow messages into runs of consecutive sequence numbers: one long run is one
+    # stall of the system, many runs of one or two are scheduling noise.
+    runs = []
+    for seq, ms in t["slower_than_p99"]:
+        if runs and seq <= runs[-1][1] + 2:
+            runs[-1][1] = seq
+            runs[-1][2] = max(runs[-1][2], ms)
+        else:
+            runs.append([seq, seq, ms])
+    print(f"  slower than p99: {len(t['slower_than_p99'])} messages in {len(runs)} run(s): "
+          + ", ".join(f"{a}-{b} ({m:.1f} ms)" if a != b else f"{a} ({m:.1f} ms)" for a, b, m in runs[:12]))
 # /proc ticks are 10 ms: ticks * 1e4 / n = us per message.
 for k in sorted(after):
     d = (int(after[k]) - int(before.get(k, 0))) * 1e4 / n

@@ -405,7 +405,12 @@ impl Inner {
     /// Writes the live records to a new file, puts it in place of the old one and maps it.
     fn rewrite(&mut self, path: &Path) -> paho::Result<()> {
         let tmp = path.with_extension("log.tmp");
-        let mut out = Vec::with_capacity(MIN_MAP / 4);
+        let live: usize = self
+            .live
+            .iter()
+            .map(|(k, v)| HEAD + k.len() + v.len() + 4)
+            .sum();
+        let mut out = Vec::with_capacity(MAGIC.len() + live);
         out.extend_from_slice(MAGIC);
         for (k, v) in &self.live {
             encode(&mut self.buf, PUT, k, &[v]);
@@ -423,10 +428,36 @@ impl Inner {
             unsafe { MmapMut::map_mut(&f) }
         };
         let map = write().map_err(|e| io_err("start a new log at", path, e))?;
-        self.map = Some(map);
+        if let Some(old) = self.map.replace(map) {
+            unmap_later(old);
+        }
         self.end = out.len();
         self.released = 0;
         Ok(())
+    }
+}
+
+/// Unmaps a replaced log on a thread of its own. The old file was just renamed over, so the
+/// unmap is its last reference: the kernel frees its pages and blocks then, about half a
+/// millisecond for a 1 MiB log — and `put` runs under Paho's lock, which every publication of
+/// the client waits for. The old mapping is not read or written again; if the thread cannot be
+/// had, it is unmapped here.
+fn unmap_later(old: MmapMut) {
+    static UNMAPPER: Mutex<Option<std::sync::mpsc::Sender<MmapMut>>> = Mutex::new(None);
+    let mut tx = UNMAPPER.lock().unwrap_or_else(|e| e.into_inner());
+    if tx.is_none() {
+        let (send, recv) = std::sync::mpsc::channel::<MmapMut>();
+        let started = std::thread::Builder::new()
+            .name("flowbus-unmap".into())
+            .spawn(move || recv.into_iter().for_each(drop));
+        if started.is_ok() {
+            *tx = Some(send);
+        }
+    }
+    match tx.as_ref() {
+        // A send fails only if the thread is gone; the mapping comes back and is dropped here.
+        Some(t) => drop(t.send(old)),
+        None => drop(old),
     }
 }
 
@@ -740,6 +771,42 @@ mod tests {
         let again = &mut opened(&d);
         assert_eq!(again.keys().unwrap().len(), 20);
         assert_eq!(again.get("c-2799").unwrap(), data);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn replaced_logs_are_unmapped_by_a_thread_of_their_own() {
+        let d = dir("unmap");
+        let mut s = opened(&d);
+        // ~2.6 MiB of records through a window of 20: two or three new files.
+        through_a_window(&mut s, 9_000, &[3u8; 300]);
+        let name = d.join(FILE_NAME).to_str().unwrap().to_owned();
+        let mappings = || {
+            std::fs::read_to_string("/proc/self/maps")
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains(&name))
+                .count()
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while mappings() > 1 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(mappings(), 1, "replaced logs still mapped");
+        let unmapper = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .flatten()
+            .any(|t| {
+                std::fs::read_to_string(t.path().join("comm"))
+                    .is_ok_and(|c| c.trim() == "flowbus-unmap")
+            });
+        assert!(
+            unmapper,
+            "no flowbus-unmap thread: the old logs were unmapped inline"
+        );
+        let again = &mut opened(&d);
+        assert_eq!(again.keys().unwrap().len(), 20);
+        assert_eq!(again.get("c-8999").unwrap(), [3u8; 300]);
         let _ = std::fs::remove_dir_all(&d);
     }
 
