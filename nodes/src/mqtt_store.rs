@@ -441,12 +441,13 @@ impl Inner {
 /// unmap is its last reference: the kernel frees its pages and blocks then, about half a
 /// millisecond for a 1 MiB log — and `put` runs under Paho's lock, which every publication of
 /// the client waits for. The old mapping is not read or written again; if the thread cannot be
-/// had, it is unmapped here.
+/// had, it is unmapped here. At most eight wait for the thread (one per MiB of records, per
+/// client): beyond that the caller waits.
 fn unmap_later(old: MmapMut) {
-    static UNMAPPER: Mutex<Option<std::sync::mpsc::Sender<MmapMut>>> = Mutex::new(None);
+    static UNMAPPER: Mutex<Option<std::sync::mpsc::SyncSender<MmapMut>>> = Mutex::new(None);
     let mut tx = UNMAPPER.lock().unwrap_or_else(|e| e.into_inner());
     if tx.is_none() {
-        let (send, recv) = std::sync::mpsc::channel::<MmapMut>();
+        let (send, recv) = std::sync::mpsc::sync_channel::<MmapMut>(8);
         let started = std::thread::Builder::new()
             .name("flowbus-unmap".into())
             .spawn(move || recv.into_iter().for_each(drop));
