@@ -1602,8 +1602,10 @@ fn wire_info_raw(m: &paho::Message) -> Option<(bool, i32)> {
     let matches = |at: usize| -> Option<CMessageHead> {
         // SAFETY: `at` is 0 or 8 and the value is `C_MESSAGE_SIZE + 8` bytes long (checked
         // below before any read). In either order of the two fields, bytes `at..at + 4` are
-        // initialised: the struct's tag, the box pointer, or `payloadlen`; the head is read
-        // only once the tag matched, i.e. from where the C struct is.
+        // initialised: the struct's tag, the box pointer, or `payloadlen`. The head is read
+        // only once they are `MQTM`, which neither of the others can be: a box pointer is
+        // 8-aligned and `M` (0x4d) is odd; as `payloadlen` they would be 1.3 GB, above MQTT's
+        // 256 MB packet limit. So it is read from where the C struct is.
         let tag = unsafe { base.add(at).cast::<[u8; 4]>().read_unaligned() };
         if &tag != b"MQTM" {
             return None;
