@@ -405,13 +405,7 @@ impl Inner {
     /// Writes the live records to a new file, puts it in place of the old one and maps it.
     fn rewrite(&mut self, path: &Path) -> paho::Result<()> {
         let tmp = path.with_extension("log.tmp");
-        let live: usize = self
-            .live
-            .iter()
-            .map(|(k, v)| HEAD + k.len() + v.len() + 4)
-            .sum();
-        let mut out = Vec::with_capacity(MAGIC.len() + live);
-        out.extend_from_slice(MAGIC);
+        let mut out = MAGIC.to_vec();
         for (k, v) in &self.live {
             encode(&mut self.buf, PUT, k, &[v]);
             out.extend_from_slice(&self.buf);
