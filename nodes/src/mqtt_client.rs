@@ -729,10 +729,13 @@ pub struct ConnSpec<'a> {
 /// Each paho publish wakes paho's send thread, which writes the packet and sleeps again: one
 /// hand-off (a futex wake and two context switches) per message when publishes come one at a
 /// time, tens of microseconds apart, as they do behind a script. So a node's publish goes into
-/// this queue, and a task per connection hands everything queued to paho in one go when it
-/// runs — after the flow's task yields, i.e. once the messages that had already arrived have
-/// been processed. Paho's send thread then finds a batch per wake-up. Order is kept (one
-/// queue, one task); at a low rate a batch is one message and costs one task switch.
+/// this queue, and everything queued is handed to paho in one go when the flow input's task
+/// that queued it yields (`flowbus_runtime::input_task`), i.e. once the messages that had
+/// already arrived have been processed, on the same thread. Paho's send thread then finds a
+/// batch per wake-up. A publication queued from anywhere else (several instances, restored
+/// publications) is handed over by a task per connection instead, woken for it. Order is kept
+/// (one queue, handed over under one lock); at a low rate a batch is one message and costs no
+/// task switch.
 #[derive(Default)]
 pub struct Outbox {
     queue: Mutex<Vec<Outgoing>>,
@@ -799,6 +802,14 @@ fn refused_qos0(log: &LogCtx, e: &paho::Error) {
     );
 }
 
+/// A publication sent from a flow input's task is handed to paho when that task yields (see
+/// [`Outbox`]).
+impl flowbus_runtime::input_task::OnYield for Conn {
+    fn on_yield(&self) {
+        self.outbox.hand_over(&self.client, &self.log);
+    }
+}
+
 impl Conn {
     /// Queues a publication for paho (see [`Outbox`]); the token comes through the returned
     /// receiver when `want_token` (an error from it means the connection was dropped first).
@@ -818,6 +829,10 @@ impl Conn {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push((m, tx));
+        // In a flow input's task: handed over when that task yields, on its own thread.
+        if flowbus_runtime::input_task::defer(self) {
+            return rx;
+        }
         if !self.outbox.started.swap(true, Ordering::SeqCst) {
             let outbox = self.outbox.clone();
             let conn = Arc::downgrade(self);
@@ -1821,12 +1836,11 @@ mod tests {
 
     /// A QoS 0 publication is not waited for, so one paho refuses at the hand-over (here: the
     /// client never connected) must end in the activity log, not vanish.
-    #[tokio::test]
-    async fn a_refused_qos_0_publication_is_logged() {
-        let services = Arc::new(Services::default());
-        let conn = Conn::new(ConnSpec {
+    /// A connection that is never connected (paho refuses its publications).
+    fn unconnected(services: &Arc<Services>, client_id: &str) -> Arc<Conn> {
+        Conn::new(ConnSpec {
             endpoint: &Endpoint::inline("tcp://127.0.0.1:9", 4),
-            client_id: "refused-qos0".into(),
+            client_id: client_id.into(),
             persistent_session: false,
             persist_dir: None,
             connect_timeout: Duration::from_secs(1),
@@ -1839,15 +1853,59 @@ mod tests {
             flow: "f",
             node: "out",
         })
-        .unwrap_or_else(|e| panic!("{e}"));
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn errors(services: &Services) -> Vec<Arc<flowbus_runtime::activity::Entry>> {
+        services.activity.query(&flowbus_runtime::activity::Filter {
+            severity: Some(Severity::Error),
+            ..Default::default()
+        })
+    }
+
+    /// From a flow input's task, publications are queued and handed to paho together when
+    /// the task yields, on the same task: no outbox task is started or woken for them.
+    #[tokio::test]
+    async fn publications_from_a_flow_input_are_handed_over_when_its_task_yields() {
+        let services = Arc::new(Services::default());
+        let conn = unconnected(&services, "on-yield");
+        let task = {
+            let (conn, services) = (conn.clone(), services.clone());
+            tokio::spawn(flowbus_runtime::input_task::RunOnYield::new(async move {
+                for _ in 0..3 {
+                    assert!(conn
+                        .send(paho::Message::new("plant/out", "{}", 0), false)
+                        .is_none());
+                }
+                let queued = conn.outbox.queue.lock().unwrap().len();
+                let refused = errors(&services).len();
+                tokio::task::yield_now().await;
+                (queued, refused)
+            }))
+        };
+        // Queued, not yet handed over (paho would have refused them: not connected).
+        assert_eq!(task.await.unwrap(), (3, 0));
+        // Handed over at the yield: all three refused, each logged.
+        assert!(conn.outbox.queue.lock().unwrap().is_empty());
+        assert_eq!(errors(&services).len(), 3);
+        assert!(
+            !conn.outbox.started.load(Ordering::SeqCst),
+            "no outbox task"
+        );
+        // Elsewhere, the connection's outbox task hands them over.
+        conn.send(paho::Message::new("plant/out", "{}", 0), false);
+        assert!(conn.outbox.started.load(Ordering::SeqCst));
+    }
+
+    #[tokio::test]
+    async fn a_refused_qos_0_publication_is_logged() {
+        let services = Arc::new(Services::default());
+        let conn = unconnected(&services, "refused-qos0");
         assert!(conn
             .send(paho::Message::new("plant/out", "{}", 0), false)
             .is_none());
         conn.flush();
-        let errors = services.activity.query(&flowbus_runtime::activity::Filter {
-            severity: Some(Severity::Error),
-            ..Default::default()
-        });
+        let errors = errors(&services);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(
             conn.log.stats.messages_sent.load(Ordering::SeqCst),

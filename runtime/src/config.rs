@@ -117,10 +117,9 @@ pub struct DaemonConfig {
     pub watch: bool,
     /// How often the flow paths are checked for changes.
     pub watch_interval: Dur,
-    /// Threads that run the flows' tasks (and the admin API); none set: one per core. One is
-    /// cheaper at moderate rates (no second thread woken to look for work it does not find:
-    /// a quarter less CPU per message at 1,000 msg/s, docs/PERFORMANCE.md); more let slow
-    /// scripts in different flows run side by side.
+    /// Threads of the shared runtime (the admin API, connection supervisors, timers, and the
+    /// propagations of inputs with `instances > 1`); none set: one per core. Each input node
+    /// runs its own propagations on a thread of its own (`input_task`).
     pub worker_threads: Option<usize>,
 }
 

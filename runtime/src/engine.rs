@@ -809,7 +809,8 @@ impl Flow {
         }
     }
 
-    /// Starts every input node on its own task. Must be called inside a tokio runtime.
+    /// Starts every input node on a task and a thread of its own (`input_task`). Must be
+    /// called inside a tokio runtime.
     pub fn start(&self) -> RunningFlow {
         self.register_series();
         // Outputs before inputs: processing nodes get ready (connect) first.
@@ -846,7 +847,7 @@ impl Flow {
                     node,
                     i.clone().run(ctx).map(|()| Disposition::Completed),
                 );
-                tasks.push((slot.id.clone(), tokio::spawn(fut)));
+                tasks.push((slot.id.clone(), crate::input_task::spawn(fut)));
             }
         }
         self.inner.log(NewEntry::new(

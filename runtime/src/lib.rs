@@ -10,7 +10,8 @@
 //!   removing flows; one failure domain per flow; graceful shutdown.
 //! - [`admin`]: the admin HTTP API. [`telemetry`]: the metrics registry (a `metrics`
 //!   recorder) and the Prometheus text format.
-//! - [`harness`]: run flows in tests without a broker.
+//! - [`harness`]: run flows in tests without a broker. [`input_task`]: where a flow input
+//!   runs (a thread of its own) and the effects its nodes defer to the moments it yields.
 
 pub mod activity;
 pub mod admin;
@@ -19,6 +20,7 @@ pub mod daemon;
 pub mod engine;
 pub mod flow;
 pub mod harness;
+pub mod input_task;
 pub mod message;
 pub mod node;
 pub mod services;
