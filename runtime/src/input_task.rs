@@ -306,7 +306,8 @@ mod tests {
         let guard = Dropped(Some(tx));
         let h = spawn(async move {
             let _guard = guard;
-            futures::future::pending::<()>().await;
+            // A timer of the shared runtime, dropped on the input's thread.
+            tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
         });
         h.abort();
         assert!(h.await.unwrap_err().is_cancelled());
