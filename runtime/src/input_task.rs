@@ -18,8 +18,8 @@
 //! processed: at a high rate, one hand-over then carries many messages; at a low rate, each
 //! goes as soon as its own processing ends, on the same thread, without waking another task.
 //!
-//! Deferred work runs whenever the task's poll returns (pending or ready) and when the task is
-//! dropped (a stop deadline aborted it), so a deferred effect can never wait on the task that
+//! Deferred work runs whenever the task's poll returns (pending or ready), and when the task is
+//! dropped after a poll that unwound, so a deferred effect never waits on the task that
 //! deferred it: nothing the flow waits for stays behind.
 
 use std::cell::RefCell;
