@@ -1834,8 +1834,6 @@ pub fn check_topic(t: &str, filter: bool) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    /// A QoS 0 publication is not waited for, so one paho refuses at the hand-over (here: the
-    /// client never connected) must end in the activity log, not vanish.
     /// A connection that is never connected (paho refuses its publications).
     fn unconnected(services: &Arc<Services>, client_id: &str) -> Arc<Conn> {
         Conn::new(ConnSpec {
@@ -1856,6 +1854,7 @@ mod tests {
         .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// The error entries of the activity log.
     fn errors(services: &Services) -> Vec<Arc<flowbus_runtime::activity::Entry>> {
         services.activity.query(&flowbus_runtime::activity::Filter {
             severity: Some(Severity::Error),
@@ -1897,6 +1896,8 @@ mod tests {
         assert!(conn.outbox.started.load(Ordering::SeqCst));
     }
 
+    /// A QoS 0 publication is not waited for, so one paho refuses at the hand-over (here: the
+    /// client never connected) must end in the activity log, not vanish.
     #[tokio::test]
     async fn a_refused_qos_0_publication_is_logged() {
         let services = Arc::new(Services::default());
