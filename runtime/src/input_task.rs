@@ -63,7 +63,8 @@ pub fn defer<W: OnYield + 'static>(work: &Arc<W>) -> bool {
 }
 
 /// Whether [`defer`] would defer here.
-pub fn can_defer() -> bool {
+#[cfg(test)]
+fn can_defer() -> bool {
     CURRENT.with(|c| c.borrow().is_some())
 }
 
@@ -166,8 +167,9 @@ where
         std::thread::Builder::new()
             .name(THREAD_NAME.into())
             .spawn(move || {
+                // Without a scheduler the thread ends here, sending nothing: the caller then
+                // runs the task on the shared runtime.
                 let Ok(rt) = tokio::runtime::Builder::new_current_thread().build() else {
-                    let _ = tx.send(None);
                     return;
                 };
                 let Some(task) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() else {
@@ -182,7 +184,7 @@ where
                         task.await
                     }),
                 });
-                let _ = tx.send(Some(handle));
+                let _ = tx.send(handle);
                 rt.block_on(async {
                     let _ = finished.await;
                 });
@@ -190,7 +192,7 @@ where
             .is_ok()
     };
     if started {
-        if let Ok(Some(handle)) = rx.recv() {
+        if let Ok(handle) = rx.recv() {
             return handle;
         }
     }
