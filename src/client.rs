@@ -13,14 +13,18 @@ use serde_json::Value;
 pub struct Admin {
     base: String,
     token: Option<String>,
+    /// Where the token came from, or why none is sent: said with a 401.
+    token_note: String,
 }
 
 /// The token variable used when the configuration names none.
 pub const DEFAULT_TOKEN_ENV: &str = "FLOWBUS_ADMIN_TOKEN";
 
 impl Admin {
-    /// From `--admin` (a URL or `host:port`), else the configuration's `admin.listen`; the
-    /// token from the variable named by `admin.token_env` (or `FLOWBUS_ADMIN_TOKEN`).
+    /// From `--admin` (a URL or `host:port`), else the configuration's `admin.listen`. The
+    /// token: from the variable `admin.token_env` names when it is set; else from
+    /// `FLOWBUS_ADMIN_TOKEN` when that is set; else from `<data_dir>/admin.token`, where the
+    /// daemon generated it (none when `admin.auth = "none"`).
     pub fn new(admin: Option<&str>, config: &flowbus_runtime::config::Config) -> Admin {
         let base = match admin {
             Some(a) if a.starts_with("http://") || a.starts_with("https://") => a.to_string(),
@@ -31,15 +35,54 @@ impl Admin {
                 format!("http://{listen}")
             }
         };
-        let var = config
-            .admin
-            .token_env
-            .clone()
-            .unwrap_or_else(|| DEFAULT_TOKEN_ENV.to_string());
-        let token = std::env::var(var).ok().filter(|t| !t.trim().is_empty());
+        let from_env = |var: &str| {
+            std::env::var(var)
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+        };
+        let file = config.data_dir.join(flowbus_runtime::datadir::TOKEN_FILE);
+        let hint = format!("run this command as the daemon's user from its directory (or with its --config or --data-dir), or set {DEFAULT_TOKEN_ENV}");
+        let (token, note) = if let Some(var) = &config.admin.token_env {
+            match from_env(var) {
+                Some(t) => (
+                    Some(t),
+                    format!("the token sent is the variable {var} (admin.token_env)"),
+                ),
+                None => (
+                    None,
+                    format!("the variable {var} (admin.token_env) is not set"),
+                ),
+            }
+        } else if let Some(t) = from_env(DEFAULT_TOKEN_ENV) {
+            (
+                Some(t),
+                format!("the token sent is the variable {DEFAULT_TOKEN_ENV}"),
+            )
+        } else if config.admin.auth == flowbus_runtime::config::AdminAuth::None {
+            (
+                None,
+                "admin.auth = \"none\" in the configuration: no token sent".to_string(),
+            )
+        } else {
+            match flowbus_runtime::datadir::read_token(&config.data_dir) {
+                Ok(t) => (
+                    Some(t),
+                    format!("the token sent was read from {}; {hint}", file.display()),
+                ),
+                Err(e) => (
+                    None,
+                    format!(
+                        "flowbus looked for the token in {}: {e}; {hint}",
+                        file.display()
+                    ),
+                ),
+            }
+        };
         Admin {
             base: base.trim_end_matches('/').to_string(),
-            token: token.map(|t| t.trim().to_string()),
+            token,
+            token_note: note,
         }
     }
 
@@ -90,7 +133,10 @@ impl Admin {
                 .auth(agent.put(&url))
                 .header("Content-Type", "application/json")
                 .send(b),
-            ("POST", _) => self.auth(agent.post(&url)).send_empty(),
+            ("POST", _) => self
+                .auth(agent.post(&url))
+                .header("Content-Type", "application/json")
+                .send_empty(),
             _ => bail!("unsupported request {method} {path}"),
         };
         let mut resp = resp.map_err(|e| self.unreachable(e))?;
@@ -109,6 +155,12 @@ impl Admin {
             .map(str::to_string)
             .unwrap_or_else(|| json.to_string());
         msg.push_str(&format!(" (HTTP {status})"));
+        if status == 401 {
+            {
+                let why = &self.token_note;
+                msg.push_str(&format!("\n  {why}"));
+            }
+        }
         for d in json
             .get("details")
             .and_then(Value::as_array)

@@ -15,6 +15,7 @@ use flowbus_runtime::activity::{NewEntry, Severity};
 use flowbus_runtime::admin;
 use flowbus_runtime::config::Config;
 use flowbus_runtime::daemon::{bip, Daemon};
+use flowbus_runtime::datadir::DataDir;
 use flowbus_runtime::engine::Cancel;
 use flowbus_runtime::flow::{flow_files, validate, FlowErrors, ValidatedFlow};
 use flowbus_runtime::node::{Registry, ValidateCtx};
@@ -142,15 +143,22 @@ struct AdminArgs {
     /// The daemon's admin API (URL or host:port; default: admin.listen of the configuration).
     #[arg(long, global = true)]
     admin: Option<String>,
-    /// The runtime configuration, for the default address and token variable (default:
+    /// The runtime configuration, for the default address and where the token is (default:
     /// ./flowbus.toml when it exists).
     #[arg(long, global = true)]
     config: Option<PathBuf>,
+    /// The daemon's data directory, where it keeps the admin token (overrides the
+    /// configuration's, as `flowbus run --data-dir` does).
+    #[arg(long = "data-dir", global = true)]
+    data_dir: Option<PathBuf>,
 }
 
 impl AdminArgs {
     fn connect(&self) -> Result<client::Admin> {
-        let config = load_config(self.config.as_deref())?;
+        let mut config = load_config(self.config.as_deref())?;
+        if let Some(d) = &self.data_dir {
+            config.data_dir = d.clone();
+        }
         Ok(client::Admin::new(self.admin.as_deref(), &config))
     }
 }
@@ -495,10 +503,70 @@ fn cmd_run(
         config.daemon.shutdown_timeout.0 = t;
     }
     let deadline = config.daemon.shutdown_timeout.0;
+    if let Some(why) = config.admin.refusal() {
+        bail!("{why}");
+    }
+    // Whatever the daemon (or the MQTT library under it) creates is its user's alone: the
+    // data directory holds payloads in flight and the admin token.
+    // SAFETY: umask only sets the process's file-creation mask.
+    unsafe { libc::umask(0o077) };
+    raise_open_file_limit();
+    // One daemon per data directory: taken before anything in it is read or written.
+    let data = DataDir::open(&config.data_dir)?;
     // Refuse to start without the token the configuration asks for, rather than serve an
     // open API.
-    let token = admin::token_from_config(&config)?;
+    let (auth, token_source) = admin::auth_from_config(&config, &data)?;
     let services = Arc::new(Services::open(&config)?);
+    let daemon_note = |severity: Severity, message: String| {
+        match severity {
+            Severity::Warning => tracing::warn!("{message}"),
+            _ => tracing::info!("{message}"),
+        }
+        services.activity.record(NewEntry::new(
+            severity,
+            bip::DAEMON,
+            "Daemon",
+            "",
+            "",
+            message,
+        ));
+    };
+    if !data.tightened().is_empty() {
+        daemon_note(
+            Severity::Warning,
+            format!(
+                "the data directory {} was readable or writable by others; made {} entr{} private (0700 directories, 0600 files): {}",
+                config.data_dir.display(),
+                data.tightened().len(),
+                if data.tightened().len() == 1 { "y" } else { "ies" },
+                data.tightened()
+                    .iter()
+                    .take(5)
+                    .map(|(p, m)| format!("{} was {m:o}", p.display()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    }
+    match token_source {
+        admin::TokenSource::Generated => daemon_note(
+            Severity::Info,
+            format!(
+                "generated the admin API token into {} (0600); flowbus commands run with this configuration read it from there",
+                data.path().join(flowbus_runtime::datadir::TOKEN_FILE).display()
+            ),
+        ),
+        admin::TokenSource::Off => daemon_note(
+            Severity::Warning,
+            format!(
+                "the admin API on {} has no authentication (admin.auth = \"none\"): every program and user on this machine can deploy, stop and remove flows",
+                config.admin.listen
+            ),
+        ),
+        admin::TokenSource::Env | admin::TokenSource::File => {}
+    }
+    let api_options = admin::Options::new(&config.admin, auth);
+    let api_limits = admin::Limits::new(&config.admin);
     // Anything recorded through the `metrics` facade lands in the daemon's registry.
     let _ = metrics::set_global_recorder(flowbus_runtime::telemetry::TelemetryRecorder(
         services.telemetry.clone(),
@@ -519,10 +587,12 @@ fn cmd_run(
         let stop_api = Cancel::default();
         let api = {
             let stop = stop_api.clone();
-            let router = admin::router(daemon.clone(), token);
+            let router = admin::router(daemon.clone(), api_options);
             tokio::spawn(async move {
-                if let Err(e) =
-                    admin::serve(listener, router, async move { stop.cancelled().await }).await
+                if let Err(e) = admin::serve(listener, router, api_limits, async move {
+                    stop.cancelled().await
+                })
+                .await
                 {
                     tracing::error!("the admin API stopped: {e}");
                 }
@@ -579,8 +649,27 @@ fn cmd_run(
         }
         services.activity.flush();
         println!("{}", serde_json::to_string_pretty(&daemon.stats())?);
+        // The lock on the data directory is held to the end.
+        drop(data);
         Ok(ExitCode::SUCCESS)
     })
+}
+
+/// Raises the soft limit on open files to the hard one: MQTT connections, in-flight logs and
+/// admin connections all take descriptors, and the default soft limit (often 1024) is far
+/// below what the system allows.
+fn raise_open_file_limit() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the struct passed, nothing else.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
 }
 
 async fn wait_for_shutdown(daemon: &Daemon) -> Result<()> {

@@ -111,11 +111,15 @@ impl App {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let stop = Cancel::default();
-        let router = admin::router(daemon.clone(), token.map(str::to_string));
+        let auth = token.map_or(admin::Auth::None, admin::Auth::token);
+        let router = admin::router(daemon.clone(), admin::Options::with_auth(auth));
         let s = stop.clone();
-        tokio::spawn(admin::serve(listener, router, async move {
-            s.cancelled().await
-        }));
+        tokio::spawn(admin::serve(
+            listener,
+            router,
+            admin::Limits::default(),
+            async move { s.cancelled().await },
+        ));
         let d = daemon.clone();
         tokio::spawn(async move { d.watch().await });
         App {
@@ -870,7 +874,7 @@ async fn the_event_stream_sends_new_entries_as_they_happen() {
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         write!(
             s,
-            "GET /api/v1/activity-log/stream?flow=b&number=BIP1005 HTTP/1.1\r\nHost: x\r\n\r\n"
+            "GET /api/v1/activity-log/stream?flow=b&number=BIP1005 HTTP/1.1\r\nHost: localhost\r\n\r\n"
         )
         .unwrap();
         let mut lines = Vec::new();

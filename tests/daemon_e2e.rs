@@ -837,9 +837,16 @@ async fn the_command_line_overrides_the_configuration_and_log_follows() {
         .spawn()
         .unwrap();
     d.wait_api().await;
+    // The CLI finds the token the daemon generated in the data directory it is told.
+    let data_arg = data.to_str().unwrap().to_string();
+    let (code, _, err) = d.cli(&["log", "--number", "BIP1003"]);
+    assert!(
+        code != 0 && err.contains("HTTP 401") && err.contains("data-from-config/admin.token"),
+        "without --data-dir the CLI looks in the configuration's data directory: {err}"
+    );
     cli_until(
         &d,
-        &["log", "--number", "BIP1003"],
+        &["log", "--number", "BIP1003", "--data-dir", &data_arg],
         Duration::from_secs(10),
         |o| o.contains("tick 2"),
     )
@@ -849,7 +856,17 @@ async fn the_command_line_overrides_the_configuration_and_log_follows() {
     // `flowbus log --follow` prints what is there, then what comes, without repeats.
     let mut follow = std::process::Command::new(env!("CARGO_BIN_EXE_flowbus"))
         .args([
-            "log", "--follow", "--json", "--number", "BIP1003", "--limit", "1", "--admin", &d.admin,
+            "log",
+            "--follow",
+            "--json",
+            "--number",
+            "BIP1003",
+            "--limit",
+            "1",
+            "--admin",
+            &d.admin,
+            "--data-dir",
+            &data_arg,
         ])
         .stdout(std::process::Stdio::piped())
         .spawn()

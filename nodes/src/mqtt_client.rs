@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use flowbus_runtime::activity::{NewEntry, Severity};
 use flowbus_runtime::config::{Config, ServerConfig};
+use flowbus_runtime::datadir::{create_private_dir_all, private_options};
 
 use crate::qos_policy::{mismatch_head, mismatch_text, Decision, Policy, Source};
 use flowbus_runtime::engine::Cancel;
@@ -442,8 +443,13 @@ pub fn instance_id(data_dir: &std::path::Path) -> String {
         .as_nanos()
         ^ (u128::from(std::process::id()) << 64);
     let id = format!("{:08x}", (seed ^ (seed >> 37) ^ (seed >> 71)) as u32);
-    let _ = std::fs::create_dir_all(data_dir);
-    let _ = std::fs::write(&path, &id);
+    let _ = create_private_dir_all(data_dir);
+    let _ = private_options()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, id.as_bytes()));
     id
 }
 
@@ -861,7 +867,7 @@ impl Conn {
         let ep = spec.endpoint;
         let v5 = ep.version == 5;
         if let Some(dir) = &spec.persist_dir {
-            std::fs::create_dir_all(dir).map_err(|e| {
+            create_private_dir_all(dir).map_err(|e| {
                 format!(
                     "cannot create the persistence directory {}: {e}",
                     dir.display()

@@ -18,10 +18,12 @@
 //! replay; what follows is dropped and the loss is logged.
 
 use crate::quick_hash::{self, QuickMap};
+use flowbus_runtime::datadir::{create_private_dir_all, private_options};
 use memmap2::MmapMut;
 use paho_mqtt as paho;
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -413,8 +415,13 @@ impl Inner {
         // Room for at least as much again as is live.
         let size = (out.len() * 2).max(MIN_MAP).next_multiple_of(64 << 10);
         let write = || -> std::io::Result<MmapMut> {
-            std::fs::write(&tmp, &out)?;
-            let f = OpenOptions::new().read(true).write(true).open(&tmp)?;
+            let f = private_options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?;
+            (&f).write_all(&out)?;
             allocate(&f, size)?;
             std::fs::rename(&tmp, path)?;
             // SAFETY: the file is ours (a private directory per client) and is only changed
@@ -501,7 +508,7 @@ fn import_paho_files(dir: &Path, client_id: &str, server_uri: &str) -> Vec<(Stri
 impl paho::ClientPersistence for LogStore {
     fn open(&mut self, client_id: &str, server_uri: &str) -> paho::Result<()> {
         let path = self.path();
-        std::fs::create_dir_all(&self.dir).map_err(|e| io_err("create", &self.dir, e))?;
+        create_private_dir_all(&self.dir).map_err(|e| io_err("create", &self.dir, e))?;
         let bytes = match std::fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),

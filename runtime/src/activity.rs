@@ -308,9 +308,9 @@ impl FileSink {
             path: path.to_path_buf(),
             message: e.to_string(),
         };
-        std::fs::create_dir_all(&settings.dir).map_err(|e| err(&settings.dir, e))?;
+        crate::datadir::create_private_dir_all(&settings.dir).map_err(|e| err(&settings.dir, e))?;
         let path = settings.dir.join(FILE_NAME);
-        let file = std::fs::OpenOptions::new()
+        let file = crate::datadir::private_options()
             .create(true)
             .append(true)
             .open(&path)
@@ -348,7 +348,7 @@ impl FileSink {
                 }
             }
         }
-        self.file = std::fs::OpenOptions::new()
+        self.file = crate::datadir::private_options()
             .create(true)
             .append(true)
             .open(dir.join(FILE_NAME))?;

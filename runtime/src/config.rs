@@ -93,8 +93,22 @@ impl Default for Config {
 pub struct AdminConfig {
     /// Listen address (loopback by default).
     pub listen: String,
-    /// Environment variable holding the bearer token; none means no token.
+    /// Environment variable holding the bearer token; none: the token generated into
+    /// `<data_dir>/admin.token`.
     pub token_env: Option<String>,
+    /// Whether the API needs the bearer token (the default) or not (loopback only).
+    pub auth: AdminAuth,
+    /// `Host` names the API answers besides `localhost`, `127.0.0.1` and `[::1]` (any port).
+    pub allowed_hosts: Vec<String>,
+    /// Admin connections open at once; more are closed as they come.
+    pub max_connections: usize,
+    /// Event streams (`/api/v1/activity-log/stream`) open at once; more get 503.
+    pub max_event_streams: usize,
+    /// How long a client may take to send a request's headers.
+    pub header_timeout: Dur,
+    /// How long a client may take to send a request's body, and how long a response may
+    /// wait for the client to read it.
+    pub request_timeout: Dur,
 }
 
 impl Default for AdminConfig {
@@ -102,7 +116,45 @@ impl Default for AdminConfig {
         AdminConfig {
             listen: "127.0.0.1:4880".into(),
             token_env: None,
+            auth: AdminAuth::Token,
+            allowed_hosts: Vec::new(),
+            max_connections: 64,
+            max_event_streams: 16,
+            header_timeout: Dur(Duration::from_secs(10)),
+            request_timeout: Dur(Duration::from_secs(30)),
         }
+    }
+}
+
+/// `[admin] auth`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminAuth {
+    /// Every endpoint but `/healthz` needs `Authorization: Bearer <token>`.
+    Token,
+    /// No authentication: accepted on a loopback listen address only, with a warning at
+    /// every start.
+    None,
+}
+
+impl AdminConfig {
+    /// Whether the listen address is a loopback address (checked by [`Config::parse`] to
+    /// be an address).
+    pub fn listens_on_loopback(&self) -> bool {
+        self.listen
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.ip().is_loopback())
+    }
+
+    /// Why this admin configuration is refused, if it is: no authentication on an address
+    /// other machines can reach.
+    pub fn refusal(&self) -> Option<String> {
+        (self.auth == AdminAuth::None && !self.listens_on_loopback()).then(|| {
+            format!(
+                "admin.auth = \"none\" is only accepted on a loopback listen address (127.0.0.1 or [::1]), not {}; remove auth = \"none\" to use the token",
+                self.listen
+            )
+        })
     }
 }
 
@@ -368,6 +420,46 @@ impl Config {
                     format!("admin.token_env '{var}' must name an environment variable"),
                 );
             }
+            if self.admin.auth == AdminAuth::None {
+                return fail(
+                    "token_env",
+                    "admin.token_env and admin.auth = \"none\" contradict each other; remove one"
+                        .into(),
+                );
+            }
+        }
+        if let Some(why) = self.admin.refusal() {
+            return fail("auth", why);
+        }
+        if let Some(h) = self.admin.allowed_hosts.iter().find(|h| !host_entry_ok(h)) {
+            return fail(
+                "allowed_hosts",
+                format!("admin.allowed_hosts: '{h}' must be a host name or an IP address (IPv6 in brackets), without a port or wildcard"),
+            );
+        }
+        if self.admin.max_connections == 0 {
+            return fail(
+                "max_connections",
+                "admin.max_connections must be at least 1".into(),
+            );
+        }
+        if self.admin.max_event_streams == 0 {
+            return fail(
+                "max_event_streams",
+                "admin.max_event_streams must be at least 1".into(),
+            );
+        }
+        if self.admin.header_timeout.0.is_zero() {
+            return fail(
+                "header_timeout",
+                "admin.header_timeout must be more than 0".into(),
+            );
+        }
+        if self.admin.request_timeout.0.is_zero() {
+            return fail(
+                "request_timeout",
+                "admin.request_timeout must be more than 0".into(),
+            );
         }
         if self.activity_log.buffer_entries == 0 {
             return fail(
@@ -482,6 +574,17 @@ impl Config {
 }
 
 use crate::activity::Severity;
+
+/// An `allowed_hosts` entry: a host name or an IP address (IPv6 in brackets), no port.
+fn host_entry_ok(h: &str) -> bool {
+    if let Some(v6) = h.strip_prefix('[').and_then(|r| r.strip_suffix(']')) {
+        return v6.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    !h.is_empty()
+        && h.len() <= 253
+        && h.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+}
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];

@@ -46,6 +46,8 @@ pub mod bip {
     pub const DAEMON: u32 = 1008;
     /// Messages an input node had accepted were abandoned when the stop deadline aborted it.
     pub const ABANDONED_AT_STOP: u32 = 1009;
+    /// The watcher could not read a flow directory or file: nothing was changed.
+    pub const WATCH_FAILED: u32 = 1010;
 }
 
 /// What the daemon refuses, and why. Each variant's text says what is wrong.
@@ -211,6 +213,8 @@ struct Inner {
     deploy_dir: PathBuf,
     /// The watched paths (the configured ones plus `deploy_dir`).
     paths: Vec<PathBuf>,
+    /// When the watcher last reported that it could not look, and what it has not said since.
+    watch_errors: Mutex<(Option<Instant>, u64)>,
 }
 
 /// A running daemon (a cheap handle; clones share it).
@@ -269,6 +273,7 @@ impl Daemon {
                 stop_watch: Cancel::default(),
                 deploy_dir,
                 paths,
+                watch_errors: Mutex::new((None, 0)),
             }),
         }
     }
@@ -354,6 +359,11 @@ impl Daemon {
                 return Err(DaemonError::Invalid(errors));
             }
         };
+        self.deploy_read_locked(file, text).await
+    }
+
+    /// Deploys a flow file whose text has been read.
+    async fn deploy_read_locked(&self, file: &Path, text: String) -> Result<FlowView, DaemonError> {
         let fp = fingerprint(file, &text);
         match load_flow_text(
             file,
@@ -768,7 +778,7 @@ impl Daemon {
                 let dir = self.inner.config.data_dir.join("removed");
                 let stamp = crate::time::now_rfc3339().replace([':', '.'], "-");
                 let to = dir.join(format!("{name}-{stamp}.json"));
-                std::fs::create_dir_all(&dir)
+                crate::datadir::create_private_dir_all(&dir)
                     .and_then(|()| {
                         std::fs::rename(&file, &to).or_else(|_| {
                             std::fs::copy(&file, &to).and_then(|_| std::fs::remove_file(&file))
@@ -972,8 +982,13 @@ impl Daemon {
         let _ops = self.inner.ops.lock().await;
         let files: BTreeSet<PathBuf> = match flow_files(&self.existing_paths()) {
             Ok(f) => f.into_iter().filter(|f| f.is_file()).collect(),
-            // A flow directory that vanished: treat as empty.
-            Err(_) => BTreeSet::new(),
+            // Not being able to look (out of file descriptors, permissions) says nothing
+            // about the flows: change nothing. A flow directory that was removed is no error:
+            // it is not among the existing paths, and its flows are gone.
+            Err(e) => {
+                self.watch_failed(&e.to_string());
+                return;
+            }
         };
         let known: HashMap<PathBuf, u64> = {
             let t = self.table();
@@ -984,10 +999,17 @@ impl Daemon {
                 .collect()
         };
         for file in &files {
-            let text = std::fs::read_to_string(file).unwrap_or_default();
+            let text = match std::fs::read_to_string(file) {
+                Ok(t) => t,
+                // Unreadable for now (or gone since the listing): looked at again next time.
+                Err(e) => {
+                    self.watch_failed(&format!("cannot read {}: {e}", file.display()));
+                    continue;
+                }
+            };
             let fp = fingerprint(file, &text);
             if known.get(file) != Some(&fp) {
-                let _ = self.deploy_file_locked(file).await;
+                let _ = self.deploy_read_locked(file, text).await;
             }
         }
         let gone: Vec<(String, PathBuf)> = {
@@ -1006,6 +1028,37 @@ impl Daemon {
                     &format!("stopped and removed: its file {} is gone", file.display()),
                 );
             }
+        }
+    }
+
+    /// Logs that the watcher could not look, at most once a minute (with how many times it
+    /// could not since the last entry).
+    fn watch_failed(&self, why: &str) {
+        let due = {
+            let mut w = self
+                .inner
+                .watch_errors
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            w.1 += 1;
+            if w.0.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                w.0 = Some(Instant::now());
+                Some(std::mem::take(&mut w.1))
+            } else {
+                None
+            }
+        };
+        if let Some(n) = due {
+            self.inner.services.activity.record(NewEntry::new(
+                Severity::Warning,
+                bip::WATCH_FAILED,
+                "Daemon",
+                "",
+                "",
+                format!(
+                    "the flow watcher could not look at its files ({why}); every flow keeps running as it is and the files are checked again ({n} time(s) since the last such entry)"
+                ),
+            ));
         }
     }
 

@@ -7,7 +7,8 @@
 //! - [`engine`]: depth-first propagation, error routing, input dispatch and back-pressure.
 //! - [`activity`]: the activity log. [`stats`]: statistics. [`services`]: both, shared.
 //! - [`config`]: `flowbus.toml`. [`daemon`]: deploying, starting, stopping, watching and
-//!   removing flows; one failure domain per flow; graceful shutdown.
+//!   removing flows; one failure domain per flow; graceful shutdown. [`datadir`]: the data
+//!   directory (private modes, one daemon at a time, the admin token).
 //! - [`admin`]: the admin HTTP API. [`telemetry`]: the metrics registry (a `metrics`
 //!   recorder) and the Prometheus text format.
 //! - [`harness`]: run flows in tests without a broker. [`input_task`]: where a flow input
@@ -17,6 +18,7 @@ pub mod activity;
 pub mod admin;
 pub mod config;
 pub mod daemon;
+pub mod datadir;
 pub mod engine;
 pub mod flow;
 pub mod harness;

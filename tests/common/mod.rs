@@ -428,8 +428,12 @@ pub fn http(method: &str, url: &str, body: Option<&str>, token: Option<&str>) ->
     let resp = match method {
         "GET" => auth(agent.get(url)).call(),
         "DELETE" => auth(agent.delete(url)).call(),
-        "PUT" => authb(agent.put(url)).send(body.unwrap_or_default()),
-        "POST" => authb(agent.post(url)).send(body.unwrap_or_default()),
+        "PUT" => authb(agent.put(url))
+            .header("Content-Type", "application/json")
+            .send(body.unwrap_or_default()),
+        "POST" => authb(agent.post(url))
+            .header("Content-Type", "application/json")
+            .send(body.unwrap_or_default()),
         other => panic!("method {other}"),
     };
     match resp {

@@ -132,10 +132,25 @@ pub fn flow_files(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf
                     kind: FlowErrorKind::Io(e.to_string()),
                 }])
             })?;
-            let mut files: Vec<_> = rd
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|f| f.extension().is_some_and(|x| x == "json") && f.is_file())
-                .collect();
+            // An entry that cannot be read fails the whole listing: a flow missing from it
+            // would be taken for a removed one.
+            let mut files = Vec::new();
+            for entry in rd {
+                let f = entry
+                    .map_err(|e| {
+                        FlowErrors(vec![FlowError {
+                            file: p.clone(),
+                            pos: None,
+                            node: None,
+                            terminal: None,
+                            kind: FlowErrorKind::Io(e.to_string()),
+                        }])
+                    })?
+                    .path();
+                if f.extension().is_some_and(|x| x == "json") && f.is_file() {
+                    files.push(f);
+                }
+            }
             files.sort();
             out.extend(files);
         } else {
