@@ -517,11 +517,8 @@ fn cmd_run(
     // open API.
     let (auth, token_source) = admin::auth_from_config(&config, &data)?;
     let services = Arc::new(Services::open(&config)?);
+    // The activity log echoes its entries to standard error.
     let daemon_note = |severity: Severity, message: String| {
-        match severity {
-            Severity::Warning => tracing::warn!("{message}"),
-            _ => tracing::info!("{message}"),
-        }
         services.activity.record(NewEntry::new(
             severity,
             bip::DAEMON,

@@ -465,7 +465,7 @@ impl Default for Limits {
 }
 
 /// What a connection over the cap is told before it is closed.
-const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 89\r\nConnection: close\r\n\r\n{\"error\":\"too many admin connections are open (admin.max_connections); try again later\"}";
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: 88\r\nConnection: close\r\n\r\n{\"error\":\"too many admin connections are open (admin.max_connections); try again later\"}";
 
 /// Serves the API until `shutdown` resolves. The accept loop never waits for a connection:
 /// one over `max_connections` is answered 503 and closed at once, and an accept error (out
@@ -496,6 +496,9 @@ pub async fn serve(
             },
         };
         let Ok(permit) = conns.clone().try_acquire_owned() else {
+            // Read what already came (so the close is a FIN, not a reset that could overtake
+            // the answer), say why, close.
+            let _ = stream.try_read(&mut [0u8; 2048]);
             let _ = stream.try_write(BUSY);
             drop(stream);
             if let Some(n) = refused.tick() {
@@ -999,4 +1002,55 @@ async fn metrics(State(s): State<AppState>) -> Response {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     (headers, s.daemon.prometheus()).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_names_lose_their_port_only() {
+        assert_eq!(host_name("localhost:4880"), "localhost");
+        assert_eq!(host_name("localhost"), "localhost");
+        assert_eq!(host_name("[::1]:4880"), "[::1]");
+        assert_eq!(host_name("[::1]"), "[::1]");
+        assert_eq!(host_name("evil.example:x"), "evil.example:x");
+    }
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"abcdef", b"abcdef"));
+        for wrong in [&b"abcdeF"[..], b"abcde", b"abcdefg", b"", b"Abcdef"] {
+            assert!(!constant_time_eq(wrong, b"abcdef"), "{wrong:?}");
+        }
+    }
+
+    #[test]
+    fn the_busy_answer_is_well_formed() {
+        let text = std::str::from_utf8(BUSY).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.contains(&format!("Content-Length: {}", body.len())),
+            "{head}"
+        );
+        serde_json::from_str::<Value>(body).unwrap();
+    }
+
+    #[test]
+    fn reports_come_at_most_once_a_period_with_the_count_since() {
+        let mut e = Every::new(Duration::from_secs(3600));
+        assert_eq!(e.tick(), Some(1));
+        assert_eq!(e.tick(), None);
+        assert_eq!(e.tick(), None);
+        e.last = Some(Instant::now() - Duration::from_secs(3601));
+        assert_eq!(e.tick(), Some(3));
+    }
+
+    #[test]
+    fn the_token_never_shows_in_debug_output() {
+        let a = Auth::token("s3cret-t0ken");
+        assert!(!format!("{a:?}").contains("s3cret"));
+        let o = Options::with_auth(a);
+        assert!(!format!("{o:?}").contains("s3cret"));
+    }
 }

@@ -656,6 +656,41 @@ mod tests {
                 "'big' is not a size",
             ),
             (
+                "[admin]\nlisten = \"0.0.0.0:4880\"\nauth = \"none\"\n",
+                "f.toml:3:1:",
+                "admin.auth = \"none\" is only accepted on a loopback listen address",
+            ),
+            (
+                "[admin]\nauth = \"off\"\n",
+                "f.toml:2:",
+                "unknown variant `off`",
+            ),
+            (
+                "[admin]\ntoken_env = \"T\"\nauth = \"none\"\n",
+                "f.toml:2:1:",
+                "contradict each other",
+            ),
+            (
+                "[admin]\nallowed_hosts = [\"gw.example:8080\"]\n",
+                "f.toml:2:1:",
+                "'gw.example:8080' must be a host name or an IP address",
+            ),
+            (
+                "[admin]\nallowed_hosts = [\"*.example\"]\n",
+                "f.toml:2:1:",
+                "without a port or wildcard",
+            ),
+            (
+                "[admin]\nmax_connections = 0\n",
+                "f.toml:2:1:",
+                "admin.max_connections must be at least 1",
+            ),
+            (
+                "[admin]\nheader_timeout = \"0s\"\n",
+                "f.toml:2:1:",
+                "admin.header_timeout must be more than 0",
+            ),
+            (
                 "[activity_log]\nbuffer_entries = 0\n",
                 "f.toml:2:1:",
                 "buffer_entries must be at least 1",
@@ -705,6 +740,28 @@ mod tests {
         assert_eq!(c.daemon.shutdown_timeout.0, Duration::from_secs(3));
         assert!(!c.daemon.watch);
         assert_eq!(c.admin.token_env.as_deref(), Some("T"));
+        let c = Config::parse(
+            Path::new("f.toml"),
+            "[admin]\nlisten = \"[::1]:9000\"\nauth = \"none\"\nallowed_hosts = [\"gw.example\", \"10.0.0.5\", \"[fd00::5]\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.admin.auth, AdminAuth::None);
+        assert_eq!(c.admin.allowed_hosts.len(), 3);
+    }
+
+    #[test]
+    fn the_admin_api_is_guarded_by_default() {
+        let c = Config::parse(Path::new("flowbus.toml"), "").unwrap();
+        assert_eq!(c.admin.auth, AdminAuth::Token);
+        assert!(c.admin.listens_on_loopback());
+        assert_eq!(c.admin.header_timeout.0, Duration::from_secs(10));
+        assert!(c.admin.max_connections >= 1 && c.admin.max_event_streams >= 1);
+        // A later override of the address (--admin) is checked again by the daemon.
+        let mut a = c.admin.clone();
+        a.auth = AdminAuth::None;
+        assert!(a.refusal().is_none());
+        a.listen = "0.0.0.0:1".into();
+        assert!(a.refusal().is_some());
     }
 
     #[test]

@@ -486,6 +486,8 @@ pub struct Daemon {
     pub admin: String,
     /// Extra environment for the daemon and for `cli` (e.g. the admin token).
     pub env: Vec<(String, String)>,
+    /// Shell commands run before the daemon in the same shell (`ulimit -n 256`, `umask 0`).
+    pub shell: Option<String>,
 }
 
 impl Daemon {
@@ -499,6 +501,17 @@ impl Daemon {
         config_toml: &str,
         flows: &[(&str, &str)],
         env: &[(&str, &str)],
+    ) -> Daemon {
+        Daemon::spawn_in_shell(config_toml, flows, env, None)
+    }
+
+    /// Like `spawn_with_env`, the daemon started by `sh -c '<shell>; exec flowbus run ...'`
+    /// (so its pid is the daemon's).
+    pub fn spawn_in_shell(
+        config_toml: &str,
+        flows: &[(&str, &str)],
+        env: &[(&str, &str)],
+        shell: Option<&str>,
     ) -> Daemon {
         let dir = scratch("daemon");
         std::fs::write(dir.join("flowbus.toml"), config_toml).expect("config");
@@ -514,6 +527,7 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            shell: shell.map(str::to_string),
         };
         d.start();
         d
@@ -529,7 +543,18 @@ impl Daemon {
                 .open(self.dir.join(name))
                 .expect(name)
         };
-        let child = Command::new(env!("CARGO_BIN_EXE_flowbus"))
+        let mut cmd = match &self.shell {
+            Some(sh) => {
+                let mut c = Command::new("sh");
+                c.arg("-c")
+                    .arg(format!("{sh}; exec \"$0\" \"$@\""))
+                    .arg(env!("CARGO_BIN_EXE_flowbus"))
+                    .current_dir(&self.dir);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_flowbus")),
+        };
+        let child = cmd
             .arg("run")
             .arg("--config")
             .arg(self.dir.join("flowbus.toml"))
@@ -545,6 +570,16 @@ impl Daemon {
             .spawn()
             .expect("start flowbus");
         self.child = Some(child);
+    }
+
+    /// The admin token the daemon generated into its data directory (`data_dir` of the
+    /// test configurations is `data` or, when they set none, `.flowbus`).
+    pub fn token(&self) -> String {
+        ["data", ".flowbus"]
+            .iter()
+            .find_map(|d| std::fs::read_to_string(self.dir.join(d).join("admin.token")).ok())
+            .map(|t| t.trim().to_string())
+            .unwrap_or_else(|| panic!("no admin.token under {}", self.dir.display()))
     }
 
     /// `http://127.0.0.1:PORT`.
