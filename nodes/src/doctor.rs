@@ -71,8 +71,94 @@ pub struct Report {
     pub servers: Vec<ServerReport>,
     /// Nodes.
     pub nodes: Vec<NodeReport>,
-    /// No mismatch and every server reachable.
+    /// What others on this machine could do with the daemon's files or API (see
+    /// [`security`]).
+    pub security: Vec<Finding>,
+    /// No mismatch, every server reachable, no security problem.
     pub ok: bool,
+}
+
+/// One thing `doctor` found about the daemon's files or admin API.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Finding {
+    /// `problem` (doctor fails) or `note`.
+    pub level: &'static str,
+    /// What is wrong and what to do.
+    pub text: String,
+}
+
+/// Modes others could use: a data directory (payloads in flight, the activity log, the
+/// admin token) they can read, flow files or directories they can write (a flow runs code as
+/// the daemon's user), an API without authentication or open beyond loopback.
+pub fn security(config: &Config) -> Vec<Finding> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    let problem = |text: String| Finding {
+        level: "problem",
+        text,
+    };
+    let listed = |l: &[(std::path::PathBuf, u32)]| {
+        l.iter()
+            .take(3)
+            .map(|(p, m)| format!("{} ({m:o})", p.display()))
+            .collect::<Vec<_>>()
+            .join(", ")
+            + if l.len() > 3 { ", ..." } else { "" }
+    };
+    let loose = flowbus_runtime::datadir::loose_modes(&config.data_dir);
+    if !loose.is_empty() {
+        out.push(problem(format!(
+            "the data directory {} has {} entr{} others can read or write: {}; flowbus run makes them private at its next start, or run chmod -R go-rwx {}",
+            config.data_dir.display(),
+            loose.len(),
+            if loose.len() == 1 { "y" } else { "ies" },
+            listed(&loose),
+            config.data_dir.display()
+        )));
+    }
+    // A flow (or a script it names) is code the daemon runs: nobody else may write them.
+    let mut writable = Vec::new();
+    for p in &config.flows {
+        let mut stack = vec![p.clone()];
+        while let Some(p) = stack.pop() {
+            let Ok(meta) = std::fs::symlink_metadata(&p) else {
+                continue;
+            };
+            let mode = meta.permissions().mode() & 0o7777;
+            if meta.is_dir() {
+                if let Ok(rd) = std::fs::read_dir(&p) {
+                    stack.extend(rd.filter_map(|e| e.ok().map(|e| e.path())));
+                }
+            }
+            // A sticky directory (/tmp) still lets others add files.
+            if mode & 0o022 != 0 {
+                writable.push((p, mode));
+            }
+        }
+    }
+    writable.sort();
+    if !writable.is_empty() {
+        out.push(problem(format!(
+            "flow files or directories others can write: {}; whoever writes there runs code as the daemon's user: run chmod go-w on them",
+            listed(&writable)
+        )));
+    }
+    if config.admin.auth == flowbus_runtime::config::AdminAuth::None {
+        out.push(Finding {
+            level: "note",
+            text: "admin.auth = \"none\": every program and user on this machine can deploy, stop and remove flows".into(),
+        });
+    }
+    if !config.admin.listens_on_loopback() {
+        out.push(Finding {
+            level: "note",
+            text: format!(
+                "the admin API listens on {}, beyond this machine: put a TLS proxy in front of it, and list the names it is reached by in admin.allowed_hosts",
+                config.admin.listen
+            ),
+        });
+    }
+    out
 }
 
 fn classify(e: &str) -> (String, String) {
@@ -285,10 +371,14 @@ format!("runs at QoS {allowed} (on_qos_mismatch = \"downgrade\"); for QoS {reque
         }
     }
     let servers: Vec<ServerReport> = servers.into_values().collect();
-    let ok = servers.iter().all(|s| s.reachable) && rows.iter().all(|r| r.verdict == "ok");
+    let security = security(config);
+    let ok = servers.iter().all(|s| s.reachable)
+        && rows.iter().all(|r| r.verdict == "ok")
+        && security.iter().all(|f| f.level != "problem");
     Ok(Report {
         servers,
         nodes: rows,
+        security,
         ok,
     })
 }
@@ -385,6 +475,12 @@ pub fn render(r: &Report) -> String {
         &nodes,
     ));
     out.push('\n');
+    for f in &r.security {
+        out.push_str(&format!("security {}: {}\n", f.level, f.text));
+    }
+    if !r.security.is_empty() {
+        out.push('\n');
+    }
     out.push_str(if r.ok {
         "All MQTT nodes can run at the QoS they ask for.\n"
     } else {
@@ -416,4 +512,50 @@ fn table(head: &[&str], rows: &[Vec<String>]) -> String {
         out.push_str(&line(r.iter().map(String::as_str).collect()));
     }
     out
+}
+
+#[cfg(test)]
+mod security_tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn loose_data_and_writable_flows_are_problems_and_fixed_modes_are_not() {
+        let dir = std::env::temp_dir().join(format!("flowbus-doctor-sec-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        std::fs::create_dir_all(dir.join("flows")).unwrap();
+        std::fs::write(dir.join("data/admin.token"), "t").unwrap();
+        std::fs::write(dir.join("flows/a.json"), "{}").unwrap();
+        let chmod = |p: &str, m: u32| {
+            std::fs::set_permissions(dir.join(p), std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        chmod("data", 0o700);
+        chmod("data/admin.token", 0o644);
+        chmod("flows", 0o777);
+        chmod("flows/a.json", 0o644);
+        let mut config = Config {
+            data_dir: dir.join("data"),
+            flows: vec![dir.join("flows")],
+            ..Config::default()
+        };
+        let found = security(&config);
+        let problems: Vec<&str> = found
+            .iter()
+            .filter(|f| f.level == "problem")
+            .map(|f| f.text.as_str())
+            .collect();
+        assert_eq!(problems.len(), 2, "{found:?}");
+        assert!(problems[0].contains("admin.token (644)"), "{}", problems[0]);
+        assert!(problems[1].contains("flows (777)"), "{}", problems[1]);
+        chmod("data/admin.token", 0o600);
+        chmod("flows", 0o755);
+        assert!(security(&config).is_empty());
+        config.admin.auth = flowbus_runtime::config::AdminAuth::None;
+        config.admin.listen = "0.0.0.0:4880".into();
+        let notes = security(&config);
+        assert_eq!(notes.len(), 2);
+        assert!(notes.iter().all(|f| f.level == "note"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
