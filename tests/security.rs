@@ -395,6 +395,23 @@ async fn three_hundred_idle_connections_under_ulimit_256_stop_no_flow() {
     };
     relayed(0, 50).await;
 
+    // A kept-alive connection that asks nothing more is closed after header_timeout too.
+    let mut kept = TcpStream::connect(&d.admin).unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    kept.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    let mut first = [0u8; 15];
+    kept.read_exact(&mut first).unwrap();
+    assert_eq!(&first, b"HTTP/1.1 200 OK");
+    let idle_since = Instant::now();
+    let mut rest = Vec::new();
+    let _ = kept.read_to_end(&mut rest);
+    let held = idle_since.elapsed();
+    assert!(
+        held >= Duration::from_millis(1500) && held < Duration::from_secs(5),
+        "an idle kept-alive connection was held {held:?} (header_timeout 2s)"
+    );
+
     // 300 connections that never finish their request headers.
     let idle: Vec<TcpStream> = (0..300)
         .map(|_| {
