@@ -29,7 +29,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
@@ -51,6 +51,7 @@ use crate::config::{AdminAuth, AdminConfig, Config};
 use crate::daemon::{Daemon, DaemonError};
 use crate::datadir::{DataDir, DataDirError};
 use crate::flow::FlowErrors;
+use crate::time::Every;
 
 /// Why the admin API cannot start.
 #[derive(Debug, thiserror::Error)]
@@ -538,33 +539,6 @@ pub async fn serve(
     Ok(())
 }
 
-/// Counts events and says when to report them: at most once per period.
-struct Every {
-    period: Duration,
-    last: Option<Instant>,
-    count: u64,
-}
-
-impl Every {
-    fn new(period: Duration) -> Every {
-        Every {
-            period,
-            last: None,
-            count: 0,
-        }
-    }
-
-    /// Counts one; returns how many to report when a report is due.
-    fn tick(&mut self) -> Option<u64> {
-        self.count += 1;
-        let due = self.last.is_none_or(|t| t.elapsed() >= self.period);
-        due.then(|| {
-            self.last = Some(Instant::now());
-            std::mem::take(&mut self.count)
-        })
-    }
-}
-
 /// A connection whose writes fail once one has waited longer than `limit` for the client to
 /// read: a client that stops reading its answer (or its event stream) frees its connection.
 struct StallGuard<T> {
@@ -1034,16 +1008,6 @@ mod tests {
             "{head}"
         );
         serde_json::from_str::<Value>(body).unwrap();
-    }
-
-    #[test]
-    fn reports_come_at_most_once_a_period_with_the_count_since() {
-        let mut e = Every::new(Duration::from_secs(3600));
-        assert_eq!(e.tick(), Some(1));
-        assert_eq!(e.tick(), None);
-        assert_eq!(e.tick(), None);
-        e.last = Some(Instant::now() - Duration::from_secs(3601));
-        assert_eq!(e.tick(), Some(3));
     }
 
     #[test]

@@ -213,8 +213,8 @@ struct Inner {
     deploy_dir: PathBuf,
     /// The watched paths (the configured ones plus `deploy_dir`).
     paths: Vec<PathBuf>,
-    /// When the watcher last reported that it could not look, and what it has not said since.
-    watch_errors: Mutex<(Option<Instant>, u64)>,
+    /// When the watcher last said that it could not look.
+    watch_errors: Mutex<crate::time::Every>,
 }
 
 /// A running daemon (a cheap handle; clones share it).
@@ -273,7 +273,7 @@ impl Daemon {
                 stop_watch: Cancel::default(),
                 deploy_dir,
                 paths,
-                watch_errors: Mutex::new((None, 0)),
+                watch_errors: Mutex::new(crate::time::Every::new(Duration::from_secs(60))),
             }),
         }
     }
@@ -1034,20 +1034,12 @@ impl Daemon {
     /// Logs that the watcher could not look, at most once a minute (with how many times it
     /// could not since the last entry).
     fn watch_failed(&self, why: &str) {
-        let due = {
-            let mut w = self
-                .inner
-                .watch_errors
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            w.1 += 1;
-            if w.0.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
-                w.0 = Some(Instant::now());
-                Some(std::mem::take(&mut w.1))
-            } else {
-                None
-            }
-        };
+        let due = self
+            .inner
+            .watch_errors
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .tick();
         if let Some(n) = due {
             self.inner.services.activity.record(NewEntry::new(
                 Severity::Warning,

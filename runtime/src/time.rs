@@ -1,6 +1,6 @@
 //! Wall-clock formatting without a date crate: RFC 3339 UTC timestamps with milliseconds.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Now, as `2026-11-22T10:00:00.123Z`.
 pub fn now_rfc3339() -> String {
@@ -134,9 +134,48 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// Counts events (a failure that repeats) and says when to report them: at most once per
+/// period, with how many there were since the last report.
+pub struct Every {
+    period: Duration,
+    last: Option<Instant>,
+    count: u64,
+}
+
+impl Every {
+    /// Reports at most once per `period`.
+    pub fn new(period: Duration) -> Every {
+        Every {
+            period,
+            last: None,
+            count: 0,
+        }
+    }
+
+    /// Counts one; returns how many to report when a report is due.
+    pub fn tick(&mut self) -> Option<u64> {
+        self.count += 1;
+        let due = self.last.is_none_or(|t| t.elapsed() >= self.period);
+        due.then(|| {
+            self.last = Some(Instant::now());
+            std::mem::take(&mut self.count)
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reports_come_at_most_once_a_period_with_the_count_since() {
+        let mut e = Every::new(Duration::from_secs(3600));
+        assert_eq!(e.tick(), Some(1));
+        assert_eq!(e.tick(), None);
+        assert_eq!(e.tick(), None);
+        e.last = Some(Instant::now() - Duration::from_secs(3601));
+        assert_eq!(e.tick(), Some(3));
+    }
     use std::time::Duration;
 
     #[test]
