@@ -91,7 +91,6 @@ pub struct Finding {
 /// admin token) they can read, flow files or directories they can write (a flow runs code as
 /// the daemon's user), an API without authentication or open beyond loopback.
 pub fn security(config: &Config) -> Vec<Finding> {
-    use std::os::unix::fs::PermissionsExt;
     let mut out = Vec::new();
     let problem = |text: String| Finding {
         level: "problem",
@@ -117,25 +116,12 @@ pub fn security(config: &Config) -> Vec<Finding> {
         )));
     }
     // A flow (or a script it names) is code the daemon runs: nobody else may write them.
-    let mut writable = Vec::new();
-    for p in &config.flows {
-        let mut stack = vec![p.clone()];
-        while let Some(p) = stack.pop() {
-            let Ok(meta) = std::fs::symlink_metadata(&p) else {
-                continue;
-            };
-            let mode = meta.permissions().mode() & 0o7777;
-            if meta.is_dir() {
-                if let Ok(rd) = std::fs::read_dir(&p) {
-                    stack.extend(rd.filter_map(|e| e.ok().map(|e| e.path())));
-                }
-            }
-            // A sticky directory (/tmp) still lets others add files.
-            if mode & 0o022 != 0 {
-                writable.push((p, mode));
-            }
-        }
-    }
+    // (A sticky directory such as /tmp still lets others add files.)
+    let mut writable: Vec<_> = config
+        .flows
+        .iter()
+        .flat_map(|p| flowbus_runtime::datadir::with_mode_bits(p, 0o022))
+        .collect();
     writable.sort();
     if !writable.is_empty() {
         out.push(problem(format!(

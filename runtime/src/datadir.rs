@@ -157,8 +157,14 @@ pub fn create_private_dir_all(path: &Path) -> std::io::Result<()> {
 /// Everything under `dir` (and `dir` itself) that others may read, write or enter, with
 /// its mode. Symbolic links are not followed.
 pub fn loose_modes(dir: &Path) -> Vec<(PathBuf, u32)> {
+    with_mode_bits(dir, 0o077)
+}
+
+/// Every directory and file at or under `path` whose mode has one of `bits`, with its mode,
+/// sorted. Symbolic links are not followed.
+pub fn with_mode_bits(path: &Path, bits: u32) -> Vec<(PathBuf, u32)> {
     let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
+    let mut stack = vec![path.to_path_buf()];
     while let Some(p) = stack.pop() {
         let Ok(meta) = std::fs::symlink_metadata(&p) else {
             continue;
@@ -171,7 +177,7 @@ pub fn loose_modes(dir: &Path) -> Vec<(PathBuf, u32)> {
         } else if !meta.is_file() {
             continue;
         }
-        if mode & 0o077 != 0 {
+        if mode & bits != 0 {
             out.push((p, mode));
         }
     }

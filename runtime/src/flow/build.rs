@@ -123,7 +123,7 @@ pub fn flow_files(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf
     let mut out = Vec::new();
     for p in paths {
         if p.is_dir() {
-            let rd = std::fs::read_dir(p).map_err(|e| {
+            let io = |e: std::io::Error| {
                 FlowErrors(vec![FlowError {
                     file: p.clone(),
                     pos: None,
@@ -131,22 +131,12 @@ pub fn flow_files(paths: &[std::path::PathBuf]) -> Result<Vec<std::path::PathBuf
                     terminal: None,
                     kind: FlowErrorKind::Io(e.to_string()),
                 }])
-            })?;
+            };
             // An entry that cannot be read fails the whole listing: a flow missing from it
             // would be taken for a removed one.
             let mut files = Vec::new();
-            for entry in rd {
-                let f = entry
-                    .map_err(|e| {
-                        FlowErrors(vec![FlowError {
-                            file: p.clone(),
-                            pos: None,
-                            node: None,
-                            terminal: None,
-                            kind: FlowErrorKind::Io(e.to_string()),
-                        }])
-                    })?
-                    .path();
+            for entry in std::fs::read_dir(p).map_err(io)? {
+                let f = entry.map_err(io)?.path();
                 if f.extension().is_some_and(|x| x == "json") && f.is_file() {
                     files.push(f);
                 }
