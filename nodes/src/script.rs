@@ -8,13 +8,12 @@
 //! script is synchronous; propagation is not).
 
 use std::cell::RefCell;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowbus_runtime::flow::FlowErrorKind;
 use flowbus_runtime::message::{numbers, Body, Exception, ExceptionKind, Message, Root};
-use flowbus_runtime::node::{NodeDecl, Problem, PropKind, PropSpec};
+use flowbus_runtime::node::{BuildCtx, NodeDecl, Problem, PropKind, PropSpec};
 use flowbus_runtime::tree::{map_to_dynamic, to_dynamic};
 use rhai::{Dynamic, Engine, EvalAltResult, Map as RMap, Position, Scope, AST};
 use serde_json::{Map, Value};
@@ -234,31 +233,47 @@ impl Uses {
     }
 }
 
-/// Reads (`script`) or takes (`code`/`expression`) a node's script and compiles it. Problems
-/// name the property and, for compile errors, the script line and column.
-pub fn load(decl: &NodeDecl, flow_dir: &Path, code_props: &[&str]) -> Result<Script, Vec<Problem>> {
+/// The pure check of a node's `script` property (validation, no I/O): it must name a Rhai
+/// script file, so a flow cannot have the daemon compile (and quote errors from) any file.
+pub fn check_script(decl: &NodeDecl) -> Vec<Problem> {
+    match decl.str("script") {
+        Some(path) if !path.ends_with(".rhai") => vec![Problem::at(
+            "script",
+            FlowErrorKind::BadValue {
+                property: "script".into(),
+                message: "must name a Rhai script file ending in .rhai".into(),
+            },
+        )],
+        _ => Vec::new(),
+    }
+}
+
+/// Reads (`script`) or takes (`code`/`expression`) a node's script and compiles it. A script
+/// file must lie inside the flow's directory or an allowed path ([`BuildCtx::resolve`]).
+/// Problems name the property and, for compile errors, the script line and column.
+pub fn load(decl: &NodeDecl, ctx: &BuildCtx, code_props: &[&str]) -> Result<Script, Vec<Problem>> {
     let limits = Limits::from_decl(decl);
     let (text, source, prop) = if let Some(path) = decl.str("script") {
-        let full = flow_dir.join(path);
-        match std::fs::read_to_string(&full) {
-            Ok(t) => (
-                t,
-                Source {
-                    name: path.to_string(),
-                },
+        let full = ctx.resolve("script", path)?;
+        let text = std::fs::read_to_string(&full).map_err(|e| {
+            vec![Problem::at(
                 "script",
-            ),
-            Err(e) => {
-                return Err(vec![Problem::at(
-                    "script",
-                    FlowErrorKind::MissingFile {
-                        what: "script",
-                        path: full.display().to_string(),
-                        message: e.to_string(),
-                    },
-                )])
-            }
-        }
+                FlowErrorKind::MissingFile {
+                    what: "script",
+                    // As written, joined to the flow's directory: the resolved path could
+                    // show where a symbolic link inside the directory points.
+                    path: ctx.flow_dir().join(path).display().to_string(),
+                    message: e.to_string(),
+                },
+            )]
+        })?;
+        (
+            text,
+            Source {
+                name: path.to_string(),
+            },
+            "script",
+        )
     } else if let Some((p, code)) = code_props.iter().find_map(|p| decl.str(p).map(|c| (*p, c))) {
         (
             code.to_string(),
@@ -277,6 +292,28 @@ pub fn load(decl: &NodeDecl, flow_dir: &Path, code_props: &[&str]) -> Result<Scr
                 .join(" or ")
         )))]);
     };
+    compile(text, source, prop, limits)
+}
+
+/// Compiles inline code (a `code` or `expression` property) outside a flow (benchmarks).
+pub fn compile_inline(decl: &NodeDecl, code_prop: &str) -> Result<Script, Vec<Problem>> {
+    let code = decl.str(code_prop).ok_or_else(|| {
+        vec![Problem::node(FlowErrorKind::MissingProperty(
+            code_prop.to_string(),
+        ))]
+    })?;
+    let source = Source {
+        name: format!("inline {code_prop}"),
+    };
+    compile(code.to_string(), source, code_prop, Limits::from_decl(decl))
+}
+
+fn compile(
+    text: String,
+    source: Source,
+    prop: &str,
+    limits: Limits,
+) -> Result<Script, Vec<Problem>> {
     let engine = engine(&limits);
     match engine.compile(&text) {
         Ok(ast) => Ok(Script {
@@ -632,7 +669,17 @@ mod tests {
 
     /// A Compute script from inline `code` and limits, compiled (the test fails if it does not).
     fn compiled(props: Value) -> Script {
-        load(&decl(props), Path::new("."), &["code"]).unwrap_or_else(|p| panic!("compiles: {p:?}"))
+        compile_inline(&decl(props), "code").unwrap_or_else(|p| panic!("compiles: {p:?}"))
+    }
+
+    /// What building a flow whose file is in `dir` sees.
+    fn ctx_in(dir: &std::path::Path) -> BuildCtx {
+        BuildCtx {
+            flow: "f".into(),
+            file: dir.join("flow.json"),
+            config: Arc::new(flowbus_runtime::config::Config::default()),
+            services: Arc::new(flowbus_runtime::services::Services::default()),
+        }
     }
 
     #[test]
@@ -759,7 +806,7 @@ mod tests {
     fn compile_errors_carry_line_and_column() {
         let Err(p) = load(
             &decl(json!({"code": "let x = 1;\nlet = 2;"})),
-            Path::new("."),
+            &ctx_in(std::path::Path::new(".")),
             &["code"],
         ) else {
             panic!("must not compile")

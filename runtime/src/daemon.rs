@@ -350,11 +350,11 @@ impl Daemon {
                     terminal: None,
                     kind: FlowErrorKind::Io(e.to_string()),
                 }]);
-                self.reject(file, None, fingerprint(file, ""), &errors);
+                self.reject(file, None, self.fingerprint(file, ""), &errors);
                 return Err(DaemonError::Invalid(errors));
             }
         };
-        let fp = fingerprint(file, &text);
+        let fp = self.fingerprint(file, &text);
         match load_flow_text(
             file,
             &text,
@@ -664,9 +664,14 @@ impl Daemon {
             )));
         }
         write_atomically(&file, text)?;
-        let fp = fingerprint(&file, text);
+        let fp = self.fingerprint(&file, text);
         self.table().unnamed.remove(&file);
         Ok(self.install(flow, file, text.to_string(), fp).await)
+    }
+
+    /// [`fingerprint`] with this daemon's allowed paths.
+    fn fingerprint(&self, file: &Path, text: &str) -> u64 {
+        fingerprint(file, text, &self.inner.config.daemon.allowed_paths)
     }
 
     /// Starts a stopped or failed flow (rebuilt from its file). Starting a running flow does
@@ -985,7 +990,7 @@ impl Daemon {
         };
         for file in &files {
             let text = std::fs::read_to_string(file).unwrap_or_default();
-            let fp = fingerprint(file, &text);
+            let fp = self.fingerprint(file, &text);
             if known.get(file) != Some(&fp) {
                 let _ = self.deploy_file_locked(file).await;
             }
@@ -1085,8 +1090,10 @@ fn write_atomically(file: &Path, text: &str) -> Result<(), DaemonError> {
 }
 
 /// What the watcher compares: the flow file's text and the text of every script file it
-/// names, so editing a script redeploys its flow too.
-fn fingerprint(file: &Path, text: &str) -> u64 {
+/// names, so editing a script redeploys its flow too. A script path that is not a `.rhai` file
+/// inside the flow's directory or an allowed path is never read (the flow is refused for it
+/// anyway): it adds only its name.
+fn fingerprint(file: &Path, text: &str, allowed: &[PathBuf]) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut h);
     if let Ok(v) = serde_json::from_str::<Value>(text) {
@@ -1098,9 +1105,13 @@ fn fingerprint(file: &Path, text: &str) -> u64 {
             .filter_map(|n| n.get("script").and_then(Value::as_str))
         {
             script.hash(&mut h);
-            std::fs::read(dir.join(script))
-                .unwrap_or_default()
-                .hash(&mut h);
+            let content = script
+                .ends_with(".rhai")
+                .then(|| crate::paths::confine(dir, allowed, script).ok())
+                .flatten()
+                .and_then(|path| std::fs::read(path).ok())
+                .unwrap_or_default();
+            content.hash(&mut h);
         }
     }
     h.finish()

@@ -276,6 +276,23 @@ impl BuildCtx {
     pub fn flow_dir(&self) -> &Path {
         self.file.parent().unwrap_or_else(|| Path::new("."))
     }
+
+    /// The real path of a file the node names in `property`, when it lies inside the flow's
+    /// directory or a directory of `[daemon] allowed_paths` (see [`crate::paths`]); otherwise
+    /// the problem naming the property and the rule (as a list, like [`NodeKind::build`]'s).
+    pub fn resolve(&self, property: &str, written: &str) -> Result<PathBuf, Vec<Problem>> {
+        let allowed = &self.config.daemon.allowed_paths;
+        crate::paths::confine(self.flow_dir(), allowed, written).map_err(|refusal| {
+            vec![Problem::at(
+                property,
+                FlowErrorKind::Path {
+                    property: property.to_string(),
+                    path: written.to_string(),
+                    refusal,
+                },
+            )]
+        })
+    }
 }
 
 /// A node kind: spec, pure checks, builder.

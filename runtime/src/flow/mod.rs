@@ -196,6 +196,17 @@ pub enum FlowErrorKind {
         /// The OS error.
         message: String,
     },
+    /// A path the flow names (a `script`, a Trace `file`) breaks a rule of
+    /// [`paths`](crate::paths): outside the flow's directory, or not a file name.
+    #[error("\"{property}\" '{path}' {refusal}")]
+    Path {
+        /// The property naming the path.
+        property: String,
+        /// The path as the flow writes it.
+        path: String,
+        /// The rule it breaks.
+        refusal: crate::paths::Refusal,
+    },
     /// A flow without nodes, or without an input node.
     #[error("{0}")]
     Structure(String),
