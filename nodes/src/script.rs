@@ -325,16 +325,218 @@ fn compile(
         }),
         Err(e) => {
             let (line, column) = line_col(e.position());
+            // Inline code is in the flow itself: Rhai's whole message may quote it. A file
+            // may be anything the flow named, so its message quotes nothing of it.
+            let message = if prop == "script" {
+                file_safe_message(e.err_type())
+            } else {
+                e.err_type().to_string()
+            };
             Err(vec![Problem::at(
                 prop,
                 FlowErrorKind::Script {
                     script: source.name,
                     line,
                     column,
-                    message: e.err_type().to_string(),
+                    message,
                 },
             )])
         }
+    }
+}
+
+/// Rhai's reserved words: the only words of a script file a compile error may repeat.
+const RHAI_KEYWORDS: &[&str] = &[
+    "Fn",
+    "as",
+    "async",
+    "await",
+    "break",
+    "call",
+    "case",
+    "catch",
+    "const",
+    "continue",
+    "curry",
+    "debug",
+    "default",
+    "do",
+    "else",
+    "eval",
+    "exit",
+    "export",
+    "false",
+    "fn",
+    "for",
+    "global",
+    "go",
+    "goto",
+    "if",
+    "import",
+    "in",
+    "is",
+    "is_def_fn",
+    "is_def_var",
+    "is_shared",
+    "let",
+    "loop",
+    "match",
+    "module",
+    "new",
+    "nil",
+    "null",
+    "package",
+    "print",
+    "private",
+    "protected",
+    "public",
+    "return",
+    "shared",
+    "spawn",
+    "static",
+    "super",
+    "switch",
+    "sync",
+    "this",
+    "thread",
+    "throw",
+    "true",
+    "try",
+    "type_of",
+    "until",
+    "use",
+    "var",
+    "void",
+    "while",
+    "with",
+    "yield",
+];
+
+/// Whether text taken from a script file may appear in an error: a Rhai keyword or a single
+/// punctuation character, which say nothing about a file that is not a script.
+fn quotable(s: &str) -> bool {
+    RHAI_KEYWORDS.contains(&s) || (s.len() == 1 && s.bytes().all(|b| b.is_ascii_punctuation()))
+}
+
+/// Whether a quoted piece of Rhai's own prose (a token it expected, a keyword) may stay: a
+/// keyword, or a short operator such as `==`. Identifiers from the file never pass.
+fn quotable_in_prose(s: &str) -> bool {
+    RHAI_KEYWORDS.contains(&s)
+        || (!s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_punctuation()))
+}
+
+/// Rhai's prose with every quoted piece that is not a keyword or an operator left out
+/// (`... of this function call 'lookup_password'` loses the name).
+fn scrub(prose: &str) -> String {
+    let mut out = String::new();
+    let mut rest = prose;
+    while let Some(open) = rest.find('\'') {
+        let Some(len) = rest[open + 1..].find('\'') else {
+            break;
+        };
+        let inner = &rest[open + 1..open + 1 + len];
+        if quotable_in_prose(inner) {
+            out.push_str(&rest[..open + len + 2]);
+        } else {
+            out.push_str(rest[..open].trim_end());
+        }
+        rest = &rest[open + len + 2..];
+    }
+    out.push_str(rest);
+    out.trim().to_string()
+}
+
+/// `text` when the prose is empty after scrubbing, else the scrubbed prose.
+fn scrub_or(prose: &str, text: &str) -> String {
+    let s = scrub(prose);
+    if s.is_empty() {
+        text.to_string()
+    } else {
+        s
+    }
+}
+
+/// A compile error of a script file, built from the error's type so that nothing taken from
+/// the file (identifiers, numbers, strings, operators) is repeated but Rhai's keywords and
+/// single punctuation symbols: a file named as a script may be any file, and its content must
+/// not come back in a message. The line and column say where to look.
+fn file_safe_message(e: &rhai::ParseErrorType) -> String {
+    use rhai::ParseErrorType as P;
+    match e {
+        P::BadInput(lex) => lex_safe_message(lex),
+        P::UnknownOperator(s) if quotable(s) => e.to_string(),
+        P::UnknownOperator(_) => "Unknown operator".into(),
+        P::MissingToken(token, prose) => {
+            let token = if quotable_in_prose(token) {
+                format!(" '{token}'")
+            } else {
+                String::new()
+            };
+            format!("Expecting{token} {}", scrub(prose))
+                .trim_end()
+                .to_string()
+        }
+        P::MissingSymbol(s) => scrub_or(s, "Expecting a symbol"),
+        P::MalformedIndexExpr(s) => scrub_or(s, "Invalid index in indexing expression"),
+        P::MalformedCapture(s) => scrub_or(s, "Invalid capturing"),
+        P::AssignmentToInvalidLHS(s) => scrub_or(s, "Expression cannot be assigned to"),
+        P::DuplicatedProperty(_) => "Duplicated property in an object map literal".into(),
+        P::DuplicatedVariable(_) => "Duplicated variable name".into(),
+        P::VariableExists(_) => "Variable already defined".into(),
+        P::VariableUndefined(_) => "Undefined variable".into(),
+        P::ModuleUndefined(_) => "Undefined module".into(),
+        P::ForbiddenVariable(_) => "Forbidden variable name".into(),
+        P::FnDuplicatedDefinition(_, n) => format!(
+            "A function of that name with {n} parameter{} already exists",
+            if *n == 1 { "" } else { "s" }
+        ),
+        P::FnMissingParams(_) => "Expecting parameters for the function".into(),
+        P::FnDuplicatedParam(..) => "Duplicated parameter of the function".into(),
+        P::FnMissingBody(_) => "Expecting body statement block for the function".into(),
+        P::AssignmentToConstant(_) => "Cannot assign to a constant".into(),
+        P::Reserved(s) if quotable(s) => e.to_string(),
+        P::Reserved(_) => "A reserved keyword or symbol is used".into(),
+        // Rhai's own words: type names, descriptions, limits.
+        P::UnexpectedEOF
+        | P::MismatchedType(..)
+        | P::ExprExpected(_)
+        | P::WrongSwitchIntegerCase
+        | P::WrongSwitchDefaultCase
+        | P::WrongSwitchCaseCondition
+        | P::PropertyExpected
+        | P::VariableExpected
+        | P::WrongDocComment
+        | P::WrongFnDefinition
+        | P::FnMissingName
+        | P::WrongExport
+        | P::ExprTooDeep
+        | P::TooManyFunctions
+        | P::LiteralTooLarge(..)
+        | P::LoopBreak => e.to_string(),
+        _ => "Syntax error".into(),
+    }
+}
+
+/// [`file_safe_message`] for errors of the tokenizer.
+fn lex_safe_message(e: &rhai::LexError) -> String {
+    use rhai::LexError as L;
+    match e {
+        L::UnexpectedInput(s) if quotable(s) => e.to_string(),
+        L::UnexpectedInput(_) => "Unexpected input".into(),
+        L::UnterminatedString | L::StringTooLong(_) => e.to_string(),
+        L::MalformedEscapeSequence(_) => "Invalid escape sequence".into(),
+        L::MalformedNumber(_) => "Invalid number".into(),
+        L::MalformedChar(_) => "Invalid character literal".into(),
+        L::MalformedIdentifier(_) => "Variable name is not proper".into(),
+        L::ImproperSymbol(s, prose) if prose.is_empty() => {
+            if quotable(s) {
+                e.to_string()
+            } else {
+                "Invalid symbol encountered".into()
+            }
+        }
+        L::ImproperSymbol(_, prose) => scrub_or(prose, "Invalid symbol encountered"),
+        _ => "Invalid input".into(),
     }
 }
 
@@ -949,5 +1151,89 @@ mod tests {
         );
         let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
         assert!(e.text.contains("longer than its timeout"), "{}", e.text);
+    }
+
+    /// Files that are not scripts, holding secrets, each named as a script: no compile error
+    /// may repeat a secret. The same text given inline (it is the flow's own) keeps Rhai's
+    /// whole message, which for most of them does quote the secret: that is what the file's
+    /// message must not do.
+    #[test]
+    fn compile_errors_of_a_script_file_quote_nothing_of_the_file() {
+        let dir =
+            std::env::temp_dir().join(format!("flowbus-script-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cases = [
+            (
+                "password = Hunter2Secret\nHunter2Secret\napi_key: \"s3cr3t-value\"\n",
+                false,
+            ),
+            ("api_key: \"s3cr3t-value\"\n", false),
+            ("lookup_Hunter2Secret(1, 2", true),
+            ("fn Hunter2Secret() {} fn Hunter2Secret() {}", true),
+            ("#{Hunter2Secret: 1, Hunter2Secret: 2}", true),
+            ("x = 'Hunter2Secret'", true),
+            ("const Hunter2Secret = 2; Hunter2Secret = 3;", true),
+            ("fn f(Hunter2Secret, Hunter2Secret) {}", true),
+            ("\"\\qs3cr3t\"", false),
+            ("token \u{20ac} s3cr3t", false),
+            ("-----BEGIN PRIVATE KEY-----\nMIIEHunter2Secret\n", false),
+        ];
+        let ctx = ctx_in(&dir);
+        for (i, (text, inline_quotes_it)) in cases.iter().enumerate() {
+            let name = format!("secret-{i}.rhai");
+            std::fs::write(dir.join(&name), text).unwrap();
+            let Err(p) = load(&decl(json!({ "script": name })), &ctx, &["code"]) else {
+                panic!("{text:?} compiled")
+            };
+            let shown = p[0].kind.to_string();
+            assert!(
+                shown.starts_with(&format!("Rhai compile error in {name} at line ")),
+                "{shown}"
+            );
+            for secret in ["Hunter2", "s3cr3t", "\\q", "\u{20ac}", "MIIE", "BEGIN"] {
+                assert!(!shown.contains(secret), "{text:?} gave: {shown}");
+            }
+            let Err(p) = load(&decl(json!({ "code": text })), &ctx, &["code"]) else {
+                panic!("{text:?} compiled inline")
+            };
+            let inline = p[0].kind.to_string();
+            assert_eq!(
+                inline.contains("Hunter2Secret"),
+                *inline_quotes_it,
+                "inline: {inline}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn compile_errors_of_a_script_file_keep_keywords_and_single_symbols() {
+        let dir = std::env::temp_dir().join(format!("flowbus-script-kw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ctx = ctx_in(&dir);
+        for (text, says) in [
+            ("let f = 1 + ;", "Unexpected ';'"),
+            (
+                "let x = eval(\"1\");",
+                "reserved keyword 'eval' is disabled",
+            ),
+            ("import \"x\" as y;", "'import' is a reserved keyword"),
+            (
+                "f(1, 2",
+                "Expecting ')' to close the arguments list of this function call",
+            ),
+            ("let x = 1 € 2;", "Unexpected input"),
+        ] {
+            std::fs::write(dir.join("s.rhai"), text).unwrap();
+            let Err(p) = load(&decl(json!({ "script": "s.rhai" })), &ctx, &["code"]) else {
+                panic!("{text:?} compiled")
+            };
+            let shown = p[0].kind.to_string();
+            assert!(
+                shown.ends_with(&format!(": {says}")),
+                "{text:?} gave: {shown}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
