@@ -70,6 +70,7 @@ cases! {
     script_not_rhai,
     trace_file_outside,
     trace_file_json,
+    client_id_dot_dot,
 }
 
 fn cases_dir() -> PathBuf {
