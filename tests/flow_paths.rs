@@ -1,6 +1,7 @@
-//! Flows stay inside their directory: a `script` or Trace `file` outside it is refused unless
-//! `[daemon] allowed_paths` lists its directory; a trace file is private and a symbolic link
-//! swapped in for it later is not followed.
+//! Flows stay inside their directory: a `script` or Trace `file` outside it is refused (on
+//! disk and through the admin API) unless `[daemon] allowed_paths` lists its directory; a
+//! trace file is private and a symbolic link swapped in for it later is not followed; a flow
+//! is deployed over the API together with its scripts.
 //!
 //! The static refusals (`..`, absolute paths, a symbolic link leading out, names that are not
 //! scripts) are cases under `tests/flow_errors/`; these are the ones that need a scene built
@@ -9,13 +10,22 @@
 mod common;
 
 use std::os::unix::fs::{symlink, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use common::scratch;
+use common::{http_json, scratch};
+use flowbus_runtime::activity::Filter;
+use flowbus_runtime::admin;
 use flowbus_runtime::config::Config;
+use flowbus_runtime::daemon::Daemon;
+use flowbus_runtime::engine::Cancel;
 use flowbus_runtime::harness::Harness;
+use flowbus_runtime::services::Services;
 use flowbus_runtime::{Body, Message};
-use serde_json::json;
+use serde_json::{json, Value};
+
+const SECRET: &str = "Hunter2Secret";
 
 fn write(path: &Path, text: &str) {
     if let Some(dir) = path.parent() {
@@ -123,4 +133,362 @@ async fn a_trace_file_is_private_and_a_link_swapped_in_later_is_not_followed() {
         "{:?}",
         discards[0].1
     );
+}
+
+// ---- the admin API, in-process ----
+
+const TOKEN: &str = "paths-test-token-5f1c";
+
+struct App {
+    daemon: Daemon,
+    url: String,
+    dir: PathBuf,
+    stop: Cancel,
+}
+
+impl App {
+    async fn start() -> App {
+        let dir = scratch("paths-api");
+        std::fs::create_dir_all(dir.join("flows")).unwrap();
+        let config = config_in(
+            &dir,
+            "data_dir = \"data\"\nflows = [\"flows\"]\n[daemon]\nwatch_interval = \"50ms\"\nshutdown_timeout = \"5s\"\n",
+        );
+        let services = Arc::new(Services::open(&config).unwrap());
+        let daemon = Daemon::with_services(config, flowbus_nodes::registry(), services);
+        assert!(daemon.start_all().await.is_empty());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let stop = Cancel::default();
+        let router = admin::router(daemon.clone(), Some(TOKEN.to_string()));
+        let s = stop.clone();
+        tokio::spawn(admin::serve(listener, router, async move {
+            s.cancelled().await
+        }));
+        let d = daemon.clone();
+        tokio::spawn(async move { d.watch().await });
+        App {
+            daemon,
+            url,
+            dir,
+            stop,
+        }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<String>) -> (u16, Value) {
+        let (m, url) = (method.to_string(), format!("{}{path}", self.url));
+        tokio::task::spawn_blocking(move || http_json(&m, &url, body.as_deref(), Some(TOKEN)))
+            .await
+            .unwrap()
+    }
+
+    async fn put(&self, name: &str, body: String) -> (u16, Value) {
+        self.call("PUT", &format!("/api/v1/flows/{name}"), Some(body))
+            .await
+    }
+
+    fn flows_dir(&self) -> PathBuf {
+        self.dir.join("flows")
+    }
+
+    /// Every activity-log message so far.
+    fn log(&self) -> Vec<String> {
+        self.daemon
+            .services()
+            .activity
+            .query(&Filter::default())
+            .iter()
+            .map(|e| e.message.clone())
+            .collect()
+    }
+
+    fn traces(&self, flow: &str) -> Vec<String> {
+        self.daemon
+            .services()
+            .activity
+            .query(&Filter {
+                flow: Some(flow.into()),
+                number: Some("BIP1003".into()),
+                ..Default::default()
+            })
+            .iter()
+            .map(|e| e.message.clone())
+            .collect()
+    }
+
+    /// The files under the flows directory, relative to it, sorted.
+    fn files(&self) -> Vec<String> {
+        fn walk(dir: &Path, base: &Path, out: &mut Vec<String>) {
+            for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, base, out);
+                } else {
+                    out.push(p.strip_prefix(base).unwrap().display().to_string());
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(&self.flows_dir(), &self.flows_dir(), &mut out);
+        out.sort();
+        out
+    }
+
+    async fn shutdown(self) {
+        self.daemon.shutdown(Duration::from_secs(5)).await;
+        self.stop.cancel();
+    }
+}
+
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let until = Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The problem texts of a 400 answer.
+fn details(v: &Value) -> Vec<String> {
+    v["details"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|d| d["text"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_attack_flows_are_refused_over_the_api_and_touch_nothing_outside() {
+    let app = App::start().await;
+    let outside = app.dir.join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let secret = outside.join("secret.conf");
+    write(&secret, &format!("password = {SECRET}\n{SECRET}\n"));
+    write(
+        &outside.join("secret.rhai"),
+        &format!("lookup_{SECRET}(1, 2"),
+    );
+
+    // Trace appending to a file elsewhere: by absolute path, and by `..`.
+    for (file, shown) in [
+        (
+            outside.join("authorized_keys").display().to_string(),
+            "authorized_keys",
+        ),
+        ("../outside/authorized_keys".to_string(), "../outside"),
+    ] {
+        let flow = json!({
+            "nodes": [
+                {"id": "tick", "type": "Timer", "interval": "50ms"},
+                {"id": "keys", "type": "Trace", "destination": "file", "file": file,
+                 "pattern": "ssh-ed25519 AAAA attacker"}
+            ],
+            "connections": [{"from": "tick.Out", "to": "keys"}]
+        });
+        let (status, v) = app.put("append", flow.to_string()).await;
+        assert_eq!(status, 400, "{v}");
+        let d = &v["details"][0];
+        assert_eq!(d["node"], "keys", "{v}");
+        let message = d["message"].as_str().unwrap();
+        assert!(
+            message.starts_with("\"file\" '") && message.contains(shown),
+            "{message}"
+        );
+        assert!(
+            message.contains("must be inside the flow directory"),
+            "{message}"
+        );
+    }
+
+    // Compute reading a file elsewhere: not a script, or a script outside.
+    let mut answers = Vec::new();
+    for (script, rule) in [
+        (
+            secret.display().to_string(),
+            "must name a Rhai script file ending in .rhai",
+        ),
+        (
+            outside.join("secret.rhai").display().to_string(),
+            "must be inside the flow directory",
+        ),
+        (
+            "../outside/secret.rhai".to_string(),
+            "must be inside the flow directory",
+        ),
+        (
+            "/etc/shadow".to_string(),
+            "must name a Rhai script file ending in .rhai",
+        ),
+    ] {
+        let (status, v) = app.put("steal", echo_flow("steal", &script)).await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["details"][0]["node"], "echo", "{v}");
+        assert!(details(&v)[0].contains(rule), "{v}");
+        answers.push(v.to_string());
+    }
+
+    // Nothing was written, in the flows directory or outside, and the secret is in no answer
+    // and no log entry.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(app.files(), Vec::<String>::new());
+    assert!(!outside.join("authorized_keys").exists());
+    let log = app.log();
+    for text in answers.iter().chain(&log) {
+        assert!(!text.contains(SECRET), "the secret shows: {text}");
+    }
+    let (_, v) = app.call("GET", "/api/v1/flows", None).await;
+    assert_eq!(v["flows"], json!([]), "{v}");
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flow_deployed_with_its_scripts_runs_them_and_is_not_redeployed() {
+    let app = App::start().await;
+    // The flow as a string, as the CLI sends it; a script in a directory that is not there yet.
+    let body = json!({
+        "flow": echo_flow("echo", "lib/echo.rhai"),
+        "scripts": {"lib/echo.rhai": "Root.Body.echo = \"shipped\";"}
+    });
+    let (status, v) = app.put("echo", body.to_string()).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["deployed"]["version"], 1, "{v}");
+    assert_eq!(app.files(), ["echo.json", "lib/echo.rhai"]);
+    assert_eq!(
+        std::fs::read_to_string(app.flows_dir().join("lib/echo.rhai")).unwrap(),
+        "Root.Body.echo = \"shipped\";"
+    );
+    wait_for("the script's output", || {
+        app.traces("echo").iter().any(|t| t == "echo shipped")
+    })
+    .await;
+
+    // The watcher sees the files as they were deployed: no second deployment.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (_, v) = app.call("GET", "/api/v1/flows/echo", None).await;
+    assert_eq!(
+        (v["version"].as_u64(), v["state"].as_str()),
+        (Some(1), Some("running"))
+    );
+
+    // A new version of the script, with the flow as an object this time.
+    let body = json!({
+        "flow": serde_json::from_str::<Value>(&echo_flow("echo", "lib/echo.rhai")).unwrap(),
+        "scripts": {"lib/echo.rhai": "Root.Body.echo = \"second\";"}
+    });
+    let (status, v) = app.put("echo", body.to_string()).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["deployed"]["version"], 2, "{v}");
+    wait_for("the new script's output", || {
+        app.traces("echo").iter().any(|t| t == "echo second")
+    })
+    .await;
+
+    // A plain flow document still deploys, and its script is read from the flow's directory.
+    let (status, v) = app.put("plain", echo_flow("plain", "lib/echo.rhai")).await;
+    assert_eq!(status, 200, "{v}");
+    wait_for("the plain flow's output", || {
+        app.traces("plain").iter().any(|t| t == "echo second")
+    })
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_the_flow_does_not_name_or_that_lead_outside_are_refused_and_nothing_is_written() {
+    let app = App::start().await;
+    let cases = [
+        // A script the flow does not name.
+        (
+            echo_flow("f", "echo.rhai"),
+            json!({"echo.rhai": "1", "other.rhai": "1"}),
+            "script 'other.rhai' is not named by any node of the flow",
+        ),
+        // Named, but outside the directory.
+        (
+            echo_flow("f", "../x.rhai"),
+            json!({"../x.rhai": "1"}),
+            "script '../x.rhai' must be a relative path of plain names ending in .rhai",
+        ),
+        (
+            echo_flow("f", "/tmp/x.rhai"),
+            json!({"/tmp/x.rhai": "1"}),
+            "script '/tmp/x.rhai' must be a relative path of plain names ending in .rhai",
+        ),
+        // Not a script.
+        (
+            echo_flow("f", "x.json"),
+            json!({"x.json": "{}"}),
+            "script 'x.json' must be a relative path of plain names ending in .rhai",
+        ),
+    ];
+    for (flow, scripts, says) in cases {
+        let (status, v) = app
+            .put("f", json!({"flow": flow, "scripts": scripts}).to_string())
+            .await;
+        assert_eq!(status, 400, "{v}");
+        assert!(
+            details(&v).iter().any(|d| d.starts_with(says)),
+            "{says}: {v}"
+        );
+    }
+    // A script inside, through a link that leads out.
+    std::fs::create_dir_all(app.dir.join("elsewhere")).unwrap();
+    symlink(app.dir.join("elsewhere"), app.flows_dir().join("lib")).unwrap();
+    let (status, v) = app
+        .put(
+            "f",
+            json!({"flow": echo_flow("f", "lib/x.rhai"), "scripts": {"lib/x.rhai": "1"}})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        details(&v)[0].starts_with("script 'lib/x.rhai' must be inside the flow directory"),
+        "{v}"
+    );
+    std::fs::remove_file(app.flows_dir().join("lib")).unwrap();
+    // A flow that is invalid with its script: the script is not written either.
+    let (status, v) = app
+        .put(
+            "f",
+            json!({"flow": echo_flow("f", "echo.rhai"), "scripts": {"echo.rhai": "let x = ;"}})
+                .to_string(),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        details(&v)[0].contains("Rhai compile error in echo.rhai at line 1, column 9"),
+        "{v}"
+    );
+    // Bodies that are not a flow with scripts.
+    for (body, says) in [
+        (json!({"flow": 3}), "\"flow\" must be the flow"),
+        (
+            json!({"flow": echo_flow("f", "echo.rhai"), "scripts": ["echo.rhai"]}),
+            "\"scripts\" must be an object",
+        ),
+        (
+            json!({"flow": echo_flow("f", "echo.rhai"), "scripts": {"echo.rhai": 1}}),
+            "the value of 'echo.rhai' must be the script's text",
+        ),
+        (
+            json!({"flow": echo_flow("f", "echo.rhai"), "script": {}}),
+            "unknown key 'script'",
+        ),
+    ] {
+        let (status, v) = app.put("f", body.to_string()).await;
+        assert_eq!(status, 400, "{v}");
+        assert!(v["error"].as_str().unwrap().contains(says), "{says}: {v}");
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(app.files(), Vec::<String>::new());
+    assert!(!app.dir.join("x.rhai").exists());
+    assert_eq!(
+        std::fs::read_dir(app.dir.join("elsewhere"))
+            .unwrap()
+            .count(),
+        0
+    );
+    app.shutdown().await;
 }

@@ -249,24 +249,28 @@ pub fn check_script(decl: &NodeDecl) -> Vec<Problem> {
 }
 
 /// Reads (`script`) or takes (`code`/`expression`) a node's script and compiles it. A script
-/// file must lie inside the flow's directory or an allowed path ([`BuildCtx::resolve`]).
-/// Problems name the property and, for compile errors, the script line and column.
+/// file must lie inside the flow's directory or an allowed path ([`BuildCtx::resolve`]); a
+/// script shipped with the flow is taken from `ctx` rather than the disk. Problems name the
+/// property and, for compile errors, the script line and column.
 pub fn load(decl: &NodeDecl, ctx: &BuildCtx, code_props: &[&str]) -> Result<Script, Vec<Problem>> {
     let limits = Limits::from_decl(decl);
     let (text, source, prop) = if let Some(path) = decl.str("script") {
         let full = ctx.resolve("script", path)?;
-        let text = std::fs::read_to_string(&full).map_err(|e| {
-            vec![Problem::at(
-                "script",
-                FlowErrorKind::MissingFile {
-                    what: "script",
-                    // As written, joined to the flow's directory: the resolved path could
-                    // show where a symbolic link inside the directory points.
-                    path: ctx.flow_dir().join(path).display().to_string(),
-                    message: e.to_string(),
-                },
-            )]
-        })?;
+        let text = match ctx.shipped(path) {
+            Some(t) => t.to_string(),
+            None => std::fs::read_to_string(&full).map_err(|e| {
+                vec![Problem::at(
+                    "script",
+                    FlowErrorKind::MissingFile {
+                        what: "script",
+                        // As written, joined to the flow's directory: the resolved path
+                        // could show where a symbolic link inside the directory points.
+                        path: ctx.flow_dir().join(path).display().to_string(),
+                        message: e.to_string(),
+                    },
+                )]
+            })?,
+        };
         (
             text,
             Source {
@@ -881,6 +885,7 @@ mod tests {
             file: dir.join("flow.json"),
             config: Arc::new(flowbus_runtime::config::Config::default()),
             services: Arc::new(flowbus_runtime::services::Services::default()),
+            shipped: Arc::default(),
         }
     }
 
@@ -1235,5 +1240,36 @@ mod tests {
             );
         }
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_script_shipped_with_the_flow_is_used_instead_of_the_disk() {
+        let dir =
+            std::env::temp_dir().join(format!("flowbus-script-shipped-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ctx = ctx_in(&dir);
+        let shipped: flowbus_runtime::node::ShippedScripts = [(
+            "lib/x.rhai".to_string(),
+            "Root.Body.shipped = true;".to_string(),
+        )]
+        .into();
+        ctx.shipped = Arc::new(shipped);
+        let s = load(&decl(json!({ "script": "lib/x.rhai" })), &ctx, &["code"])
+            .unwrap_or_else(|p| panic!("{p:?}"));
+        let out = s.run(&Message::new(Body::Json(json!({}))), T).unwrap();
+        assert_eq!(out.message.root.body, Body::Json(json!({"shipped": true})));
+        // Still confined: a shipped text does not make a path outside acceptable.
+        let mut outside = ctx.clone();
+        outside.shipped = Arc::new([("../x.rhai".to_string(), "1".to_string())].into());
+        let Err(p) = load(&decl(json!({ "script": "../x.rhai" })), &outside, &["code"]) else {
+            panic!("a path outside was accepted")
+        };
+        assert!(
+            p[0].kind
+                .to_string()
+                .contains("must be inside the flow directory"),
+            "{:?}",
+            p[0].kind
+        );
     }
 }

@@ -257,6 +257,11 @@ pub struct ValidateCtx {
     pub servers: BTreeSet<String>,
 }
 
+/// Script texts deployed together with a flow, by the path its nodes name them with
+/// (`"script": "lib/enrich.rhai"`): building uses them instead of the files on disk, which
+/// are written only once the flow has proved valid.
+pub type ShippedScripts = BTreeMap<String, String>;
+
 /// What building may use: the flow's location (scripts are relative to it), the runtime
 /// configuration and the daemon's services.
 #[derive(Clone)]
@@ -269,6 +274,8 @@ pub struct BuildCtx {
     pub config: Arc<Config>,
     /// Activity log and statistics.
     pub services: Arc<Services>,
+    /// Scripts that came with the flow (an API deploy), consulted before the disk.
+    pub shipped: Arc<ShippedScripts>,
 }
 
 impl BuildCtx {
@@ -292,6 +299,11 @@ impl BuildCtx {
                 },
             )]
         })
+    }
+
+    /// The text shipped with the flow for the script it names `written`, if any.
+    pub fn shipped(&self, written: &str) -> Option<&str> {
+        self.shipped.get(written).map(String::as_str)
     }
 }
 

@@ -12,7 +12,9 @@ pub mod validate;
 use std::fmt;
 use std::path::PathBuf;
 
-pub use build::{build_flow, flow_files, load_flow, load_flow_text};
+pub use build::{
+    build_flow, build_flow_with, flow_files, load_flow, load_flow_bundle, load_flow_text,
+};
 pub use spans::Pos;
 pub use validate::{validate, validate_all, ValidatedFlow};
 
