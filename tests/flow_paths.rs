@@ -1,7 +1,7 @@
 //! Flows stay inside their directory: a `script` or Trace `file` outside it is refused (on
 //! disk and through the admin API) unless `[daemon] allowed_paths` lists its directory; a
 //! trace file is private and a symbolic link swapped in for it later is not followed; a flow
-//! is deployed over the API together with its scripts.
+//! is deployed over the API together with its scripts, and `flowbus flows deploy` sends them.
 //!
 //! The static refusals (`..`, absolute paths, a symbolic link leading out, names that are not
 //! scripts) are cases under `tests/flow_errors/`; these are the ones that need a scene built
@@ -491,4 +491,88 @@ async fn scripts_the_flow_does_not_name_or_that_lead_outside_are_refused_and_not
         0
     );
     app.shutdown().await;
+}
+
+// ---- the CLI against a daemon ----
+
+const TOKEN_VAR: &str = "FLOWBUS_PATHS_TOKEN";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flows_deploy_ships_the_scripts_of_a_flow_kept_elsewhere() {
+    let d = common::Daemon::spawn_with_env(
+        &common::fast_config(&format!(
+            "[admin]\ntoken_env = \"{TOKEN_VAR}\"\n[daemon]\nwatch_interval = \"100ms\"\nshutdown_timeout = \"5s\"\n"
+        )),
+        &[],
+        &[(TOKEN_VAR, TOKEN)],
+    );
+    d.wait_api().await;
+    write(
+        &d.dir.join("elsewhere/echo.json"),
+        &echo_flow("echo", "echo.rhai"),
+    );
+    write(
+        &d.dir.join("elsewhere/echo.rhai"),
+        "Root.Body.echo = \"from elsewhere\";",
+    );
+    let validate = std::process::Command::new(env!("CARGO_BIN_EXE_flowbus"))
+        .args(["validate", "elsewhere/echo.json"])
+        .current_dir(&d.dir)
+        .output()
+        .unwrap();
+    assert!(validate.status.success(), "{validate:?}");
+
+    let (code, out, err) = d.cli(&["flows", "deploy", "elsewhere/echo.json"]);
+    assert_eq!(code, 0, "{out}{err}\ndaemon log:\n{}", d.stderr());
+    assert!(
+        out.starts_with("deployed flow 'echo' (version 1, running) to "),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.dir.join("flows/echo.rhai")).unwrap(),
+        "Root.Body.echo = \"from elsewhere\";"
+    );
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (code, out, err) = d.cli(&["log", "--flow", "echo", "--number", "BIP1003"]);
+        if code == 0 && out.contains("echo from elsewhere") {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "no trace of the script (exit {code}):\n{out}{err}\ndaemon log:\n{}",
+            d.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A copy of the flow without its script: the daemon's own copy is used.
+    write(
+        &d.dir.join("copy/echo.json"),
+        &echo_flow("echo", "echo.rhai"),
+    );
+    let (code, out, err) = d.cli(&["flows", "deploy", "copy/echo.json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.starts_with("deployed flow 'echo' (version 2, running)"),
+        "{out}"
+    );
+    assert!(
+        err.contains("no script") && err.contains("its own copy"),
+        "{err}"
+    );
+
+    // A script path that leaves the flow's directory is refused before anything is sent.
+    write(
+        &d.dir.join("elsewhere/up.json"),
+        &echo_flow("up", "../echo.rhai"),
+    );
+    let (code, out, err) = d.cli(&["flows", "deploy", "elsewhere/up.json"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("node 'echo': \"script\" '../echo.rhai' must be a path relative to the flow file, inside its directory"),
+        "{err}"
+    );
+    let (_, out, _) = d.cli(&["flows", "list"]);
+    assert!(!out.contains("up"), "{out}");
 }
