@@ -2,6 +2,7 @@
 //! disk and through the admin API) unless `[daemon] allowed_paths` lists its directory; a
 //! trace file is private and a symbolic link swapped in for it later is not followed; a flow
 //! is deployed over the API together with its scripts, and `flowbus flows deploy` sends them.
+//! The API and CLI tests run the `flowbus` binary, with a token, as an operator would.
 //!
 //! The static refusals (`..`, absolute paths, a symbolic link leading out, names that are not
 //! scripts) are cases under `tests/flow_errors/`; these are the ones that need a scene built
@@ -11,17 +12,11 @@ mod common;
 
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{http_json, scratch};
-use flowbus_runtime::activity::Filter;
-use flowbus_runtime::admin;
 use flowbus_runtime::config::Config;
-use flowbus_runtime::daemon::Daemon;
-use flowbus_runtime::engine::Cancel;
 use flowbus_runtime::harness::Harness;
-use flowbus_runtime::services::Services;
 use flowbus_runtime::{Body, Message};
 use serde_json::{json, Value};
 
@@ -135,85 +130,69 @@ async fn a_trace_file_is_private_and_a_link_swapped_in_later_is_not_followed() {
     );
 }
 
-// ---- the admin API, in-process ----
+// ---- the admin API of a running daemon ----
 
+const TOKEN_VAR: &str = "FLOWBUS_PATHS_TOKEN";
 const TOKEN: &str = "paths-test-token-5f1c";
 
+/// `flowbus run` with a token (both it and `cli` get the variable) and a fast watcher.
+fn daemon() -> common::Daemon {
+    common::Daemon::spawn_with_env(
+        &common::fast_config(&format!(
+            "[admin]\ntoken_env = \"{TOKEN_VAR}\"\n[daemon]\nwatch_interval = \"50ms\"\nshutdown_timeout = \"5s\"\n"
+        )),
+        &[],
+        &[(TOKEN_VAR, TOKEN)],
+    )
+}
+
+/// The daemon binary, driven over its admin API.
 struct App {
-    daemon: Daemon,
-    url: String,
+    d: common::Daemon,
     dir: PathBuf,
-    stop: Cancel,
 }
 
 impl App {
     async fn start() -> App {
-        let dir = scratch("paths-api");
-        std::fs::create_dir_all(dir.join("flows")).unwrap();
-        let config = config_in(
-            &dir,
-            "data_dir = \"data\"\nflows = [\"flows\"]\n[daemon]\nwatch_interval = \"50ms\"\nshutdown_timeout = \"5s\"\n",
-        );
-        let services = Arc::new(Services::open(&config).unwrap());
-        let daemon = Daemon::with_services(config, flowbus_nodes::registry(), services);
-        assert!(daemon.start_all().await.is_empty());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let stop = Cancel::default();
-        let router = admin::router(daemon.clone(), Some(TOKEN.to_string()));
-        let s = stop.clone();
-        tokio::spawn(admin::serve(listener, router, async move {
-            s.cancelled().await
-        }));
-        let d = daemon.clone();
-        tokio::spawn(async move { d.watch().await });
-        App {
-            daemon,
-            url,
-            dir,
-            stop,
-        }
+        let d = daemon();
+        d.wait_api().await;
+        let dir = d.dir.clone();
+        App { d, dir }
     }
 
-    async fn call(&self, method: &str, path: &str, body: Option<String>) -> (u16, Value) {
-        let (m, url) = (method.to_string(), format!("{}{path}", self.url));
-        tokio::task::spawn_blocking(move || http_json(&m, &url, body.as_deref(), Some(TOKEN)))
-            .await
-            .unwrap()
+    fn call(&self, method: &str, path: &str, body: Option<String>) -> (u16, Value) {
+        let url = format!("{}{path}", self.d.admin_url());
+        http_json(method, &url, body.as_deref(), Some(TOKEN))
     }
 
-    async fn put(&self, name: &str, body: String) -> (u16, Value) {
+    fn put(&self, name: &str, body: String) -> (u16, Value) {
         self.call("PUT", &format!("/api/v1/flows/{name}"), Some(body))
-            .await
     }
 
     fn flows_dir(&self) -> PathBuf {
         self.dir.join("flows")
     }
 
-    /// Every activity-log message so far.
-    fn log(&self) -> Vec<String> {
-        self.daemon
-            .services()
-            .activity
-            .query(&Filter::default())
-            .iter()
-            .map(|e| e.message.clone())
+    fn entries(&self, query: &str) -> Vec<String> {
+        let (status, v) = self.call("GET", &format!("/api/v1/activity-log?{query}"), None);
+        assert_eq!(status, 200, "{v}");
+        v["entries"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| e["message"].as_str().unwrap_or_default().to_string())
             .collect()
     }
 
+    /// Every activity-log message so far, and the daemon's own log lines.
+    fn log(&self) -> Vec<String> {
+        let mut all = self.entries("limit=10000");
+        all.push(self.d.stderr());
+        all
+    }
+
     fn traces(&self, flow: &str) -> Vec<String> {
-        self.daemon
-            .services()
-            .activity
-            .query(&Filter {
-                flow: Some(flow.into()),
-                number: Some("BIP1003".into()),
-                ..Default::default()
-            })
-            .iter()
-            .map(|e| e.message.clone())
-            .collect()
+        self.entries(&format!("flow={flow}&number=BIP1003"))
     }
 
     /// The files under the flows directory, relative to it, sorted.
@@ -232,11 +211,6 @@ impl App {
         walk(&self.flows_dir(), &self.flows_dir(), &mut out);
         out.sort();
         out
-    }
-
-    async fn shutdown(self) {
-        self.daemon.shutdown(Duration::from_secs(5)).await;
-        self.stop.cancel();
     }
 }
 
@@ -286,7 +260,7 @@ async fn the_attack_flows_are_refused_over_the_api_and_touch_nothing_outside() {
             ],
             "connections": [{"from": "tick.Out", "to": "keys"}]
         });
-        let (status, v) = app.put("append", flow.to_string()).await;
+        let (status, v) = app.put("append", flow.to_string());
         assert_eq!(status, 400, "{v}");
         let d = &v["details"][0];
         assert_eq!(d["node"], "keys", "{v}");
@@ -321,7 +295,7 @@ async fn the_attack_flows_are_refused_over_the_api_and_touch_nothing_outside() {
             "must name a Rhai script file ending in .rhai",
         ),
     ] {
-        let (status, v) = app.put("steal", echo_flow("steal", &script)).await;
+        let (status, v) = app.put("steal", echo_flow("steal", &script));
         assert_eq!(status, 400, "{v}");
         assert_eq!(v["details"][0]["node"], "echo", "{v}");
         assert!(details(&v)[0].contains(rule), "{v}");
@@ -337,9 +311,8 @@ async fn the_attack_flows_are_refused_over_the_api_and_touch_nothing_outside() {
     for text in answers.iter().chain(&log) {
         assert!(!text.contains(SECRET), "the secret shows: {text}");
     }
-    let (_, v) = app.call("GET", "/api/v1/flows", None).await;
+    let (_, v) = app.call("GET", "/api/v1/flows", None);
     assert_eq!(v["flows"], json!([]), "{v}");
-    app.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -350,7 +323,7 @@ async fn a_flow_deployed_with_its_scripts_runs_them_and_is_not_redeployed() {
         "flow": echo_flow("echo", "lib/echo.rhai"),
         "scripts": {"lib/echo.rhai": "Root.Body.echo = \"shipped\";"}
     });
-    let (status, v) = app.put("echo", body.to_string()).await;
+    let (status, v) = app.put("echo", body.to_string());
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["deployed"]["version"], 1, "{v}");
     assert_eq!(app.files(), ["echo.json", "lib/echo.rhai"]);
@@ -365,7 +338,7 @@ async fn a_flow_deployed_with_its_scripts_runs_them_and_is_not_redeployed() {
 
     // The watcher sees the files as they were deployed: no second deployment.
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let (_, v) = app.call("GET", "/api/v1/flows/echo", None).await;
+    let (_, v) = app.call("GET", "/api/v1/flows/echo", None);
     assert_eq!(
         (v["version"].as_u64(), v["state"].as_str()),
         (Some(1), Some("running"))
@@ -376,7 +349,7 @@ async fn a_flow_deployed_with_its_scripts_runs_them_and_is_not_redeployed() {
         "flow": serde_json::from_str::<Value>(&echo_flow("echo", "lib/echo.rhai")).unwrap(),
         "scripts": {"lib/echo.rhai": "Root.Body.echo = \"second\";"}
     });
-    let (status, v) = app.put("echo", body.to_string()).await;
+    let (status, v) = app.put("echo", body.to_string());
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["deployed"]["version"], 2, "{v}");
     wait_for("the new script's output", || {
@@ -385,13 +358,12 @@ async fn a_flow_deployed_with_its_scripts_runs_them_and_is_not_redeployed() {
     .await;
 
     // A plain flow document still deploys, and its script is read from the flow's directory.
-    let (status, v) = app.put("plain", echo_flow("plain", "lib/echo.rhai")).await;
+    let (status, v) = app.put("plain", echo_flow("plain", "lib/echo.rhai"));
     assert_eq!(status, 200, "{v}");
     wait_for("the plain flow's output", || {
         app.traces("plain").iter().any(|t| t == "echo second")
     })
     .await;
-    app.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -423,9 +395,7 @@ async fn scripts_the_flow_does_not_name_or_that_lead_outside_are_refused_and_not
         ),
     ];
     for (flow, scripts, says) in cases {
-        let (status, v) = app
-            .put("f", json!({"flow": flow, "scripts": scripts}).to_string())
-            .await;
+        let (status, v) = app.put("f", json!({"flow": flow, "scripts": scripts}).to_string());
         assert_eq!(status, 400, "{v}");
         assert!(
             details(&v).iter().any(|d| d.starts_with(says)),
@@ -435,13 +405,10 @@ async fn scripts_the_flow_does_not_name_or_that_lead_outside_are_refused_and_not
     // A script inside, through a link that leads out.
     std::fs::create_dir_all(app.dir.join("elsewhere")).unwrap();
     symlink(app.dir.join("elsewhere"), app.flows_dir().join("lib")).unwrap();
-    let (status, v) = app
-        .put(
-            "f",
-            json!({"flow": echo_flow("f", "lib/x.rhai"), "scripts": {"lib/x.rhai": "1"}})
-                .to_string(),
-        )
-        .await;
+    let (status, v) = app.put(
+        "f",
+        json!({"flow": echo_flow("f", "lib/x.rhai"), "scripts": {"lib/x.rhai": "1"}}).to_string(),
+    );
     assert_eq!(status, 400, "{v}");
     assert!(
         details(&v)[0].starts_with("script 'lib/x.rhai' must be inside the flow directory"),
@@ -449,13 +416,11 @@ async fn scripts_the_flow_does_not_name_or_that_lead_outside_are_refused_and_not
     );
     std::fs::remove_file(app.flows_dir().join("lib")).unwrap();
     // A flow that is invalid with its script: the script is not written either.
-    let (status, v) = app
-        .put(
-            "f",
-            json!({"flow": echo_flow("f", "echo.rhai"), "scripts": {"echo.rhai": "let x = ;"}})
-                .to_string(),
-        )
-        .await;
+    let (status, v) = app.put(
+        "f",
+        json!({"flow": echo_flow("f", "echo.rhai"), "scripts": {"echo.rhai": "let x = ;"}})
+            .to_string(),
+    );
     assert_eq!(status, 400, "{v}");
     assert!(
         details(&v)[0].contains("Rhai compile error in echo.rhai at line 1, column 9"),
@@ -477,7 +442,7 @@ async fn scripts_the_flow_does_not_name_or_that_lead_outside_are_refused_and_not
             "unknown key 'script'",
         ),
     ] {
-        let (status, v) = app.put("f", body.to_string()).await;
+        let (status, v) = app.put("f", body.to_string());
         assert_eq!(status, 400, "{v}");
         assert!(v["error"].as_str().unwrap().contains(says), "{says}: {v}");
     }
@@ -490,22 +455,13 @@ async fn scripts_the_flow_does_not_name_or_that_lead_outside_are_refused_and_not
             .count(),
         0
     );
-    app.shutdown().await;
 }
 
 // ---- the CLI against a daemon ----
 
-const TOKEN_VAR: &str = "FLOWBUS_PATHS_TOKEN";
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flows_deploy_ships_the_scripts_of_a_flow_kept_elsewhere() {
-    let d = common::Daemon::spawn_with_env(
-        &common::fast_config(&format!(
-            "[admin]\ntoken_env = \"{TOKEN_VAR}\"\n[daemon]\nwatch_interval = \"100ms\"\nshutdown_timeout = \"5s\"\n"
-        )),
-        &[],
-        &[(TOKEN_VAR, TOKEN)],
-    );
+    let d = daemon();
     d.wait_api().await;
     write(
         &d.dir.join("elsewhere/echo.json"),
