@@ -333,11 +333,12 @@ pub fn flows_deploy(admin: &Admin, file: &Path, name: Option<&str>) -> Result<Ex
             .or_else(|| file.file_stem().map(|s| s.to_string_lossy().into_owned()))
             .ok_or_else(|| anyhow!("cannot tell the flow's name; give --name"))?,
     };
+    let body = deploy_body(file, &text)?;
     let v = admin
         .call_with(
             "PUT",
             &format!("/api/v1/flows/{}", encode(&name)),
-            Some(&text),
+            Some(&body),
             Some(file),
         )
         .with_context(|| format!("deploying {} as flow '{name}'", file.display()))?;
@@ -350,6 +351,66 @@ pub fn flows_deploy(admin: &Admin, file: &Path, name: Option<&str>) -> Result<Ex
         s(d, "file")
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The body of a deploy: the flow alone when it names no script file, else the flow (as a
+/// string, so the daemon's line:column match the file) with the text of every `.rhai` script
+/// it names, read relative to the flow file as `flowbus validate` reads them. A script path
+/// that leaves the flow's directory is refused here, before anything is sent.
+fn deploy_body(file: &Path, text: &str) -> Result<String> {
+    // A file that is not JSON goes as it is: the daemon says what is wrong with it.
+    let Ok(flow) = serde_json::from_str::<Value>(text) else {
+        return Ok(text.to_string());
+    };
+    let dir = file.parent().unwrap_or_else(|| Path::new("."));
+    let mut scripts = serde_json::Map::new();
+    let nodes = flow.get("nodes").and_then(Value::as_array);
+    for node in nodes.into_iter().flatten() {
+        let Some(script) = node.get("script").and_then(Value::as_str) else {
+            continue;
+        };
+        // Only Rhai scripts travel: the daemon refuses any other `script` with its position
+        // in the flow, and no other file of the user's goes out.
+        if scripts.contains_key(script) || !script.ends_with(".rhai") {
+            continue;
+        }
+        let id = node.get("id").and_then(Value::as_str).unwrap_or("?");
+        let plain = !script.is_empty()
+            && Path::new(script)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !plain {
+            bail!(
+                "{}: node '{id}': \"script\" '{script}' must be a path relative to the flow file, inside its directory (no leading '/', '.' or '..'), to be deployed with the flow; move the script next to the flow, or write its path as \"lib/x.rhai\"",
+                file.display()
+            );
+        }
+        let path = dir.join(script);
+        let code = match std::fs::read_to_string(&path) {
+            Ok(code) => code,
+            // The daemon may have it already (a flow redeployed from a copy of its file): it
+            // uses its own, or says that it has none.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                eprintln!(
+                    "note: node '{id}': no script {} here; the daemon uses its own copy of '{script}', if it has one",
+                    path.display()
+                );
+                continue;
+            }
+            Err(e) => {
+                return Err(anyhow!(
+                    "{}: node '{id}': cannot read its script {}: {e}",
+                    file.display(),
+                    path.display()
+                ))
+            }
+        };
+        scripts.insert(script.to_string(), Value::String(code));
+    }
+    if scripts.is_empty() {
+        return Ok(text.to_string());
+    }
+    Ok(serde_json::json!({ "flow": text, "scripts": scripts }).to_string())
 }
 
 /// `flowbus flows start|stop NAME`.

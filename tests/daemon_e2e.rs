@@ -430,6 +430,9 @@ async fn the_token_guards_the_api() {
         .args(["flows", "list", "--admin", &d.admin])
         .env_remove(TOKEN_VAR)
         .env_remove("FLOWBUS_ADMIN_TOKEN")
+        // The daemon's configuration (token_env, the variable unset), not whatever
+        // flowbus.toml and data directory the test's own directory may hold.
+        .current_dir(&d.dir)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

@@ -64,6 +64,13 @@ cases! {
     script_error_beside_other_errors,
     cycle_path_is_followed,
     control_characters_escaped,
+    script_path_with_dot_dot,
+    script_path_absolute,
+    script_symlink_outside,
+    script_not_rhai,
+    trace_file_outside,
+    trace_file_json,
+    client_id_dot_dot,
 }
 
 fn cases_dir() -> PathBuf {

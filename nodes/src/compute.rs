@@ -39,11 +39,13 @@ impl NodeKind for ComputeKind {
     }
 
     fn check(&self, node: &NodeDecl, _ctx: &ValidateCtx) -> Vec<Problem> {
-        exactly_one_of(node, "script", "code")
+        let mut p = exactly_one_of(node, "script", "code");
+        p.extend(script::check_script(node));
+        p
     }
 
     fn build(&self, node: &NodeDecl, ctx: &BuildCtx) -> Result<BuiltNode, Vec<Problem>> {
-        let script = script::load(node, ctx.flow_dir(), &["code"])?;
+        let script = script::load(node, ctx, &["code"])?;
         Ok(BuiltNode::Processing(Arc::new(Compute { script })))
     }
 }

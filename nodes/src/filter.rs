@@ -39,11 +39,13 @@ impl NodeKind for FilterKind {
     }
 
     fn check(&self, node: &NodeDecl, _ctx: &ValidateCtx) -> Vec<Problem> {
-        exactly_one_of(node, "expression", "script")
+        let mut p = exactly_one_of(node, "expression", "script");
+        p.extend(script::check_script(node));
+        p
     }
 
     fn build(&self, node: &NodeDecl, ctx: &BuildCtx) -> Result<BuiltNode, Vec<Problem>> {
-        let script = script::load(node, ctx.flow_dir(), &["expression"])?;
+        let script = script::load(node, ctx, &["expression"])?;
         Ok(BuiltNode::Processing(Arc::new(Filter { script })))
     }
 }

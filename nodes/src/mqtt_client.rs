@@ -122,12 +122,14 @@ pub fn check_common(node: &NodeDecl, _ctx: &ValidateCtx) -> Vec<Problem> {
         }
     }
     if let Some(id) = node.str("client_id") {
-        if id.len() > 65_535 || id.contains(['+', '#', '/']) {
+        // The id names the client's directory under `<data_dir>/mqtt/`: `..` would make that
+        // the data directory itself.
+        if id.len() > 65_535 || id.contains(['+', '#', '/']) || id == "." || id == ".." {
             p.push(Problem::at(
                 "client_id",
                 FlowErrorKind::BadValue {
                     property: "client_id".into(),
-                    message: "must be at most 65535 characters without '+', '#' or '/'".into(),
+                    message: "must be at most 65535 characters without '+', '#' or '/', and not '.' or '..'".into(),
                 },
             ));
         }

@@ -8,13 +8,12 @@
 //! script is synchronous; propagation is not).
 
 use std::cell::RefCell;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flowbus_runtime::flow::FlowErrorKind;
 use flowbus_runtime::message::{numbers, Body, Exception, ExceptionKind, Message, Root};
-use flowbus_runtime::node::{NodeDecl, Problem, PropKind, PropSpec};
+use flowbus_runtime::node::{BuildCtx, NodeDecl, Problem, PropKind, PropSpec};
 use flowbus_runtime::tree::{map_to_dynamic, to_dynamic};
 use rhai::{Dynamic, Engine, EvalAltResult, Map as RMap, Position, Scope, AST};
 use serde_json::{Map, Value};
@@ -234,31 +233,51 @@ impl Uses {
     }
 }
 
-/// Reads (`script`) or takes (`code`/`expression`) a node's script and compiles it. Problems
-/// name the property and, for compile errors, the script line and column.
-pub fn load(decl: &NodeDecl, flow_dir: &Path, code_props: &[&str]) -> Result<Script, Vec<Problem>> {
+/// The pure check of a node's `script` property (validation, no I/O): it must name a Rhai
+/// script file, so a flow cannot have the daemon compile (and quote errors from) any file.
+pub fn check_script(decl: &NodeDecl) -> Vec<Problem> {
+    match decl.str("script") {
+        Some(path) if !path.ends_with(".rhai") => vec![Problem::at(
+            "script",
+            FlowErrorKind::BadValue {
+                property: "script".into(),
+                message: "must name a Rhai script file ending in .rhai".into(),
+            },
+        )],
+        _ => Vec::new(),
+    }
+}
+
+/// Reads (`script`) or takes (`code`/`expression`) a node's script and compiles it. A script
+/// file must lie inside the flow's directory or an allowed path ([`BuildCtx::resolve`]); a
+/// script shipped with the flow is taken from `ctx` rather than the disk. Problems name the
+/// property and, for compile errors, the script line and column.
+pub fn load(decl: &NodeDecl, ctx: &BuildCtx, code_props: &[&str]) -> Result<Script, Vec<Problem>> {
     let limits = Limits::from_decl(decl);
     let (text, source, prop) = if let Some(path) = decl.str("script") {
-        let full = flow_dir.join(path);
-        match std::fs::read_to_string(&full) {
-            Ok(t) => (
-                t,
-                Source {
-                    name: path.to_string(),
-                },
-                "script",
-            ),
-            Err(e) => {
-                return Err(vec![Problem::at(
+        let full = ctx.resolve("script", path)?;
+        let text = match ctx.shipped(path) {
+            Some(t) => t.to_string(),
+            None => std::fs::read_to_string(&full).map_err(|e| {
+                vec![Problem::at(
                     "script",
                     FlowErrorKind::MissingFile {
                         what: "script",
-                        path: full.display().to_string(),
+                        // As written, joined to the flow's directory: the resolved path
+                        // could show where a symbolic link inside the directory points.
+                        path: ctx.flow_dir().join(path).display().to_string(),
                         message: e.to_string(),
                     },
-                )])
-            }
-        }
+                )]
+            })?,
+        };
+        (
+            text,
+            Source {
+                name: path.to_string(),
+            },
+            "script",
+        )
     } else if let Some((p, code)) = code_props.iter().find_map(|p| decl.str(p).map(|c| (*p, c))) {
         (
             code.to_string(),
@@ -277,6 +296,28 @@ pub fn load(decl: &NodeDecl, flow_dir: &Path, code_props: &[&str]) -> Result<Scr
                 .join(" or ")
         )))]);
     };
+    compile(text, source, prop, limits)
+}
+
+/// Compiles inline code (a `code` or `expression` property) outside a flow (benchmarks).
+pub fn compile_inline(decl: &NodeDecl, code_prop: &str) -> Result<Script, Vec<Problem>> {
+    let code = decl.str(code_prop).ok_or_else(|| {
+        vec![Problem::node(FlowErrorKind::MissingProperty(
+            code_prop.to_string(),
+        ))]
+    })?;
+    let source = Source {
+        name: format!("inline {code_prop}"),
+    };
+    compile(code.to_string(), source, code_prop, Limits::from_decl(decl))
+}
+
+fn compile(
+    text: String,
+    source: Source,
+    prop: &str,
+    limits: Limits,
+) -> Result<Script, Vec<Problem>> {
     let engine = engine(&limits);
     match engine.compile(&text) {
         Ok(ast) => Ok(Script {
@@ -288,16 +329,218 @@ pub fn load(decl: &NodeDecl, flow_dir: &Path, code_props: &[&str]) -> Result<Scr
         }),
         Err(e) => {
             let (line, column) = line_col(e.position());
+            // Inline code is in the flow itself: Rhai's whole message may quote it. A file
+            // may be anything the flow named, so its message quotes nothing of it.
+            let message = if prop == "script" {
+                file_safe_message(e.err_type())
+            } else {
+                e.err_type().to_string()
+            };
             Err(vec![Problem::at(
                 prop,
                 FlowErrorKind::Script {
                     script: source.name,
                     line,
                     column,
-                    message: e.err_type().to_string(),
+                    message,
                 },
             )])
         }
+    }
+}
+
+/// Rhai's reserved words: the only words of a script file a compile error may repeat.
+const RHAI_KEYWORDS: &[&str] = &[
+    "Fn",
+    "as",
+    "async",
+    "await",
+    "break",
+    "call",
+    "case",
+    "catch",
+    "const",
+    "continue",
+    "curry",
+    "debug",
+    "default",
+    "do",
+    "else",
+    "eval",
+    "exit",
+    "export",
+    "false",
+    "fn",
+    "for",
+    "global",
+    "go",
+    "goto",
+    "if",
+    "import",
+    "in",
+    "is",
+    "is_def_fn",
+    "is_def_var",
+    "is_shared",
+    "let",
+    "loop",
+    "match",
+    "module",
+    "new",
+    "nil",
+    "null",
+    "package",
+    "print",
+    "private",
+    "protected",
+    "public",
+    "return",
+    "shared",
+    "spawn",
+    "static",
+    "super",
+    "switch",
+    "sync",
+    "this",
+    "thread",
+    "throw",
+    "true",
+    "try",
+    "type_of",
+    "until",
+    "use",
+    "var",
+    "void",
+    "while",
+    "with",
+    "yield",
+];
+
+/// Whether text taken from a script file may appear in an error: a Rhai keyword or a single
+/// punctuation character, which say nothing about a file that is not a script.
+fn quotable(s: &str) -> bool {
+    RHAI_KEYWORDS.contains(&s) || (s.len() == 1 && s.bytes().all(|b| b.is_ascii_punctuation()))
+}
+
+/// Whether a quoted piece of Rhai's own prose (a token it expected, a keyword) may stay: a
+/// keyword, or a short operator such as `==`. Identifiers from the file never pass.
+fn quotable_in_prose(s: &str) -> bool {
+    RHAI_KEYWORDS.contains(&s)
+        || (!s.is_empty() && s.len() <= 3 && s.bytes().all(|b| b.is_ascii_punctuation()))
+}
+
+/// Rhai's prose with every quoted piece that is not a keyword or an operator left out
+/// (`... of this function call 'lookup_password'` loses the name).
+fn scrub(prose: &str) -> String {
+    let mut out = String::new();
+    let mut rest = prose;
+    while let Some(open) = rest.find('\'') {
+        let Some(len) = rest[open + 1..].find('\'') else {
+            break;
+        };
+        let inner = &rest[open + 1..open + 1 + len];
+        if quotable_in_prose(inner) {
+            out.push_str(&rest[..open + len + 2]);
+        } else {
+            out.push_str(rest[..open].trim_end());
+        }
+        rest = &rest[open + len + 2..];
+    }
+    out.push_str(rest);
+    out.trim().to_string()
+}
+
+/// `text` when the prose is empty after scrubbing, else the scrubbed prose.
+fn scrub_or(prose: &str, text: &str) -> String {
+    let s = scrub(prose);
+    if s.is_empty() {
+        text.to_string()
+    } else {
+        s
+    }
+}
+
+/// A compile error of a script file, built from the error's type so that nothing taken from
+/// the file (identifiers, numbers, strings, operators) is repeated but Rhai's keywords and
+/// single punctuation symbols: a file named as a script may be any file, and its content must
+/// not come back in a message. The line and column say where to look.
+fn file_safe_message(e: &rhai::ParseErrorType) -> String {
+    use rhai::ParseErrorType as P;
+    match e {
+        P::BadInput(lex) => lex_safe_message(lex),
+        P::UnknownOperator(s) if quotable(s) => e.to_string(),
+        P::UnknownOperator(_) => "Unknown operator".into(),
+        P::MissingToken(token, prose) => {
+            let token = if quotable_in_prose(token) {
+                format!(" '{token}'")
+            } else {
+                String::new()
+            };
+            format!("Expecting{token} {}", scrub(prose))
+                .trim_end()
+                .to_string()
+        }
+        P::MissingSymbol(s) => scrub_or(s, "Expecting a symbol"),
+        P::MalformedIndexExpr(s) => scrub_or(s, "Invalid index in indexing expression"),
+        P::MalformedCapture(s) => scrub_or(s, "Invalid capturing"),
+        P::AssignmentToInvalidLHS(s) => scrub_or(s, "Expression cannot be assigned to"),
+        P::DuplicatedProperty(_) => "Duplicated property in an object map literal".into(),
+        P::DuplicatedVariable(_) => "Duplicated variable name".into(),
+        P::VariableExists(_) => "Variable already defined".into(),
+        P::VariableUndefined(_) => "Undefined variable".into(),
+        P::ModuleUndefined(_) => "Undefined module".into(),
+        P::ForbiddenVariable(_) => "Forbidden variable name".into(),
+        P::FnDuplicatedDefinition(_, n) => format!(
+            "A function of that name with {n} parameter{} already exists",
+            if *n == 1 { "" } else { "s" }
+        ),
+        P::FnMissingParams(_) => "Expecting parameters for the function".into(),
+        P::FnDuplicatedParam(..) => "Duplicated parameter of the function".into(),
+        P::FnMissingBody(_) => "Expecting body statement block for the function".into(),
+        P::AssignmentToConstant(_) => "Cannot assign to a constant".into(),
+        P::Reserved(s) if quotable(s) => e.to_string(),
+        P::Reserved(_) => "A reserved keyword or symbol is used".into(),
+        // Rhai's own words: type names, descriptions, limits.
+        P::UnexpectedEOF
+        | P::MismatchedType(..)
+        | P::ExprExpected(_)
+        | P::WrongSwitchIntegerCase
+        | P::WrongSwitchDefaultCase
+        | P::WrongSwitchCaseCondition
+        | P::PropertyExpected
+        | P::VariableExpected
+        | P::WrongDocComment
+        | P::WrongFnDefinition
+        | P::FnMissingName
+        | P::WrongExport
+        | P::ExprTooDeep
+        | P::TooManyFunctions
+        | P::LiteralTooLarge(..)
+        | P::LoopBreak => e.to_string(),
+        _ => "Syntax error".into(),
+    }
+}
+
+/// [`file_safe_message`] for errors of the tokenizer.
+fn lex_safe_message(e: &rhai::LexError) -> String {
+    use rhai::LexError as L;
+    match e {
+        L::UnexpectedInput(s) if quotable(s) => e.to_string(),
+        L::UnexpectedInput(_) => "Unexpected input".into(),
+        L::UnterminatedString | L::StringTooLong(_) => e.to_string(),
+        L::MalformedEscapeSequence(_) => "Invalid escape sequence".into(),
+        L::MalformedNumber(_) => "Invalid number".into(),
+        L::MalformedChar(_) => "Invalid character literal".into(),
+        L::MalformedIdentifier(_) => "Variable name is not proper".into(),
+        L::ImproperSymbol(s, prose) if prose.is_empty() => {
+            if quotable(s) {
+                e.to_string()
+            } else {
+                "Invalid symbol encountered".into()
+            }
+        }
+        L::ImproperSymbol(_, prose) => scrub_or(prose, "Invalid symbol encountered"),
+        _ => "Invalid input".into(),
     }
 }
 
@@ -632,7 +875,18 @@ mod tests {
 
     /// A Compute script from inline `code` and limits, compiled (the test fails if it does not).
     fn compiled(props: Value) -> Script {
-        load(&decl(props), Path::new("."), &["code"]).unwrap_or_else(|p| panic!("compiles: {p:?}"))
+        compile_inline(&decl(props), "code").unwrap_or_else(|p| panic!("compiles: {p:?}"))
+    }
+
+    /// What building a flow whose file is in `dir` sees.
+    fn ctx_in(dir: &std::path::Path) -> BuildCtx {
+        BuildCtx {
+            flow: "f".into(),
+            file: dir.join("flow.json"),
+            config: Arc::new(flowbus_runtime::config::Config::default()),
+            services: Arc::new(flowbus_runtime::services::Services::default()),
+            shipped: Arc::default(),
+        }
     }
 
     #[test]
@@ -759,7 +1013,7 @@ mod tests {
     fn compile_errors_carry_line_and_column() {
         let Err(p) = load(
             &decl(json!({"code": "let x = 1;\nlet = 2;"})),
-            Path::new("."),
+            &ctx_in(std::path::Path::new(".")),
             &["code"],
         ) else {
             panic!("must not compile")
@@ -902,5 +1156,120 @@ mod tests {
         );
         let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
         assert!(e.text.contains("longer than its timeout"), "{}", e.text);
+    }
+
+    /// Files that are not scripts, holding secrets, each named as a script: no compile error
+    /// may repeat a secret. The same text given inline (it is the flow's own) keeps Rhai's
+    /// whole message, which for most of them does quote the secret: that is what the file's
+    /// message must not do.
+    #[test]
+    fn compile_errors_of_a_script_file_quote_nothing_of_the_file() {
+        let dir =
+            std::env::temp_dir().join(format!("flowbus-script-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cases = [
+            (
+                "password = Hunter2Secret\nHunter2Secret\napi_key: \"s3cr3t-value\"\n",
+                false,
+            ),
+            ("api_key: \"s3cr3t-value\"\n", false),
+            ("lookup_Hunter2Secret(1, 2", true),
+            ("fn Hunter2Secret() {} fn Hunter2Secret() {}", true),
+            ("#{Hunter2Secret: 1, Hunter2Secret: 2}", true),
+            ("x = 'Hunter2Secret'", true),
+            ("const Hunter2Secret = 2; Hunter2Secret = 3;", true),
+            ("fn f(Hunter2Secret, Hunter2Secret) {}", true),
+            ("\"\\qs3cr3t\"", false),
+            ("token \u{20ac} s3cr3t", false),
+            ("-----BEGIN PRIVATE KEY-----\nMIIEHunter2Secret\n", false),
+        ];
+        let ctx = ctx_in(&dir);
+        for (i, (text, inline_quotes_it)) in cases.iter().enumerate() {
+            let name = format!("secret-{i}.rhai");
+            std::fs::write(dir.join(&name), text).unwrap();
+            let Err(p) = load(&decl(json!({ "script": name })), &ctx, &["code"]) else {
+                panic!("{text:?} compiled")
+            };
+            let shown = p[0].kind.to_string();
+            assert!(
+                shown.starts_with(&format!("Rhai compile error in {name} at line ")),
+                "{shown}"
+            );
+            for secret in ["Hunter2", "s3cr3t", "\\q", "\u{20ac}", "MIIE", "BEGIN"] {
+                assert!(!shown.contains(secret), "{text:?} gave: {shown}");
+            }
+            let Err(p) = load(&decl(json!({ "code": text })), &ctx, &["code"]) else {
+                panic!("{text:?} compiled inline")
+            };
+            let inline = p[0].kind.to_string();
+            assert_eq!(
+                inline.contains("Hunter2Secret"),
+                *inline_quotes_it,
+                "inline: {inline}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn compile_errors_of_a_script_file_keep_keywords_and_single_symbols() {
+        let dir = std::env::temp_dir().join(format!("flowbus-script-kw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ctx = ctx_in(&dir);
+        for (text, says) in [
+            ("let f = 1 + ;", "Unexpected ';'"),
+            (
+                "let x = eval(\"1\");",
+                "reserved keyword 'eval' is disabled",
+            ),
+            ("import \"x\" as y;", "'import' is a reserved keyword"),
+            (
+                "f(1, 2",
+                "Expecting ')' to close the arguments list of this function call",
+            ),
+            ("let x = 1 € 2;", "Unexpected input"),
+        ] {
+            std::fs::write(dir.join("s.rhai"), text).unwrap();
+            let Err(p) = load(&decl(json!({ "script": "s.rhai" })), &ctx, &["code"]) else {
+                panic!("{text:?} compiled")
+            };
+            let shown = p[0].kind.to_string();
+            assert!(
+                shown.ends_with(&format!(": {says}")),
+                "{text:?} gave: {shown}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_script_shipped_with_the_flow_is_used_instead_of_the_disk() {
+        let dir =
+            std::env::temp_dir().join(format!("flowbus-script-shipped-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut ctx = ctx_in(&dir);
+        let shipped: flowbus_runtime::node::ShippedScripts = [(
+            "lib/x.rhai".to_string(),
+            "Root.Body.shipped = true;".to_string(),
+        )]
+        .into();
+        ctx.shipped = Arc::new(shipped);
+        let s = load(&decl(json!({ "script": "lib/x.rhai" })), &ctx, &["code"])
+            .unwrap_or_else(|p| panic!("{p:?}"));
+        let out = s.run(&Message::new(Body::Json(json!({}))), T).unwrap();
+        assert_eq!(out.message.root.body, Body::Json(json!({"shipped": true})));
+        // Still confined: a shipped text does not make a path outside acceptable.
+        let mut outside = ctx.clone();
+        outside.shipped = Arc::new([("../x.rhai".to_string(), "1".to_string())].into());
+        let Err(p) = load(&decl(json!({ "script": "../x.rhai" })), &outside, &["code"]) else {
+            panic!("a path outside was accepted")
+        };
+        assert!(
+            p[0].kind
+                .to_string()
+                .contains("must be inside the flow directory"),
+            "{:?}",
+            p[0].kind
+        );
     }
 }

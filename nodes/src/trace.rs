@@ -3,6 +3,7 @@
 //! a file, then propagates the message unchanged to `Out`.
 
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -53,6 +54,18 @@ impl NodeKind for TraceKind {
             )),
             _ => {}
         }
+        if let Some(file) = node.str("file") {
+            let lower = file.to_ascii_lowercase();
+            if lower.ends_with(".json") || lower.ends_with(".rhai") {
+                p.push(Problem::at(
+                    "file",
+                    FlowErrorKind::BadValue {
+                        property: "file".into(),
+                        message: "must not end in .json or .rhai: the daemon would take a trace file in a flow directory for a flow, or for a script".into(),
+                    },
+                ));
+            }
+        }
         if let Some(pattern) = node.str("pattern") {
             if let Err(m) = Template::parse(pattern) {
                 p.push(Problem::at(
@@ -83,7 +96,7 @@ impl NodeKind for TraceKind {
         let dest = match node.str("destination").unwrap_or("log") {
             "stdout" => Dest::Stdout,
             "file" => Dest::File(
-                ctx.flow_dir().join(node.str("file").unwrap_or("trace.log")),
+                ctx.resolve("file", node.str("file").unwrap_or("trace.log"))?,
                 Mutex::new(()),
             ),
             _ => Dest::Log,
@@ -199,9 +212,13 @@ impl ProcessingNode for Trace {
                 }
                 Dest::File(path, lock) => {
                     let _g = lock.lock().unwrap_or_else(|p| p.into_inner());
+                    // The path was resolved inside the flow's directory at deploy; a symbolic
+                    // link put in its place since is not followed.
                     std::fs::OpenOptions::new()
                         .create(true)
                         .append(true)
+                        .mode(0o600)
+                        .custom_flags(libc::O_NOFOLLOW)
                         .open(path)
                         .and_then(|mut f| writeln!(f, "{text}"))
                         .map_err(|e| {

@@ -663,6 +663,18 @@ impl From<DaemonError> for ApiError {
                 ),
                 details: flow_errors_json(&errors),
             },
+            DaemonError::BadScripts(problems) => ApiError {
+                status: StatusCode::BAD_REQUEST,
+                error: format!(
+                    "the scripts sent with the flow were refused ({} problem{}); nothing was changed",
+                    problems.len(),
+                    if problems.len() == 1 { "" } else { "s" }
+                ),
+                details: problems
+                    .into_iter()
+                    .map(|p| json!({ "message": p, "text": p }))
+                    .collect(),
+            },
             DaemonError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, e.to_string()),
             DaemonError::Io(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             DaemonError::ShuttingDown => {
@@ -741,9 +753,20 @@ async fn put_flow(State(s): State<AppState>, Path(name): Path<String>, body: Byt
         )
         .into_response();
     }
-    match s.daemon.deploy_text(&name, text).await {
+    let d = s.daemon.clone();
+    let deployed = match bundle(text) {
+        Ok(Some((flow, scripts))) => {
+            detached(async move { d.deploy_with_scripts(&name, &flow, scripts).await }).await
+        }
+        Ok(None) => {
+            let text = text.to_string();
+            detached(async move { d.deploy_text(&name, &text).await }).await
+        }
+        Err(e) => return e.into_response(),
+    };
+    match deployed {
         Ok(view) => Json(json!({ "deployed": view })).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -761,6 +784,57 @@ async fn detached<T: Send + 'static>(
             )
         })?
         .map_err(ApiError::from)
+}
+
+/// A deploy body that carries scripts: `{"flow": <the flow as a JSON string or object>,
+/// "scripts": {"enrich.rhai": "...", ...}}` (an object with `flow` and no `nodes`). `None`
+/// for anything else, which is a plain flow document (and validated as one).
+fn bundle(text: &str) -> Result<Option<(String, crate::node::ShippedScripts)>, ApiError> {
+    let Ok(Value::Object(mut body)) = serde_json::from_str::<Value>(text) else {
+        return Ok(None);
+    };
+    if !body.contains_key("flow") || body.contains_key("nodes") {
+        return Ok(None);
+    }
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, m);
+    if let Some(k) = body.keys().find(|k| *k != "flow" && *k != "scripts") {
+        return Err(bad(format!(
+            "unknown key '{k}' in a deploy with scripts (allowed: \"flow\", \"scripts\")"
+        )));
+    }
+    // Sent as a string, the flow keeps its own lines and columns for the error positions.
+    let flow = match body.remove("flow") {
+        Some(Value::String(s)) => s,
+        Some(v @ Value::Object(_)) => serde_json::to_string_pretty(&v)
+            .map_err(|e| bad(format!("\"flow\" cannot be read: {e}")))?,
+        _ => {
+            return Err(bad(
+                "\"flow\" must be the flow, as a JSON object or as a string holding its JSON"
+                    .into(),
+            ))
+        }
+    };
+    let mut scripts = crate::node::ShippedScripts::new();
+    match body.remove("scripts") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) => {
+            for (k, v) in map {
+                let Value::String(t) = v else {
+                    return Err(bad(format!(
+                        "\"scripts\": the value of '{k}' must be the script's text, a string"
+                    )));
+                };
+                scripts.insert(k, t);
+            }
+        }
+        Some(_) => {
+            return Err(bad(
+                "\"scripts\" must be an object mapping each script path the flow names to its text"
+                    .into(),
+            ))
+        }
+    }
+    Ok(Some((flow, scripts)))
 }
 
 async fn delete_flow(State(s): State<AppState>, Path(name): Path<String>) -> Response {

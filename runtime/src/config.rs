@@ -173,6 +173,9 @@ pub struct DaemonConfig {
     /// propagations of inputs with `instances > 1`); none set: one per core. Each input node
     /// runs its own propagations on a thread of its own (`input_task`).
     pub worker_threads: Option<usize>,
+    /// Directories, besides a flow's own, whose files flows may name (a `script`, a Trace
+    /// `file`); relative entries are relative to the configuration file.
+    pub allowed_paths: Vec<PathBuf>,
 }
 
 impl Default for DaemonConfig {
@@ -182,6 +185,7 @@ impl Default for DaemonConfig {
             watch: true,
             watch_interval: Dur(Duration::from_secs(1)),
             worker_threads: None,
+            allowed_paths: Vec::new(),
         }
     }
 }
@@ -373,6 +377,12 @@ impl Config {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             cfg.data_dir = dir.join(&cfg.data_dir);
             cfg.flows = cfg.flows.iter().map(|f| dir.join(f)).collect();
+            cfg.daemon.allowed_paths = cfg
+                .daemon
+                .allowed_paths
+                .iter()
+                .map(|p| dir.join(p))
+                .collect();
             // Files a server names are relative to the configuration file, too.
             for server in cfg.servers.values_mut() {
                 for f in [
@@ -489,6 +499,17 @@ impl Config {
                     format!("daemon.worker_threads must be between 1 and 256 (is {n})"),
                 );
             }
+        }
+        if self
+            .daemon
+            .allowed_paths
+            .iter()
+            .any(|p| p.as_os_str().is_empty())
+        {
+            return fail(
+                "allowed_paths",
+                "daemon.allowed_paths entries must name directories (an empty one would mean the configuration file's directory)".into(),
+            );
         }
         if Severity::parse(&self.activity_log.min_severity).is_none() {
             return fail(
@@ -625,6 +646,30 @@ mod tests {
         assert_eq!(c.daemon.watch_interval.0, Duration::from_secs(1));
         assert_eq!(c.flows, [PathBuf::from("flows")]);
         assert_eq!(c.data_dir, PathBuf::from(".flowbus"));
+        assert!(c.daemon.allowed_paths.is_empty());
+    }
+
+    #[test]
+    fn allowed_paths_are_relative_to_the_configuration_file() {
+        let c = Config::parse(
+            Path::new("/etc/flowbus/flowbus.toml"),
+            "[daemon]\nallowed_paths = [\"shared\", \"/srv/scripts\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.daemon.allowed_paths,
+            [
+                PathBuf::from("/etc/flowbus/shared"),
+                PathBuf::from("/srv/scripts")
+            ]
+        );
+        let e = Config::parse(Path::new("f.toml"), "[daemon]\nallowed_paths = [\"\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("f.toml:2:1:") && e.contains("must name directories"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -22,8 +22,10 @@ use serde_json::Value;
 use crate::activity::{NewEntry, Severity};
 use crate::config::Config;
 use crate::engine::{Cancel, Flow, NodeStatsSnapshot, RunningFlow};
-use crate::flow::{flow_files, load_flow_text, FlowError, FlowErrorKind, FlowErrors};
-use crate::node::Registry;
+use crate::flow::{
+    flow_files, load_flow_bundle, load_flow_text, FlowError, FlowErrorKind, FlowErrors,
+};
+use crate::node::{Registry, ShippedScripts};
 use crate::services::Services;
 use crate::stats::{names, ServerSnapshot};
 use crate::telemetry::Collected;
@@ -68,6 +70,10 @@ pub enum DaemonError {
     /// by another file).
     #[error("{0}")]
     Conflict(String),
+    /// Scripts sent with a flow break a rule: each names the script and the rule. Nothing was
+    /// changed.
+    #[error("the scripts sent with the flow were refused; nothing was changed:\n{}", .0.join("\n"))]
+    BadScripts(Vec<String>),
     /// A file could not be written or moved.
     #[error("{0}")]
     Io(String),
@@ -355,7 +361,7 @@ impl Daemon {
                     terminal: None,
                     kind: FlowErrorKind::Io(e.to_string()),
                 }]);
-                self.reject(file, None, fingerprint(file, ""), &errors);
+                self.reject(file, None, self.fingerprint(file, ""), &errors);
                 return Err(DaemonError::Invalid(errors));
             }
         };
@@ -364,7 +370,7 @@ impl Daemon {
 
     /// Deploys a flow file whose text has been read.
     async fn deploy_read_locked(&self, file: &Path, text: String) -> Result<FlowView, DaemonError> {
-        let fp = fingerprint(file, &text);
+        let fp = self.fingerprint(file, &text);
         match load_flow_text(
             file,
             &text,
@@ -640,6 +646,22 @@ impl Daemon {
     /// (nothing changes when it is invalid), then written to its file and started through the
     /// same path as a changed file.
     pub async fn deploy_text(&self, name: &str, text: &str) -> Result<FlowView, DaemonError> {
+        self.deploy_with_scripts(name, text, ShippedScripts::new())
+            .await
+    }
+
+    /// Deploys a flow together with the scripts it names (`"script": "lib/x.rhai"` → the text
+    /// of `lib/x.rhai`). Each script must be named by the flow, be a relative `.rhai` path of
+    /// plain names, and lie inside the flow's directory (see [`crate::paths`]). The flow is
+    /// validated and built with these scripts; only then are they written (each atomically,
+    /// missing directories created), then the flow file, and the flow is started like a
+    /// changed file. A refused request writes nothing.
+    pub async fn deploy_with_scripts(
+        &self,
+        name: &str,
+        text: &str,
+        scripts: ShippedScripts,
+    ) -> Result<FlowView, DaemonError> {
         if self.inner.shutting_down.load(Ordering::SeqCst) {
             return Err(DaemonError::ShuttingDown);
         }
@@ -647,9 +669,12 @@ impl Daemon {
         let _ops = self.inner.ops.lock().await;
         let existing = self.table().flows.get(name).map(|s| s.file.clone());
         let file = existing.unwrap_or_else(|| self.inner.deploy_dir.join(format!("{name}.json")));
-        let flow = load_flow_text(
+        let scripts = Arc::new(scripts);
+        let targets = self.script_targets(&file, text, &scripts)?;
+        let flow = load_flow_bundle(
             &file,
             text,
+            scripts.clone(),
             &self.inner.registry,
             self.inner.config.clone(),
             self.inner.services.clone(),
@@ -673,10 +698,63 @@ impl Daemon {
                 other.name
             )));
         }
+        write_scripts(&targets)?;
         write_atomically(&file, text)?;
-        let fp = fingerprint(&file, text);
+        let fp = self.fingerprint(&file, text);
         self.table().unnamed.remove(&file);
         Ok(self.install(flow, file, text.to_string(), fp).await)
+    }
+
+    /// Where each script sent with the flow to be stored in `file` goes, with its text; or
+    /// every rule the scripts break.
+    fn script_targets<'s>(
+        &self,
+        file: &Path,
+        text: &str,
+        scripts: &'s ShippedScripts,
+    ) -> Result<Vec<(PathBuf, &'s str)>, DaemonError> {
+        if scripts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let dir = file.parent().unwrap_or_else(|| Path::new("."));
+        // A flow that is not JSON names nothing; validation then says what is wrong with it.
+        let named = serde_json::from_str::<Value>(text)
+            .ok()
+            .map(|v| script_names(&v));
+        let mut targets = Vec::new();
+        let mut problems = Vec::new();
+        for (key, script) in scripts {
+            let plain = Path::new(key)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            let problem = if !plain || !key.ends_with(".rhai") || key.contains('\0') {
+                Some("must be a relative path of plain names ending in .rhai (no leading '/', no '.' or '..')".to_string())
+            } else if named.as_ref().is_some_and(|n| !n.contains(key)) {
+                Some("is not named by any node of the flow; send only the scripts its nodes name as \"script\" (written the same way)".to_string())
+            } else {
+                match crate::paths::confine(dir, &self.inner.config.daemon.allowed_paths, key) {
+                    Ok(target) => {
+                        targets.push((target, script.as_str()));
+                        None
+                    }
+                    Err(refusal) => Some(refusal.to_string()),
+                }
+            };
+            if let Some(p) = problem {
+                problems.push(format!("script '{key}' {p}"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(targets)
+        } else {
+            Err(DaemonError::BadScripts(problems))
+        }
+    }
+
+    /// [`fingerprint`] with this daemon's allowed paths.
+    fn fingerprint(&self, file: &Path, text: &str) -> u64 {
+        fingerprint(file, text, &self.inner.config.daemon.allowed_paths)
+            .unwrap_or_else(|(_, fp)| fp)
     }
 
     /// Starts a stopped or failed flow (rebuilt from its file). Starting a running flow does
@@ -1007,7 +1085,13 @@ impl Daemon {
                     continue;
                 }
             };
-            let fp = fingerprint(file, &text);
+            let fp = match fingerprint(file, &text, &self.inner.config.daemon.allowed_paths) {
+                Ok(fp) => fp,
+                Err((why, _)) => {
+                    self.watch_failed(&why);
+                    continue;
+                }
+            };
             if known.get(file) != Some(&fp) {
                 let _ = self.deploy_read_locked(file, text).await;
             }
@@ -1129,9 +1213,71 @@ fn write_atomically(file: &Path, text: &str) -> Result<(), DaemonError> {
     std::fs::rename(&tmp, file).map_err(io)
 }
 
+/// The `script` values a flow's nodes name.
+fn script_names(flow: &Value) -> BTreeSet<String> {
+    flow.get("nodes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n.get("script").and_then(Value::as_str))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Writes each script to its path atomically: every text goes to a temporary file beside its
+/// target first (missing directories created), and only when all are written are they renamed
+/// into place, so a failed write leaves every script as it was.
+fn write_scripts(targets: &[(PathBuf, &str)]) -> Result<(), DaemonError> {
+    let mut written: Vec<(PathBuf, &Path)> = Vec::new();
+    let mut result = Ok(());
+    for (target, text) in targets {
+        let tmp = target.with_file_name(format!(
+            ".{}.flowbus-tmp-{}",
+            target
+                .file_name()
+                .map(|n| n.to_string_lossy())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        let io = |e: std::io::Error| {
+            DaemonError::Io(format!("cannot write the script {}: {e}", target.display()))
+        };
+        let step = target
+            .parent()
+            .map_or(Ok(()), std::fs::create_dir_all)
+            .and_then(|()| std::fs::write(&tmp, text))
+            .map_err(io);
+        if let Err(e) = step {
+            let _ = std::fs::remove_file(&tmp);
+            result = Err(e);
+            break;
+        }
+        written.push((tmp, target));
+    }
+    if result.is_err() {
+        for (tmp, _) in &written {
+            let _ = std::fs::remove_file(tmp);
+        }
+        return result;
+    }
+    for (tmp, target) in &written {
+        std::fs::rename(tmp, target).map_err(|e| {
+            DaemonError::Io(format!("cannot write the script {}: {e}", target.display()))
+        })?;
+    }
+    Ok(())
+}
+
 /// What the watcher compares: the flow file's text and the text of every script file it
-/// names, so editing a script redeploys its flow too.
-fn fingerprint(file: &Path, text: &str) -> u64 {
+/// names, so editing a script redeploys its flow too. A script path that is not a `.rhai` file
+/// inside the flow's directory or an allowed path is never read (the flow is refused for it
+/// anyway): it adds only its name.
+///
+/// A script that exists but cannot be read now (out of descriptors, say) makes it an error,
+/// with the fingerprint as if the script were empty: the watcher then looks again later rather
+/// than take it for a change.
+fn fingerprint(file: &Path, text: &str, allowed: &[PathBuf]) -> Result<u64, (String, u64)> {
+    let mut unreadable = None;
     let mut h = std::collections::hash_map::DefaultHasher::new();
     text.hash(&mut h);
     if let Ok(v) = serde_json::from_str::<Value>(text) {
@@ -1143,12 +1289,25 @@ fn fingerprint(file: &Path, text: &str) -> u64 {
             .filter_map(|n| n.get("script").and_then(Value::as_str))
         {
             script.hash(&mut h);
-            std::fs::read(dir.join(script))
-                .unwrap_or_default()
-                .hash(&mut h);
+            let path = script
+                .ends_with(".rhai")
+                .then(|| crate::paths::confine(dir, allowed, script).ok())
+                .flatten();
+            let content = match path.map(|p| (std::fs::read(&p), p)) {
+                Some((Ok(c), _)) => c,
+                Some((Err(e), p)) if e.kind() != std::io::ErrorKind::NotFound => {
+                    unreadable = Some(format!("cannot read {}: {e}", p.display()));
+                    Vec::new()
+                }
+                _ => Vec::new(),
+            };
+            content.hash(&mut h);
         }
     }
-    h.finish()
+    match unreadable {
+        None => Ok(h.finish()),
+        Some(why) => Err((why, h.finish())),
+    }
 }
 
 fn redact_json(v: &mut Value) {
@@ -1157,5 +1316,30 @@ fn redact_json(v: &mut Value) {
         Value::Array(a) => a.iter_mut().for_each(redact_json),
         Value::Object(o) => o.values_mut().for_each(redact_json),
         _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_script_that_cannot_be_read_now_is_no_change_but_a_missing_one_is() {
+        let dir = std::env::temp_dir().join(format!("flowbus-fp-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let flow = dir.join("f.json");
+        let text = r#"{"nodes": [{"id": "c", "type": "Compute", "script": "s.rhai"}]}"#;
+        let missing = fingerprint(&flow, text, &[]).expect("a missing script is a state");
+        std::fs::write(dir.join("s.rhai"), "1").unwrap();
+        let present = fingerprint(&flow, text, &[]).unwrap();
+        assert_ne!(missing, present);
+        // A script the daemon cannot read (here: a directory by that name) is not taken for
+        // an empty or missing one.
+        std::fs::remove_file(dir.join("s.rhai")).unwrap();
+        std::fs::create_dir(dir.join("s.rhai")).unwrap();
+        let (why, _) = fingerprint(&flow, text, &[]).unwrap_err();
+        assert!(why.contains("s.rhai"), "{why}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

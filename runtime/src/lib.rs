@@ -6,6 +6,7 @@
 //! - [`node`]: the node-kind trait, specs, registry, and the two runtime node shapes.
 //! - [`engine`]: depth-first propagation, error routing, input dispatch and back-pressure.
 //! - [`activity`]: the activity log. [`stats`]: statistics. [`services`]: both, shared.
+//! - [`paths`]: where a flow may read and write (its directory, and `[daemon] allowed_paths`).
 //! - [`config`]: `flowbus.toml`. [`daemon`]: deploying, starting, stopping, watching and
 //!   removing flows; one failure domain per flow; graceful shutdown. [`datadir`]: the data
 //!   directory (private modes, one daemon at a time, the admin token).
@@ -25,6 +26,7 @@ pub mod harness;
 pub mod input_task;
 pub mod message;
 pub mod node;
+pub mod paths;
 pub mod services;
 pub mod stats;
 pub mod telemetry;

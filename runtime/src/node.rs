@@ -257,6 +257,11 @@ pub struct ValidateCtx {
     pub servers: BTreeSet<String>,
 }
 
+/// Script texts deployed together with a flow, by the path its nodes name them with
+/// (`"script": "lib/enrich.rhai"`): building uses them instead of the files on disk, which
+/// are written only once the flow has proved valid.
+pub type ShippedScripts = BTreeMap<String, String>;
+
 /// What building may use: the flow's location (scripts are relative to it), the runtime
 /// configuration and the daemon's services.
 #[derive(Clone)]
@@ -269,12 +274,36 @@ pub struct BuildCtx {
     pub config: Arc<Config>,
     /// Activity log and statistics.
     pub services: Arc<Services>,
+    /// Scripts that came with the flow (an API deploy), consulted before the disk.
+    pub shipped: Arc<ShippedScripts>,
 }
 
 impl BuildCtx {
     /// The directory script paths are relative to.
     pub fn flow_dir(&self) -> &Path {
         self.file.parent().unwrap_or_else(|| Path::new("."))
+    }
+
+    /// The real path of a file the node names in `property`, when it lies inside the flow's
+    /// directory or a directory of `[daemon] allowed_paths` (see [`crate::paths`]); otherwise
+    /// the problem naming the property and the rule (as a list, like [`NodeKind::build`]'s).
+    pub fn resolve(&self, property: &str, written: &str) -> Result<PathBuf, Vec<Problem>> {
+        let allowed = &self.config.daemon.allowed_paths;
+        crate::paths::confine(self.flow_dir(), allowed, written).map_err(|refusal| {
+            vec![Problem::at(
+                property,
+                FlowErrorKind::Path {
+                    property: property.to_string(),
+                    path: written.to_string(),
+                    refusal,
+                },
+            )]
+        })
+    }
+
+    /// The text shipped with the flow for the script it names `written`, if any.
+    pub fn shipped(&self, written: &str) -> Option<&str> {
+        self.shipped.get(written).map(String::as_str)
     }
 }
 

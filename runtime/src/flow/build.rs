@@ -9,7 +9,7 @@ use super::validate::{validate_all, ValidatedFlow};
 use super::{FlowError, FlowErrorKind, FlowErrors};
 use crate::config::Config;
 use crate::engine::{assemble, Flow};
-use crate::node::{BuildCtx, Registry, ValidateCtx};
+use crate::node::{BuildCtx, Registry, ShippedScripts, ValidateCtx};
 use crate::services::Services;
 
 /// Builds every node of a validated flow; returns every problem at once.
@@ -19,11 +19,23 @@ pub fn build_flow(
     config: Arc<Config>,
     services: Arc<Services>,
 ) -> Result<Flow, Vec<FlowError>> {
+    build_flow_with(v, registry, config, services, Arc::default())
+}
+
+/// [`build_flow`], with scripts that came with the flow used instead of the files on disk.
+pub fn build_flow_with(
+    v: &ValidatedFlow,
+    registry: &Registry,
+    config: Arc<Config>,
+    services: Arc<Services>,
+    shipped: Arc<ShippedScripts>,
+) -> Result<Flow, Vec<FlowError>> {
     let ctx = BuildCtx {
         flow: v.name.clone(),
         file: v.file.clone(),
         config,
         services: services.clone(),
+        shipped,
     };
     let mut errors = Vec::new();
     let mut nodes = Vec::new();
@@ -97,17 +109,30 @@ pub fn load_flow_text(
     config: Arc<Config>,
     services: Arc<Services>,
 ) -> Result<Flow, FlowErrors> {
+    load_flow_bundle(path, text, Arc::default(), registry, config, services)
+}
+
+/// [`load_flow_text`] for a flow deployed with its scripts: the scripts in `shipped` are
+/// compiled from there, not read from disk (where they are not written yet).
+pub fn load_flow_bundle(
+    path: &Path,
+    text: &str,
+    shipped: Arc<ShippedScripts>,
+    registry: &Registry,
+    config: Arc<Config>,
+    services: Arc<Services>,
+) -> Result<Flow, FlowErrors> {
     let vctx = ValidateCtx {
         servers: config.servers.keys().cloned().collect(),
     };
     match validate_all(path, text, registry, &vctx) {
         (Some(v), errors) if errors.is_empty() => {
-            build_flow(&v, registry, config, services).map_err(FlowErrors)
+            build_flow_with(&v, registry, config, services, shipped).map_err(FlowErrors)
         }
         (Some(v), mut errors) => {
             // Build the nodes that did validate too, so their script errors are reported in
             // the same run; the flow itself is not started.
-            if let Err(more) = build_flow(&v, registry, config, services) {
+            if let Err(more) = build_flow_with(&v, registry, config, services, shipped) {
                 errors.extend(more);
                 errors.sort_by_key(|e| e.pos.map(|p| (p.line, p.column)));
             }

@@ -12,7 +12,9 @@ pub mod validate;
 use std::fmt;
 use std::path::PathBuf;
 
-pub use build::{build_flow, flow_files, load_flow, load_flow_text};
+pub use build::{
+    build_flow, build_flow_with, flow_files, load_flow, load_flow_bundle, load_flow_text,
+};
 pub use spans::Pos;
 pub use validate::{validate, validate_all, ValidatedFlow};
 
@@ -195,6 +197,17 @@ pub enum FlowErrorKind {
         path: String,
         /// The OS error.
         message: String,
+    },
+    /// A path the flow names (a `script`, a Trace `file`) breaks a rule of
+    /// [`paths`](crate::paths): outside the flow's directory, or not a file name.
+    #[error("\"{property}\" '{path}' {refusal}")]
+    Path {
+        /// The property naming the path.
+        property: String,
+        /// The path as the flow writes it.
+        path: String,
+        /// The rule it breaks.
+        refusal: crate::paths::Refusal,
     },
     /// A flow without nodes, or without an input node.
     #[error("{0}")]
