@@ -120,12 +120,13 @@ pub fn security(config: &Config) -> Vec<Finding> {
     let mut writable: Vec<_> = config
         .flows
         .iter()
+        .chain(&config.daemon.allowed_paths)
         .flat_map(|p| flowbus_runtime::datadir::with_mode_bits(p, 0o022))
         .collect();
     writable.sort();
     if !writable.is_empty() {
         out.push(problem(format!(
-            "flow files or directories others can write: {}; whoever writes there runs code as the daemon's user: run chmod go-w on them",
+            "flow files, scripts or directories others can write: {}; whoever writes there runs code as the daemon's user: run chmod go-w on them",
             listed(&writable)
         )));
     }
