@@ -622,7 +622,7 @@ fn cmd_run(
             "",
             format!(
                 "flowbus stopping (deadline {})",
-                humantime::format_duration(deadline)
+                flowbus_runtime::time::human(deadline)
             ),
         ));
         let late = daemon.shutdown(deadline).await;
@@ -630,7 +630,7 @@ fn cmd_run(
             tracing::warn!(
                 "flows {} did not stop within {}",
                 late.join(", "),
-                humantime::format_duration(deadline)
+                flowbus_runtime::time::human(deadline)
             );
         }
         let _ = watcher.await;

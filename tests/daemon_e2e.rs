@@ -1222,3 +1222,33 @@ async fn daemon_worker_threads_sets_how_many_threads_run_the_flows() {
         d.stderr()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_shows_events_warnings_and_errors_not_every_message() {
+    let flows = [("tick.json", tick_flow("50ms"))];
+    let flows: Vec<(&str, &str)> = flows.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let mut d = start(&with_token(""), &flows);
+    d.wait_api().await;
+    // Ten ticks are in the log (API, files) ...
+    cli_until(
+        &d,
+        &["log", "--number", "BIP1003"],
+        Duration::from_secs(10),
+        |o| o.contains("tick 10"),
+    )
+    .await;
+    // ... but not on the console, which has the deploy and the start.
+    let console = d.stderr();
+    assert!(!console.contains("BIP1003"), "{console}");
+    assert!(
+        console.contains("BIP1005") && console.contains("BIP1001"),
+        "{console}"
+    );
+    // The setting puts them on the console too.
+    assert!(d.terminate(Duration::from_secs(10)).success());
+    let config = with_token("[activity_log]\nconsole_per_message = true\n");
+    std::fs::write(d.dir.join("flowbus.toml"), config).unwrap();
+    d.start();
+    d.wait_log("BIP1003 tick 3", 1, Duration::from_secs(10))
+        .await;
+}

@@ -153,8 +153,9 @@ async fn busy_relay(
         "connections": [{"from": "in.Out", "to": "work"}, {"from": "work.Out", "to": "out"}]
     })
     .to_string();
+    // These tests read per-message summaries (BIP12102) from the console.
     let config = fast_config(&format!(
-        "[daemon]\nshutdown_timeout = \"{shutdown_timeout}\"\n"
+        "[daemon]\nshutdown_timeout = \"{shutdown_timeout}\"\n[activity_log]\nconsole_per_message = true\n"
     ));
     let daemon = Daemon::spawn(&config, &[("relay.json", &flow)]);
     daemon

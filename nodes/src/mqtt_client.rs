@@ -1253,9 +1253,9 @@ impl Conn {
                                 Severity::Warning,
                                 bip::CONNECTION_LOST,
                                 format!(
-                                    "Lost the connection to {}; reconnecting in {:?}",
+                                    "Lost the connection to {}; reconnecting in {}",
                                     log.url,
-                                    self.backoff.delay(0)
+                                    flowbus_runtime::time::human(self.backoff.delay(0))
                                 ),
                             ));
                             tokio::select! {

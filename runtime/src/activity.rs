@@ -428,6 +428,8 @@ pub struct ActivityLog {
     min_severity: Severity,
     live: broadcast::Sender<Arc<Entry>>,
     counters: LogCounters,
+    /// Whether per-message entries below warning also go to the console (`tracing`).
+    console_per_message: bool,
 }
 
 impl ActivityLog {
@@ -446,6 +448,7 @@ impl ActivityLog {
             min_severity,
             live,
             counters: LogCounters::default(),
+            console_per_message: false,
         }
     }
 
@@ -490,7 +493,15 @@ impl ActivityLog {
         ring.push_back(entry);
     }
 
-    /// Records an entry (and writes the matching `tracing` line and file line).
+    /// Sends per-message entries (received, published, Trace output, their summaries) below
+    /// warning to the console too; by default only events, warnings and errors go there.
+    pub fn with_console_per_message(mut self, on: bool) -> ActivityLog {
+        self.console_per_message = on;
+        self
+    }
+
+    /// Records an entry (and writes the matching file line, and the `tracing` line unless it
+    /// is a per-message entry kept off the console).
     pub fn record(&self, e: NewEntry) {
         if e.severity < self.min_severity {
             return;
@@ -505,7 +516,10 @@ impl ActivityLog {
                 v => (k, v),
             })
             .collect();
+        // The console is for people: a line per message makes it unreadable at any rate.
+        let quiet = per_message && e.severity == Severity::Info && !self.console_per_message;
         match e.severity {
+            Severity::Info if quiet => {}
             Severity::Info => {
                 tracing::info!(flow = %e.flow, node = %e.node, "BIP{} {}", e.number, message)
             }

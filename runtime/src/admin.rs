@@ -330,7 +330,7 @@ async fn guard(State(s): State<AppState>, req: Request, next: Next) -> Response 
                 StatusCode::REQUEST_TIMEOUT,
                 format!(
                     "the request body did not arrive within {}",
-                    humantime::format_duration(g.request_timeout)
+                    crate::time::human(g.request_timeout)
                 ),
             )
             .into_response()

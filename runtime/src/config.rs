@@ -202,6 +202,9 @@ pub struct ActivityLogConfig {
     pub file_size: Size,
     /// `info`, `warning` or `error`.
     pub min_severity: String,
+    /// Whether per-message entries (received, published, Trace output) below warning are
+    /// also printed on the console (stderr); they are always in the log itself.
+    pub console_per_message: bool,
 }
 
 impl Default for ActivityLogConfig {
@@ -211,6 +214,7 @@ impl Default for ActivityLogConfig {
             files: 4,
             file_size: Size(10 * 1024 * 1024),
             min_severity: "info".into(),
+            console_per_message: false,
         }
     }
 }

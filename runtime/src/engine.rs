@@ -923,10 +923,10 @@ impl RunningFlow {
             format!("flow '{}' stopped", inner.name)
         } else {
             format!(
-                "flow '{}' stopped; nodes {} did not finish within {:?} and were aborted",
+                "flow '{}' stopped; nodes {} did not finish within {} and were aborted",
                 inner.name,
                 late.join(", "),
-                deadline
+                crate::time::human(deadline)
             )
         };
         inner.log(NewEntry::new(

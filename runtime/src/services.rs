@@ -24,7 +24,8 @@ impl Services {
     /// validation and tests).
     pub fn from_config(config: &Config) -> Services {
         Services {
-            activity: ActivityLog::new(config.activity_log.buffer_entries, min_severity(config)),
+            activity: ActivityLog::new(config.activity_log.buffer_entries, min_severity(config))
+                .with_console_per_message(config.activity_log.console_per_message),
             stats: Stats::default(),
             telemetry: Arc::new(Telemetry::new()),
         }
@@ -43,7 +44,8 @@ impl Services {
                 config.activity_log.buffer_entries,
                 min_severity(config),
                 files,
-            )?,
+            )?
+            .with_console_per_message(config.activity_log.console_per_message),
             stats: Stats::default(),
             telemetry: Arc::new(Telemetry::new()),
         })

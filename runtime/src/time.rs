@@ -134,6 +134,33 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
+/// A duration as people write it, rounded to what matters: `250ms`, `1.5s`, `2s`, `2m 30s`,
+/// `1h 5m` — never `1.999961588s`.
+pub fn human(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    if ms < 60_000 {
+        // Tenths of a second, rounded; `2.0s` is written `2s`.
+        let tenths = (ms + 50) / 100;
+        let (whole, tenth) = (tenths / 10, tenths % 10);
+        return if tenth == 0 {
+            format!("{whole}s")
+        } else {
+            format!("{whole}.{tenth}s")
+        };
+    }
+    let secs = (ms + 500) / 1000;
+    let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    match (h, m, s) {
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m {s}s"),
+        (h, 0, _) => format!("{h}h"),
+        (h, m, _) => format!("{h}h {m}m"),
+    }
+}
+
 /// Counts events (a failure that repeats) and says when to report them: at most once per
 /// period, with how many there were since the last report.
 pub struct Every {
@@ -166,6 +193,24 @@ impl Every {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        let cases = [
+            (Duration::from_micros(1), "0ms"),
+            (Duration::from_millis(250), "250ms"),
+            (Duration::from_nanos(1_999_961_588), "2s"),
+            (Duration::from_millis(1500), "1.5s"),
+            (Duration::from_millis(59_960), "60s"),
+            (Duration::from_secs(60), "1m"),
+            (Duration::from_secs(150), "2m 30s"),
+            (Duration::from_secs(3600), "1h"),
+            (Duration::from_secs(3900), "1h 5m"),
+        ];
+        for (d, want) in cases {
+            assert_eq!(human(d), want, "{d:?}");
+        }
+    }
 
     #[test]
     fn reports_come_at_most_once_a_period_with_the_count_since() {
