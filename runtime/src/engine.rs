@@ -368,13 +368,31 @@ impl InputCtx {
     pub fn dispatch(&self, msg: Message) -> impl Future<Output = Disposition> + Send + 'static {
         let flow = self.flow.clone();
         let node = self.node;
-        guarded(flow.clone(), node, async move {
+        self.received(async move {
             let original = msg.clone();
-            let started = std::time::Instant::now();
-            let d = match flow.propagate(node, "Out", msg).await {
+            match flow.propagate(node, "Out", msg).await {
                 Ok(()) => Disposition::Completed,
                 Err(Thrown(e)) => catch_or_discard(&flow, node, original, e).await,
-            };
+            }
+        })
+    }
+
+    /// Wraps the handling of one received message, whichever path it takes (`Out`, `Catch`,
+    /// `Failure`, discarded): the one place where an input node's invocations are counted and
+    /// its processing time measured, so the JSON statistics, the Prometheus counters and the
+    /// `flowbus stats` table all count every message the node received. Counted at once, when
+    /// the message is handed over, so a message whose processing is later abandoned (a stop
+    /// deadline) is counted too.
+    fn received(
+        &self,
+        handling: impl Future<Output = Disposition> + Send + 'static,
+    ) -> impl Future<Output = Disposition> + Send + 'static {
+        let flow = self.flow.clone();
+        let node = self.node;
+        inc(&flow.slots[node].counters.invocations);
+        guarded(flow.clone(), node, async move {
+            let started = std::time::Instant::now();
+            let d = handling.await;
             let took = started.elapsed();
             let counters = &flow.slots[node].counters;
             counters
@@ -408,7 +426,7 @@ impl InputCtx {
     ) -> impl Future<Output = Disposition> + Send + 'static {
         let flow = self.flow.clone();
         let node = self.node;
-        guarded(flow.clone(), node, async move {
+        self.received(async move {
             let slot = &flow.slots[node];
             inc(&slot.counters.errors);
             let e = exception.locate(&flow.name, &slot.id, slot.type_name);
@@ -678,7 +696,8 @@ pub struct NodeStatsSnapshot {
     /// Node type.
     #[serde(rename = "type")]
     pub type_name: String,
-    /// Times the node was called.
+    /// Times the node was called; for an input node, the messages it received, whichever
+    /// terminal they left by (`Out`, `Failure`, `Catch`) or whether they were discarded.
     pub invocations: u64,
     /// Errors raised in the node.
     pub errors: u64,
@@ -785,13 +804,13 @@ impl Flow {
             let node = s.id.as_str();
             let labels = [("flow", flow), ("node", node)];
             t.attach_counter(names::NODE_ERRORS, &labels, s.counters.errors.clone());
-            if matches!(s.imp, Imp::Processing(_)) {
-                t.attach_counter(
-                    names::NODE_INVOCATIONS,
-                    &labels,
-                    s.counters.invocations.clone(),
-                );
-            } else {
+            t.attach_counter(
+                names::NODE_INVOCATIONS,
+                &labels,
+                s.counters.invocations.clone(),
+            );
+            // Only input nodes discard (an exception that nothing caught ends there).
+            if matches!(s.imp, Imp::Input(_)) {
                 t.attach_counter(names::NODE_DISCARDS, &labels, s.counters.discards.clone());
             }
             t.attach_histogram(
