@@ -50,6 +50,9 @@ pub mod bip {
     pub const ABANDONED_AT_STOP: u32 = 1009;
     /// The watcher could not read a flow directory or file: nothing was changed.
     pub const WATCH_FAILED: u32 = 1010;
+    /// Lines of the activity-log files could not be read back at start (logged by the
+    /// activity log).
+    pub const ACTIVITY_LOG_UNREADABLE: u32 = crate::activity::UNREADABLE_LINES;
 }
 
 /// What the daemon refuses, and why. Each variant's text says what is wrong.
