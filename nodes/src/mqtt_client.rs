@@ -67,6 +67,8 @@ pub mod bip {
     pub const BROKER_LIMIT: u32 = 12113;
     /// Publications in flight were dropped by the client: the broker had no session for it.
     pub const INFLIGHT_DISCARDED: u32 = 12114;
+    /// The in-flight log was corrupt: renamed aside, a new one started from its sound records.
+    pub const INFLIGHT_LOG_CORRUPT: u32 = 12115;
 }
 
 /// Properties both MQTT nodes have.
@@ -480,6 +482,28 @@ fn report_discarded(log: &LogCtx, n: usize, restored: usize) {
     );
 }
 
+/// An in-flight log that was not sound when the client opened it (see `mqtt_store`): it was
+/// renamed aside and a new one started from its sound records. Publications in the records
+/// that were lost are not sent; the error says how many, and where the old file is.
+fn report_corrupt_log(log: &LogCtx, r: &crate::mqtt_store::Recovery) {
+    log.record(
+        log.entry(
+            Severity::Error,
+            bip::INFLIGHT_LOG_CORRUPT,
+            format!(
+                "{} (client '{}'); the publications in lost records are not sent",
+                r.describe(),
+                log.client_id
+            ),
+        )
+        .tag("file", r.file.display().to_string())
+        .tag("aside", r.aside.display().to_string())
+        .tag("kept", r.kept)
+        .tag("lost", r.invalid)
+        .tag("unreadable_bytes", r.unreadable_bytes),
+    );
+}
+
 /// A publication read back from the in-flight log, as a paho message.
 fn restored_message(p: &crate::mqtt_store::Publication) -> paho::Message {
     use crate::mqtt_store::Property as P;
@@ -890,14 +914,16 @@ impl Conn {
         let mut unacknowledged = None;
         let mut restored = None;
         let mut store = None;
+        let mut recovery = None;
         create = match &spec.persist_dir {
             // Publications in flight go to an append-only log (see `mqtt_store`) rather than
             // Paho's file-per-message store.
             Some(dir) => {
-                let log_store = crate::mqtt_store::LogStore::new(dir.clone());
+                let log_store = crate::mqtt_store::LogStore::new(dir.clone()).mqtt_v5(v5);
                 unacknowledged = Some(log_store.unacknowledged());
                 restored = Some(log_store.restored());
                 store = Some(log_store.releaser());
+                recovery = Some(log_store.recovery());
                 create.user_persistence(log_store)
             }
             None => create.persistence(paho::PersistenceType::None),
@@ -912,8 +938,15 @@ impl Conn {
                 paho::MQTT_VERSION_3_1_1
             })
             .finalize();
-        let client = paho::AsyncClient::new(create)
-            .map_err(|e| format!("cannot create the MQTT client for {}: {e}", ep.url))?;
+        let client = paho::AsyncClient::new(create);
+        // Creating the client opened the in-flight log: whether or not that went well, say
+        // what it had to do with a log that was not sound.
+        let recovered = recovery.and_then(|r| r.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(r) = recovered {
+            report_corrupt_log(&log, &r);
+        }
+        let client =
+            client.map_err(|e| format!("cannot create the MQTT client for {}: {e}", ep.url))?;
         let persistent = spec.persistent_session;
         let mut b = if v5 {
             paho::ConnectOptionsBuilder::new_v5()
