@@ -1,7 +1,8 @@
 //! Damaged files in the data directory, met by the `flowbus` binary against a real mosquitto:
 //! an MQTTPublish in-flight log that is not sound is put aside loudly and the flow publishes
-//! with what was sound; lines of the activity-log files that cannot be read back are skipped
-//! and counted.
+//! with what was sound; one that cannot be opened at all fails the flow with the reason
+//! instead of leaving it `running`; lines of the activity-log files that cannot be read back
+//! are skipped and counted.
 
 mod common;
 
@@ -208,6 +209,36 @@ async fn corrupt_inflight_logs_are_put_aside_loudly_and_the_flow_publishes() {
         passes(&url, name).await;
     }
     assert!(!d.stderr().contains("Persistence error"), "{}", d.stderr());
+}
+
+/// An in-flight log that cannot be opened at all (here a directory where the file should be)
+/// leaves the publisher without a client: the flow is shown `failed` with the reason, not
+/// `running` while it cannot publish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inflight_log_that_cannot_be_opened_fails_the_flow_with_the_reason() {
+    let broker = Broker::start("");
+    let d = Daemon::spawn(&config(), &[]);
+    d.wait_api().await;
+    std::fs::create_dir_all(client_dir(&d, "blocked-pub").join(FILE_NAME)).unwrap();
+    std::fs::write(
+        d.dir.join("flows/blocked.json"),
+        bridge("blocked", &broker.url()),
+    )
+    .unwrap();
+    d.cli_until(&["flows", "list"], Duration::from_secs(20), |o| {
+        o.contains("failed")
+    })
+    .await;
+    let (st, reason) = state(&d, "blocked");
+    assert_eq!(st, "failed");
+    assert!(
+        reason.contains("node 'out' (MQTTPublish) failed")
+            && reason.contains("cannot create the MQTT client")
+            && reason.contains("Persistence error"),
+        "{reason}"
+    );
+    let failed = d.entries("BIP1007");
+    assert!(failed.iter().any(|e| e["flow"] == "blocked"), "{failed:?}");
 }
 
 /// Issue 18: one line that was not UTF-8 dropped the rest of its activity-log file when the

@@ -482,6 +482,12 @@ fn report_discarded(log: &LogCtx, n: usize, restored: usize) {
     );
 }
 
+/// Whether a failed connect is one no retry mends: the client's persistence failed (the
+/// in-flight log could not be read or written), so the supervisor stops and the flow fails.
+fn gives_up(e: &paho::Error) -> bool {
+    matches!(e, paho::Error::PersistenceError)
+}
+
 /// An in-flight log that was not sound when the client opened it (see `mqtt_store`): it was
 /// renamed aside and a new one started from its sound records. Publications in the records
 /// that were lost are not sent; the error says how many, and where the old file is.
@@ -732,6 +738,8 @@ pub struct Conn {
     /// Permits for unacknowledged QoS 1/2 publications (the server's `max_inflight`): paho
     /// fails a publish over its limit instead of waiting, so the node waits here.
     pub inflight: Arc<tokio::sync::Semaphore>,
+    /// Why the connection gave up for good (see [`Conn::fatal`]).
+    fatal: watch::Sender<Option<String>>,
 }
 
 /// How to create a [`Conn`].
@@ -1022,7 +1030,26 @@ impl Conn {
             inflight: Arc::new(tokio::sync::Semaphore::new(usize::from(
                 ep.max_inflight.max(1),
             ))),
+            fatal: watch::channel(None).0,
         }))
+    }
+
+    /// Resolves with the reason when the connection has given up for good: its client's
+    /// persistence failed on connect, which no retry mends. The node then fails its flow
+    /// (shown `failed` with the reason) rather than stay `running` and publish nothing. Never
+    /// resolves once the connection is dropped.
+    pub fn fatal(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut rx = self.fatal.subscribe();
+        async move {
+            let reason = rx
+                .wait_for(Option::is_some)
+                .await
+                .map(|r| r.clone().unwrap_or_default());
+            match reason {
+                Ok(reason) => reason,
+                Err(_) => futures::future::pending().await,
+            }
+        }
     }
 
     /// Whether the client is connected now.
@@ -1321,6 +1348,16 @@ impl Conn {
                             }
                         }
                     }
+                }
+                Err(e) if gives_up(&e) => {
+                    inc(&log.stats.failed_connections);
+                    let reason = format!(
+                        "connecting to {} failed: the MQTT client's persistence (the in-flight log under the data directory) failed: {e}; not retried",
+                        log.url
+                    );
+                    log.record(log.entry(Severity::Error, bip::CONNECTION_FAILURE, reason.clone()));
+                    self.fatal.send_replace(Some(reason));
+                    return;
                 }
                 Err(e) => {
                     let e = describe_error(&e, &log.url);
@@ -1966,6 +2003,15 @@ mod tests {
             "{}",
             errors[0].message
         );
+    }
+
+    #[test]
+    fn only_a_persistence_failure_ends_the_reconnects() {
+        assert!(gives_up(&paho::Error::PersistenceError));
+        assert!(!gives_up(&paho::Error::TcpTlsConnectFailure));
+        assert!(!gives_up(&paho::Error::ConnectReturn(
+            paho::ConnectReturnCode::ServerUnavailable
+        )));
     }
 
     #[test]

@@ -16,12 +16,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use flowbus_runtime::activity::Severity;
 use flowbus_runtime::config::Config;
-use flowbus_runtime::engine::Outputs;
+use flowbus_runtime::engine::{NodeHandle, Outputs};
 use flowbus_runtime::flow::FlowErrorKind;
 use flowbus_runtime::message::{Exception, ExceptionKind, Message};
 use flowbus_runtime::node::{
@@ -114,6 +114,7 @@ impl NodeKind for PublishKind {
             sampler: Sampler::new(10),
             seq: AtomicU64::new(0),
             policy: PolicyGate::new(endpoint_policy),
+            flow_handle: OnceLock::new(),
         })))
     }
 }
@@ -135,6 +136,8 @@ struct Publish {
     sampler: Sampler,
     seq: AtomicU64,
     policy: PolicyGate,
+    /// Set when the flow starts: a connection that gives up for good fails the flow.
+    flow_handle: OnceLock<NodeHandle>,
 }
 
 /// Where and how one message is published, after overrides.
@@ -278,6 +281,12 @@ impl Publish {
                 }
             })
         }));
+        // A connection whose persistence failed never publishes again: the flow fails
+        // (shown `failed` with the reason) instead of staying `running`.
+        if let Some(flow) = self.flow_handle.get().cloned() {
+            let fatal = conn.fatal();
+            tokio::spawn(async move { flow.fail_flow(fatal.await) });
+        }
         conns.insert(url.to_string(), conn.clone());
         Ok(conn)
     }
@@ -493,7 +502,8 @@ impl ProcessingNode for Publish {
         })
     }
 
-    fn start(self: Arc<Self>) {
+    fn start(self: Arc<Self>, flow: NodeHandle) {
+        let _ = self.flow_handle.set(flow.clone());
         // Summaries of sampled "Published" entries are due once a second, even when no further
         // message comes to trigger one; the task ends with the node.
         let weak = Arc::downgrade(&self);
@@ -508,7 +518,9 @@ impl ProcessingNode for Publish {
                 }
             }
         });
-        // Connect now, so the first message does not wait for it.
+        // Connect now, so the first message does not wait for it. A node whose client cannot
+        // even be created (its in-flight log cannot be opened, say) cannot publish at all:
+        // the flow fails with the reason rather than show `running`.
         if let Err(e) = self.conn_for(&self.endpoint.url.clone()) {
             self.services
                 .activity
@@ -518,8 +530,9 @@ impl ProcessingNode for Publish {
                     "MQTT",
                     &self.flow,
                     &self.node,
-                    e.text,
+                    e.text.clone(),
                 ));
+            flow.fail_flow(e.text);
         }
     }
 
@@ -617,6 +630,7 @@ mod tests {
             sampler: Sampler::new(1),
             seq: AtomicU64::new(0),
             policy: PolicyGate::new(crate::qos_policy::Policy::open("tcp://127.0.0.1:1883")),
+            flow_handle: OnceLock::new(),
         }
     }
 

@@ -247,6 +247,8 @@ impl Subscribe {
             Arc::new(PolicyGate::new(self.endpoint.policy.clone())),
         ));
 
+        let fatal = conn.fatal();
+        tokio::pin!(fatal);
         let sampler = Sampler::new(10);
         let mut redeliveries = Redeliveries::new((self.high * 8).max(8192));
         let mut dispatcher = Dispatcher::new(ctx.clone(), self.instances, self.in_flight);
@@ -259,6 +261,10 @@ impl Subscribe {
             tokio::select! {
                 biased;
                 _ = ctx.cancel().cancelled() => break,
+                reason = &mut fatal => {
+                    ctx.fail_flow(reason);
+                    break;
+                }
                 _ = high_water.notified(), if !paused => {
                     // A notification can outlive the condition (a permit stored while nobody
                     // waited): act only if the queue is still at the mark.

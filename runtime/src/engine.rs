@@ -14,7 +14,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
@@ -315,6 +315,33 @@ impl<'a> Outputs<'a> {
     /// Records a per-message error entry for this node, rate-limited like the engine's own.
     pub fn record_error(&self, e: NewEntry) {
         self.flow.log_error(self.node, e);
+    }
+}
+
+/// A processing node's handle on its flow, given to [`ProcessingNode::start`] for what the node
+/// does outside `process` (a connection's supervisor, say). It holds the flow weakly, so a task
+/// that keeps it does not keep a stopped flow alive.
+#[derive(Clone)]
+pub struct NodeHandle {
+    flow: Weak<FlowInner>,
+    node: usize,
+}
+
+impl NodeHandle {
+    /// Stops the flow because this node cannot work at all (its MQTT client could not be
+    /// created, its persistence failed): as [`InputCtx::fail_flow`] for an input node, the
+    /// flow is marked failed with `reason`, naming the node, and its inputs are cancelled; the
+    /// daemon then stops it and shows it `failed` with the reason. Other flows go on.
+    pub fn fail_flow(&self, reason: impl Into<String>) {
+        if let Some(flow) = self.flow.upgrade() {
+            let slot = &flow.slots[self.node];
+            flow.fail(format!(
+                "node '{}' ({}) failed: {}",
+                slot.id,
+                slot.type_name,
+                reason.into()
+            ));
+        }
     }
 }
 
@@ -833,9 +860,12 @@ impl Flow {
     pub fn start(&self) -> RunningFlow {
         self.register_series();
         // Outputs before inputs: processing nodes get ready (connect) first.
-        for slot in &self.inner.slots {
+        for (node, slot) in self.inner.slots.iter().enumerate() {
             if let Imp::Processing(p) = &slot.imp {
-                p.clone().start();
+                p.clone().start(NodeHandle {
+                    flow: Arc::downgrade(&self.inner),
+                    node,
+                });
             }
         }
         // Error summaries are due once a second, even when no further error comes to trigger

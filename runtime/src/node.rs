@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde_json::{Map, Value};
 
 use crate::config::Config;
-use crate::engine::{InputCtx, Outputs};
+use crate::engine::{InputCtx, NodeHandle, Outputs};
 use crate::flow::FlowErrorKind;
 use crate::message::{Exception, Message};
 use crate::services::Services;
@@ -54,8 +54,9 @@ pub trait ProcessingNode: Send + Sync + 'static {
         -> BoxFut<'a, Result<(), NodeFailure>>;
 
     /// Called when the flow starts, before any input node runs (inside the tokio runtime):
-    /// a node that holds a connection starts connecting here.
-    fn start(self: Arc<Self>) {}
+    /// a node that holds a connection starts connecting here. `flow` lets what the node does
+    /// outside `process` fail the flow when the node cannot work at all.
+    fn start(self: Arc<Self>, _flow: NodeHandle) {}
 
     /// Called when the flow stops, after every input node has finished: release connections.
     fn stop(&self) -> BoxFut<'_, ()> {
