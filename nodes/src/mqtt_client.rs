@@ -69,6 +69,11 @@ pub mod bip {
     pub const INFLIGHT_DISCARDED: u32 = 12114;
     /// The in-flight log was corrupt: renamed aside, a new one started from its sound records.
     pub const INFLIGHT_LOG_CORRUPT: u32 = 12115;
+    /// A removed flow's client: its session ended at the broker and its files deleted (or
+    /// why not).
+    pub const RETIRED: u32 = 12116;
+    /// A removed flow's publisher still owed publications: its log and session were kept.
+    pub const OWED_AT_REMOVAL: u32 = 12117;
 }
 
 /// Properties both MQTT nodes have.
@@ -1529,6 +1534,38 @@ impl Conn {
         }
         self.mark_closed();
     }
+}
+
+/// Ends a client id's persistent session at its broker, for a flow that is removed: connects
+/// once with a clean session (MQTT v5: clean start, session expiry 0) and disconnects, so the
+/// broker discards the session — its subscriptions and the messages it queued for it. (A
+/// session is ended by the client id, not by the connection that made it, so this works as
+/// well for a flow that was stopped long ago.) The connect waits at most `spec`'s connect
+/// timeout. Returns the reason when the broker could not be reached or refused.
+pub async fn end_session(spec: ConnSpec<'_>) -> Result<(), String> {
+    // No will: this connection is not the node's, and must not announce it gone.
+    let mut endpoint = spec.endpoint.clone();
+    endpoint.will = None;
+    let timeout = spec.connect_timeout;
+    let conn = Conn::new(ConnSpec {
+        endpoint: &endpoint,
+        persistent_session: false,
+        persist_dir: None,
+        ..spec
+    })?;
+    let result = match tokio::time::timeout(timeout, conn.connect()).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(describe_error(&e, &conn.log.url)),
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        )),
+    };
+    if conn.client.is_connected() {
+        let _ = tokio::time::timeout(timeout, conn.client.disconnect(None)).await;
+    }
+    // Dropped here: the client is destroyed by the reaper, as every closed client.
+    result
 }
 
 /// paho-mqtt clients that have been closed and wait to be destroyed. Paho's token for a

@@ -403,6 +403,41 @@ pub fn parse_publish(rec: &[u8], v5: bool) -> Result<Publication, String> {
     })
 }
 
+/// How many publications the in-flight log in `dir` still owes, read from the file (the
+/// client must be closed): commands of publications handed to the client and not yet sent
+/// (`c-`), publications sent and not acknowledged (`s-`), and QoS 2 releases not yet completed
+/// whose publication record is gone (`sc-`). `Ok(0)` when there is no log. A log that cannot be
+/// read whole (a bad header, bytes that are not records) is an error: what it owes cannot be
+/// told.
+pub fn owed(dir: &Path) -> std::io::Result<usize> {
+    let bytes = match std::fs::read(dir.join(FILE_NAME)) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let r = replay(&bytes);
+    if r.dropped > 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} byte(s) of the log cannot be read as records", r.dropped),
+        ));
+    }
+    let sent = |n: &str| {
+        ["s-", "s5-"]
+            .iter()
+            .any(|p| r.live.contains_key(&format!("{p}{n}")))
+    };
+    Ok(r.live
+        .iter()
+        .filter(|(k, v)| match k.split_once('-') {
+            Some(("c" | "c5", _)) => v.get(..4) == Some(&3i32.to_ne_bytes()[..]),
+            Some(("s" | "s5", _)) => true,
+            Some(("sc" | "sc5", n)) => !sent(n),
+            _ => false,
+        })
+        .count())
+}
+
 /// Lets the connection release a store at once: Paho closes it only when it destroys the
 /// client, which flowbus does minutes after the connection closed (see `CLOSED_CLIENTS` in
 /// `mqtt_client`); until then a closed publisher would keep its mapping and open file, and a
@@ -1118,6 +1153,40 @@ mod tests {
         assert!(no("s-x", b"x").contains("not a key"));
         assert!(no("q-1", b"").contains("empty"));
         assert_eq!(ok("q-1", b"x"), Ok(()));
+    }
+
+    #[test]
+    fn what_a_log_still_owes_is_counted_from_the_file() {
+        let d = dir("owed");
+        assert_eq!(owed(&d).unwrap(), 0, "no log, nothing owed");
+        let mut s = opened(&d);
+        assert_eq!(owed(&d).unwrap(), 0);
+        s.put("c-1", vec![&command("t", b"queued")]).unwrap();
+        s.put("s-2", vec![&sent(2, b"sent")]).unwrap();
+        // A QoS 2 publication whose release was sent: one publication, not two.
+        s.put("s-3", vec![&sent(3, b"released")]).unwrap();
+        s.put("sc-3", vec![&[0x62, 2, 0, 3]]).unwrap();
+        // A release whose publication record is gone: still owed its completion.
+        s.put("sc-4", vec![&[0x62, 2, 0, 4]]).unwrap();
+        // Not publications: a probe subscription's command, a received QoS 2 message.
+        let mut subscribe = 8i32.to_ne_bytes().to_vec();
+        subscribe.extend_from_slice(&[0; 4]);
+        subscribe.extend_from_slice(&1i32.to_ne_bytes());
+        s.put("c-5", vec![&subscribe]).unwrap();
+        s.put("r-6", vec![&packet(0x34, "t", 6, None, b"in")])
+            .unwrap();
+        assert_eq!(owed(&d).unwrap(), 4);
+        for k in ["c-1", "s-2", "s-3", "sc-3", "sc-4"] {
+            s.remove(k).unwrap();
+        }
+        assert_eq!(owed(&d).unwrap(), 0);
+        drop(s);
+        std::fs::write(d.join(FILE_NAME), b"damaged").unwrap();
+        assert!(
+            owed(&d).is_err(),
+            "a log that cannot be read owes what cannot be told"
+        );
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     /// The checks agree with what Paho writes: a client that never connects, publishing while

@@ -855,6 +855,33 @@ impl Flow {
         }
     }
 
+    /// Ends what the flow's nodes keep beyond a stop — persistent sessions at brokers, files
+    /// under the data directory — because the flow is being removed (through the API, or its
+    /// file deleted). Never called on a stop or a redeploy, whose sessions go on (the broker
+    /// keeps queuing for the next start, as IIB does). Call it once the flow has stopped (or
+    /// never ran); the nodes retire at once, each within `deadline`. Returns the ids of the
+    /// nodes that did not finish in time (they are abandoned).
+    pub async fn retire(&self, deadline: Duration) -> Vec<String> {
+        // A node bounds its own work by `deadline` and then says what it did; the grace lets
+        // it finish saying so.
+        let until = tokio::time::Instant::now() + deadline + Duration::from_secs(1);
+        let retiring = self.inner.slots.iter().map(|slot| async move {
+            let fut = match &slot.imp {
+                Imp::Processing(p) => p.retire(deadline),
+                Imp::Input(i) => i.retire(deadline),
+            };
+            tokio::time::timeout_at(until, fut)
+                .await
+                .is_err()
+                .then(|| slot.id.clone())
+        });
+        futures::future::join_all(retiring)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// Starts every input node on a task and a thread of its own (`input_task`). Must be
     /// called inside a tokio runtime.
     pub fn start(&self) -> RunningFlow {

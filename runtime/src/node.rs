@@ -8,6 +8,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 
@@ -62,12 +63,25 @@ pub trait ProcessingNode: Send + Sync + 'static {
     fn stop(&self) -> BoxFut<'_, ()> {
         Box::pin(std::future::ready(()))
     }
+
+    /// Called when the flow is removed (see [`crate::engine::Flow::retire`]), after it has
+    /// stopped: end what the node keeps beyond a stop. `deadline` bounds it.
+    fn retire(&self, _deadline: Duration) -> BoxFut<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// A node without input terminals: it owns its loop (a timer, a subscription).
 pub trait InputNode: Send + Sync + 'static {
     /// Runs until `ctx.cancel` fires, then finishes what it holds and returns.
     fn run(self: Arc<Self>, ctx: InputCtx) -> BoxFut<'static, ()>;
+
+    /// Called when the flow is removed (see [`crate::engine::Flow::retire`]), after it has
+    /// stopped: end what the node keeps beyond a stop (a persistent session at the broker).
+    /// `deadline` bounds it.
+    fn retire(&self, _deadline: Duration) -> BoxFut<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// A built node, ready to run.
