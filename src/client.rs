@@ -666,8 +666,9 @@ pub fn stats(admin: &Admin, json: bool) -> Result<ExitCode> {
                 } else {
                     "-".to_string()
                 };
-                // An input node is not called: show the messages it started instead.
-                let calls = n["invocations"].as_u64().unwrap_or(0).max(count);
+                // For an input node the engine counts every message it received, whichever
+                // terminal it left by, so this is the same number as in the JSON and Prometheus.
+                let calls = n["invocations"].as_u64().unwrap_or(0);
                 rows.push(vec![
                     flow.clone(),
                     s(n, "node"),

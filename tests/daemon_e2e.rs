@@ -177,6 +177,118 @@ async fn a_flow_deployed_through_the_cli_runs() {
     );
 }
 
+/// Issue 18: the JSON statistics and Prometheus said 0 invocations for every MQTTSubscribe
+/// while the table showed its processing-time count, which left out messages routed to
+/// Failure. Here the input node's messages take every path: Out (and on), Catch (a Throw
+/// downstream), Failure (a payload that is not JSON); all three views must say 10.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statistics_agree_on_an_input_node_whose_messages_take_every_path() {
+    let broker = Broker::start("");
+    let url = broker.url();
+    let flow = json!({
+        "name": "paths",
+        "nodes": [
+            {"id": "in", "type": "MQTTSubscribe", "url": url, "topic": "paths/in", "qos": 1, "domain": "JSON"},
+            {"id": "check", "type": "Filter", "expression": "Root.Body.bad == true"},
+            {"id": "reject", "type": "Throw", "number": 3001, "text": "bad message"},
+            {"id": "caught", "type": "Compute", "code": "Root.Body.caught = true;"},
+            {"id": "unparsed", "type": "Compute", "code": "true"}
+        ],
+        "connections": [
+            {"from": "in.Out", "to": "check"},
+            {"from": "check.True", "to": "reject"},
+            {"from": "in.Catch", "to": "caught"},
+            {"from": "in.Failure", "to": "unparsed"}
+        ]
+    })
+    .to_string();
+    let d = start(&with_token(""), &[("paths.json", &flow)]);
+    d.wait_api().await;
+    d.wait_log("BIP12095", 1, Duration::from_secs(20)).await;
+    let producer = Client::connect(&url, false).await;
+    for i in 0..5 {
+        producer
+            .publish("paths/in", json!({"n": i}).to_string(), 1)
+            .await;
+    }
+    for i in 0..3 {
+        producer
+            .publish("paths/in", json!({"n": i, "bad": true}).to_string(), 1)
+            .await;
+    }
+    for _ in 0..2 {
+        producer.publish("paths/in", "not json {", 1).await;
+    }
+    let json_out = cli_until(&d, &["stats", "--json"], Duration::from_secs(20), |o| {
+        serde_json::from_str::<Value>(o).is_ok_and(|v| {
+            v["flows"]["paths"]
+                .as_array()
+                .and_then(|nodes| nodes.iter().find(|n| n["node"] == "caught"))
+                .is_some_and(|n| n["invocations"] == 3)
+                && v["flows"]["paths"]
+                    .as_array()
+                    .and_then(|nodes| nodes.iter().find(|n| n["node"] == "unparsed"))
+                    .is_some_and(|n| n["invocations"] == 2)
+        })
+    })
+    .await;
+    let stats: Value = serde_json::from_str(&json_out).unwrap();
+    let node = |id: &str| {
+        stats["flows"]["paths"]
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["node"] == id))
+            .cloned()
+            .unwrap_or_else(|| panic!("no node {id}: {stats}"))
+    };
+    let input = node("in");
+    assert_eq!(input["invocations"], 10, "{input}");
+    assert_eq!(
+        input["terminals"],
+        json!({"Out": 8, "Catch": 3, "Failure": 2}),
+        "{input}"
+    );
+    assert_eq!(input["errors"], 2, "{input}");
+    assert_eq!(input["processing"]["count"], 10, "{input}");
+    assert_eq!(node("check")["invocations"], 8);
+
+    let (status, metrics) = http(
+        "GET",
+        &format!("{}/metrics", d.admin_url()),
+        None,
+        Some(TOKEN),
+    );
+    assert_eq!(status, 200);
+    for (id, n) in [
+        ("in", 10.0),
+        ("check", 8.0),
+        ("caught", 3.0),
+        ("unparsed", 2.0),
+    ] {
+        assert_eq!(
+            metric(
+                &metrics,
+                &format!("flowbus_node_invocations_total{{flow=\"paths\",node=\"{id}\"}}")
+            ),
+            Some(n),
+            "{id}: {metrics}"
+        );
+    }
+
+    let (code, table, _) = d.cli(&["stats"]);
+    assert_eq!(code, 0);
+    let calls = |id: &str| {
+        let row = table
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|c| c.len() > 3 && c[0] == "paths" && c[1] == id)
+            .unwrap_or_else(|| panic!("no row for {id}:\n{table}"));
+        row[3].to_string()
+    };
+    assert!(table.contains("CALLS"), "{table}");
+    assert_eq!(calls("in"), "10", "{table}");
+    assert_eq!(calls("check"), "8", "{table}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_shows_in_flowbus_log_and_in_metrics() {
     let mut broker = Broker::start("");

@@ -67,6 +67,13 @@ pub mod bip {
     pub const BROKER_LIMIT: u32 = 12113;
     /// Publications in flight were dropped by the client: the broker had no session for it.
     pub const INFLIGHT_DISCARDED: u32 = 12114;
+    /// The in-flight log was corrupt: renamed aside, a new one started from its sound records.
+    pub const INFLIGHT_LOG_CORRUPT: u32 = 12115;
+    /// A removed flow's client: its session ended at the broker and its files deleted (or
+    /// why not).
+    pub const RETIRED: u32 = 12116;
+    /// A removed flow's publisher still owed publications: its log and session were kept.
+    pub const OWED_AT_REMOVAL: u32 = 12117;
 }
 
 /// Properties both MQTT nodes have.
@@ -480,6 +487,34 @@ fn report_discarded(log: &LogCtx, n: usize, restored: usize) {
     );
 }
 
+/// Whether a failed connect is one no retry mends: the client's persistence failed (the
+/// in-flight log could not be read or written), so the supervisor stops and the flow fails.
+fn gives_up(e: &paho::Error) -> bool {
+    matches!(e, paho::Error::PersistenceError)
+}
+
+/// An in-flight log that was not sound when the client opened it (see `mqtt_store`): it was
+/// renamed aside and a new one started from its sound records. Publications in the records
+/// that were lost are not sent; the error says how many, and where the old file is.
+fn report_corrupt_log(log: &LogCtx, r: &crate::mqtt_store::Recovery) {
+    log.record(
+        log.entry(
+            Severity::Error,
+            bip::INFLIGHT_LOG_CORRUPT,
+            format!(
+                "{} (client '{}'); the publications in lost records are not sent",
+                r.describe(),
+                log.client_id
+            ),
+        )
+        .tag("file", r.file.display().to_string())
+        .tag("aside", r.aside.display().to_string())
+        .tag("kept", r.kept)
+        .tag("lost", r.invalid)
+        .tag("unreadable_bytes", r.unreadable_bytes),
+    );
+}
+
 /// A publication read back from the in-flight log, as a paho message.
 fn restored_message(p: &crate::mqtt_store::Publication) -> paho::Message {
     use crate::mqtt_store::Property as P;
@@ -708,6 +743,8 @@ pub struct Conn {
     /// Permits for unacknowledged QoS 1/2 publications (the server's `max_inflight`): paho
     /// fails a publish over its limit instead of waiting, so the node waits here.
     pub inflight: Arc<tokio::sync::Semaphore>,
+    /// Why the connection gave up for good (see [`Conn::fatal`]).
+    fatal: watch::Sender<Option<String>>,
 }
 
 /// How to create a [`Conn`].
@@ -890,14 +927,16 @@ impl Conn {
         let mut unacknowledged = None;
         let mut restored = None;
         let mut store = None;
+        let mut recovery = None;
         create = match &spec.persist_dir {
             // Publications in flight go to an append-only log (see `mqtt_store`) rather than
             // Paho's file-per-message store.
             Some(dir) => {
-                let log_store = crate::mqtt_store::LogStore::new(dir.clone());
+                let log_store = crate::mqtt_store::LogStore::new(dir.clone()).mqtt_v5(v5);
                 unacknowledged = Some(log_store.unacknowledged());
                 restored = Some(log_store.restored());
                 store = Some(log_store.releaser());
+                recovery = Some(log_store.recovery());
                 create.user_persistence(log_store)
             }
             None => create.persistence(paho::PersistenceType::None),
@@ -912,8 +951,15 @@ impl Conn {
                 paho::MQTT_VERSION_3_1_1
             })
             .finalize();
-        let client = paho::AsyncClient::new(create)
-            .map_err(|e| format!("cannot create the MQTT client for {}: {e}", ep.url))?;
+        let client = paho::AsyncClient::new(create);
+        // Creating the client opened the in-flight log: whether or not that went well, say
+        // what it had to do with a log that was not sound.
+        let recovered = recovery.and_then(|r| r.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(r) = recovered {
+            report_corrupt_log(&log, &r);
+        }
+        let client =
+            client.map_err(|e| format!("cannot create the MQTT client for {}: {e}", ep.url))?;
         let persistent = spec.persistent_session;
         let mut b = if v5 {
             paho::ConnectOptionsBuilder::new_v5()
@@ -989,7 +1035,26 @@ impl Conn {
             inflight: Arc::new(tokio::sync::Semaphore::new(usize::from(
                 ep.max_inflight.max(1),
             ))),
+            fatal: watch::channel(None).0,
         }))
+    }
+
+    /// Resolves with the reason when the connection has given up for good: its client's
+    /// persistence failed on connect, which no retry mends. The node then fails its flow
+    /// (shown `failed` with the reason) rather than stay `running` and publish nothing. Never
+    /// resolves once the connection is dropped.
+    pub fn fatal(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut rx = self.fatal.subscribe();
+        async move {
+            let reason = rx
+                .wait_for(Option::is_some)
+                .await
+                .map(|r| r.clone().unwrap_or_default());
+            match reason {
+                Ok(reason) => reason,
+                Err(_) => futures::future::pending().await,
+            }
+        }
     }
 
     /// Whether the client is connected now.
@@ -1289,6 +1354,16 @@ impl Conn {
                         }
                     }
                 }
+                Err(e) if gives_up(&e) => {
+                    inc(&log.stats.failed_connections);
+                    let reason = format!(
+                        "connecting to {} failed: the MQTT client's persistence (the in-flight log under the data directory) failed: {e}; not retried",
+                        log.url
+                    );
+                    log.record(log.entry(Severity::Error, bip::CONNECTION_FAILURE, reason.clone()));
+                    self.fatal.send_replace(Some(reason));
+                    return;
+                }
                 Err(e) => {
                     let e = describe_error(&e, &log.url);
                     inc(&log.stats.failed_connections);
@@ -1459,6 +1534,38 @@ impl Conn {
         }
         self.mark_closed();
     }
+}
+
+/// Ends a client id's persistent session at its broker, for a flow that is removed: connects
+/// once with a clean session (MQTT v5: clean start, session expiry 0) and disconnects, so the
+/// broker discards the session — its subscriptions and the messages it queued for it. (A
+/// session is ended by the client id, not by the connection that made it, so this works as
+/// well for a flow that was stopped long ago.) The connect waits at most `spec`'s connect
+/// timeout. Returns the reason when the broker could not be reached or refused.
+pub async fn end_session(spec: ConnSpec<'_>) -> Result<(), String> {
+    // No will: this connection is not the node's, and must not announce it gone.
+    let mut endpoint = spec.endpoint.clone();
+    endpoint.will = None;
+    let timeout = spec.connect_timeout;
+    let conn = Conn::new(ConnSpec {
+        endpoint: &endpoint,
+        persistent_session: false,
+        persist_dir: None,
+        ..spec
+    })?;
+    let result = match tokio::time::timeout(timeout, conn.connect()).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(describe_error(&e, &conn.log.url)),
+        Err(_) => Err(format!(
+            "no answer within {}",
+            humantime::format_duration(timeout)
+        )),
+    };
+    if conn.client.is_connected() {
+        let _ = tokio::time::timeout(timeout, conn.client.disconnect(None)).await;
+    }
+    // Dropped here: the client is destroyed by the reaper, as every closed client.
+    result
 }
 
 /// paho-mqtt clients that have been closed and wait to be destroyed. Paho's token for a
@@ -1933,6 +2040,15 @@ mod tests {
             "{}",
             errors[0].message
         );
+    }
+
+    #[test]
+    fn only_a_persistence_failure_ends_the_reconnects() {
+        assert!(gives_up(&paho::Error::PersistenceError));
+        assert!(!gives_up(&paho::Error::TcpTlsConnectFailure));
+        assert!(!gives_up(&paho::Error::ConnectReturn(
+            paho::ConnectReturnCode::ServerUnavailable
+        )));
     }
 
     #[test]

@@ -14,14 +14,14 @@
 //! Ordering: the enqueue (wait for the connection, hand the message to paho) happens under a
 //! FIFO lock, so messages go out in the order they reach the node; only the ack wait overlaps.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use flowbus_runtime::activity::Severity;
 use flowbus_runtime::config::Config;
-use flowbus_runtime::engine::Outputs;
+use flowbus_runtime::engine::{NodeHandle, Outputs};
 use flowbus_runtime::flow::FlowErrorKind;
 use flowbus_runtime::message::{Exception, ExceptionKind, Message};
 use flowbus_runtime::node::{
@@ -114,6 +114,8 @@ impl NodeKind for PublishKind {
             sampler: Sampler::new(10),
             seq: AtomicU64::new(0),
             policy: PolicyGate::new(endpoint_policy),
+            flow_handle: OnceLock::new(),
+            clients: Mutex::default(),
         })))
     }
 }
@@ -135,6 +137,11 @@ struct Publish {
     sampler: Sampler,
     seq: AtomicU64,
     policy: PolicyGate,
+    /// Set when the flow starts: a connection that gives up for good fails the flow.
+    flow_handle: OnceLock<NodeHandle>,
+    /// Every client the node has made (its own, and one per `URL` override), by client id:
+    /// what removing the flow must end.
+    clients: Mutex<BTreeMap<String, Endpoint>>,
 }
 
 /// Where and how one message is published, after overrides.
@@ -252,6 +259,10 @@ impl Publish {
         // survive a restart too.
         let persist_dir = (!self.clean_session && endpoint.file_persistence)
             .then(|| self.config.data_dir.join("mqtt").join(&cid));
+        self.clients
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(cid.clone(), endpoint.clone());
         let conn = Conn::new(ConnSpec {
             endpoint: &endpoint,
             client_id: cid,
@@ -278,6 +289,12 @@ impl Publish {
                 }
             })
         }));
+        // A connection whose persistence failed never publishes again: the flow fails
+        // (shown `failed` with the reason) instead of staying `running`.
+        if let Some(flow) = self.flow_handle.get().cloned() {
+            let fatal = conn.fatal();
+            tokio::spawn(async move { flow.fail_flow(fatal.await) });
+        }
         conns.insert(url.to_string(), conn.clone());
         Ok(conn)
     }
@@ -493,7 +510,8 @@ impl ProcessingNode for Publish {
         })
     }
 
-    fn start(self: Arc<Self>) {
+    fn start(self: Arc<Self>, flow: NodeHandle) {
+        let _ = self.flow_handle.set(flow.clone());
         // Summaries of sampled "Published" entries are due once a second, even when no further
         // message comes to trigger one; the task ends with the node.
         let weak = Arc::downgrade(&self);
@@ -508,7 +526,9 @@ impl ProcessingNode for Publish {
                 }
             }
         });
-        // Connect now, so the first message does not wait for it.
+        // Connect now, so the first message does not wait for it. A node whose client cannot
+        // even be created (its in-flight log cannot be opened, say) cannot publish at all:
+        // the flow fails with the reason rather than show `running`.
         if let Err(e) = self.conn_for(&self.endpoint.url.clone()) {
             self.services
                 .activity
@@ -518,8 +538,9 @@ impl ProcessingNode for Publish {
                     "MQTT",
                     &self.flow,
                     &self.node,
-                    e.text,
+                    e.text.clone(),
                 ));
+            flow.fail_flow(e.text);
         }
     }
 
@@ -540,6 +561,138 @@ impl ProcessingNode for Publish {
                     .await;
             }
         })
+    }
+
+    /// The flow is removed: every client the node made is retired (see
+    /// [`Publish::retire_client`]). The stop before has already waited for outstanding
+    /// acknowledgements, within its deadline; what is still owed is kept and reported.
+    fn retire(&self, deadline: Duration) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            let mut clients = self
+                .clients
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            // Also when the flow never ran in this process (deployed while stopped).
+            clients
+                .entry(self.own_client_id())
+                .or_insert_with(|| self.endpoint.clone());
+            futures::future::join_all(
+                clients
+                    .into_iter()
+                    .map(|(cid, endpoint)| self.retire_client(cid, endpoint, deadline)),
+            )
+            .await;
+        })
+    }
+}
+
+impl Publish {
+    /// The id of the node's own client (overrides add `-<n>`).
+    fn own_client_id(&self) -> String {
+        self.client_id.clone().unwrap_or_else(|| {
+            client_id(
+                &instance_id(&self.config.data_dir),
+                &self.flow,
+                &self.node,
+                None,
+            )
+        })
+    }
+
+    /// Retires one client of a removed flow: when its in-flight log owes nothing, ends its
+    /// persistent session and deletes its directory under the data directory; otherwise keeps
+    /// both, so the publications are sent when a flow with this client id starts again, and
+    /// says how many (an error: they are not dropped silently). One entry says what was done.
+    async fn retire_client(&self, cid: String, endpoint: Endpoint, deadline: Duration) {
+        let dir = self.config.data_dir.join("mqtt").join(&cid);
+        let entry = |severity, number, message: String| {
+            flowbus_runtime::activity::NewEntry::new(
+                severity, number, "MQTT", &self.flow, &self.node, message,
+            )
+            .tag("url", endpoint.url.clone())
+            .tag("client_id", cid.clone())
+        };
+        let keep = match crate::mqtt_store::owed(&dir) {
+            Ok(0) => None,
+            Ok(n) => Some((
+                format!(
+                    "{n} publication(s) of client id '{cid}' to {} were not acknowledged by the broker when the flow was removed",
+                    endpoint.url
+                ),
+                n,
+            )),
+            Err(e) => Some((
+                format!(
+                    "what the in-flight log of client id '{cid}' still owes cannot be told ({e})"
+                ),
+                0,
+            )),
+        };
+        if let Some((what, n)) = keep {
+            self.services.activity.record(
+                entry(
+                    Severity::Error,
+                    bip::OWED_AT_REMOVAL,
+                    format!(
+                        "{what}. The in-flight log in {} is kept, and the client's session at the broker with it: what it holds is published when a flow with client id '{cid}' starts again; delete that directory to drop it",
+                        dir.display()
+                    ),
+                )
+                .tag("count", n)
+                .tag("dir", dir.display().to_string()),
+            );
+            return;
+        }
+        let mut done = Vec::new();
+        let mut failed = false;
+        if !self.clean_session {
+            match crate::mqtt_client::end_session(ConnSpec {
+                endpoint: &endpoint,
+                client_id: cid.clone(),
+                persistent_session: false,
+                persist_dir: None,
+                connect_timeout: self.ack_timeout.min(deadline),
+                backoff: Backoff::from_config(&self.config),
+                services: self.services.clone(),
+                flow: &self.flow,
+                node: &self.node,
+            })
+            .await
+            {
+                Ok(()) => done.push(format!("ended its session at {}", endpoint.url)),
+                Err(why) => {
+                    failed = true;
+                    done.push(format!(
+                        "could not end its session at {}: {why} (the broker keeps it until it expires, MQTT v5, or a client with this id connects with a clean session)",
+                        endpoint.url
+                    ));
+                }
+            }
+        }
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => done.push(format!("deleted {}", dir.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                failed = true;
+                done.push(format!("could not delete {}: {e}", dir.display()));
+            }
+        }
+        if done.is_empty() {
+            return;
+        }
+        self.services.activity.record(entry(
+            if failed {
+                Severity::Error
+            } else {
+                Severity::Info
+            },
+            bip::RETIRED,
+            format!(
+                "Client id '{cid}' of a removed flow, with nothing left to publish: {}",
+                done.join("; ")
+            ),
+        ));
     }
 }
 
@@ -617,6 +770,8 @@ mod tests {
             sampler: Sampler::new(1),
             seq: AtomicU64::new(0),
             policy: PolicyGate::new(crate::qos_policy::Policy::open("tcp://127.0.0.1:1883")),
+            flow_handle: OnceLock::new(),
+            clients: Mutex::default(),
         }
     }
 

@@ -15,7 +15,14 @@
 //! File format: the 8-byte header [`MAGIC`], then records
 //! `op (1) | key length (u16 LE) | data length (u32 LE) | key | data | checksum of all before (u32 LE)`,
 //! then zeros up to the file's size. A record cut short or failing its checksum ends the
-//! replay; what follows is dropped and the loss is logged.
+//! replay.
+//!
+//! A log that is not entirely sound when it is opened — a header that is not [`MAGIC`],
+//! bytes after the last good record, or a live record Paho could not restore (see
+//! [`check_record`]: one such record made Paho refuse to create the client, and the
+//! publisher never published again) — is renamed aside (`inflight.log.corrupt-<time>`), and
+//! a new log starts from the records that were sound; [`LogStore::recovery`] says what was
+//! kept and lost, for the connection to report.
 
 use crate::quick_hash::{self, QuickMap};
 use flowbus_runtime::datadir::{create_private_dir_all, private_options};
@@ -55,6 +62,202 @@ pub struct LogStore {
     inner: Arc<Mutex<Inner>>,
     unacknowledged: Arc<AtomicUsize>,
     restored: Restored,
+    /// Whether the client speaks MQTT v5 (Paho cannot restore v5 records otherwise).
+    v5: bool,
+    recovery: Arc<Mutex<Option<Recovery>>>,
+}
+
+/// What opening a log that was not sound did: the log was renamed aside and a new one started
+/// from the records that were.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// The log.
+    pub file: PathBuf,
+    /// Where the unsound log was moved.
+    pub aside: PathBuf,
+    /// Live records that were sound and are in the new log.
+    pub kept: usize,
+    /// Live records Paho could not have restored, dropped from the new log.
+    pub invalid: usize,
+    /// Why, for the first few of those (`key: reason`).
+    pub reasons: Vec<String>,
+    /// Bytes after the last good record (a record cut short or damaged: how many records
+    /// they held cannot be told); the whole file when its header was wrong.
+    pub unreadable_bytes: usize,
+    /// The file did not start with [`MAGIC`]: nothing in it could be read.
+    pub bad_header: bool,
+}
+
+impl Recovery {
+    /// What was found and done, in a sentence for the activity log.
+    pub fn describe(&self) -> String {
+        let mut found = Vec::new();
+        if self.bad_header {
+            found.push(format!(
+                "it does not start with the header {} ({} byte(s), none of which could be read)",
+                String::from_utf8_lossy(MAGIC),
+                self.unreadable_bytes
+            ));
+        } else if self.unreadable_bytes > 0 {
+            found.push(format!(
+                "{} byte(s) after the last good record are cut short or damaged (how many records they held cannot be told)",
+                self.unreadable_bytes
+            ));
+        }
+        if self.invalid > 0 {
+            found.push(format!(
+                "{} record(s) the MQTT client could not restore ({})",
+                self.invalid,
+                self.reasons.join("; ")
+            ));
+        }
+        format!(
+            "The in-flight log {} is corrupt: {}. It was renamed {}; a new log was started with the {} sound record(s), and {} record(s) were lost",
+            self.file.display(),
+            found.join(", and "),
+            self.aside.display(),
+            self.kept,
+            self.invalid
+        )
+    }
+}
+
+/// How many reasons a [`Recovery`] quotes.
+const REASONS: usize = 5;
+
+/// Checks a record before the log hands it to Paho: a key Paho writes — `c-` (a command: a
+/// publication handed to the client and not yet sent), `s-` (a sent QoS 1/2 PUBLISH), `sc-`
+/// (a sent PUBREL), `r-` (a received QoS 2 PUBLISH), `q-` (a received message queued), each
+/// also in its MQTT v5 form (`c5-`, ...), with a number — and data of the kind the key says.
+/// Paho drops some bad records itself, but a v5 record for an MQTT 3.1.1 client makes it
+/// refuse to create the client (`Persistence error`), and a damaged command would be sent
+/// as whatever it decodes to; so each is checked here first.
+pub fn check_record(key: &str, data: &[u8], v5_client: bool) -> Result<(), String> {
+    let (kind, number) = key
+        .split_once('-')
+        .ok_or_else(|| "not a key the MQTT client writes".to_string())?;
+    let number: u32 = number
+        .parse()
+        .map_err(|_| "not a key the MQTT client writes".to_string())?;
+    let v5 = kind.ends_with('5');
+    if v5 && !v5_client {
+        return Err(
+            "an MQTT v5 record in the log of an MQTT 3.1.1 client (was the server's version changed while publications were in flight?)".into(),
+        );
+    }
+    match kind {
+        "s" | "s5" | "r" | "r5" => {
+            let p = parse_publish(data, v5)?;
+            if u32::from(p.msgid) != number {
+                return Err(format!(
+                    "a PUBLISH with packet id {} under its key",
+                    p.msgid
+                ));
+            }
+            Ok(())
+        }
+        "sc" | "sc5" => check_pubrel(data, number),
+        "c" | "c5" => check_command(data, v5),
+        "q" | "q5" if !data.is_empty() => Ok(()),
+        "q" | "q5" => Err("empty".into()),
+        _ => Err("not a key the MQTT client writes".into()),
+    }
+}
+
+/// A PUBREL packet as Paho stores it: fixed header 0x62, remaining length, packet id.
+fn check_pubrel(data: &[u8], number: u32) -> Result<(), String> {
+    let [0x62, len, rest @ ..] = data else {
+        return Err("not a PUBREL packet".into());
+    };
+    if usize::from(*len) != rest.len() || rest.len() < 2 || *len > 127 {
+        return Err(format!(
+            "a PUBREL of remaining length {len} with {} byte(s)",
+            rest.len()
+        ));
+    }
+    let id = u16::from_be_bytes([rest[0], rest[1]]);
+    if u32::from(id) != number {
+        return Err(format!("a PUBREL with packet id {id} under its key"));
+    }
+    Ok(())
+}
+
+/// A command as Paho's asynchronous client stores it (`MQTTAsync_persistCommand`, native byte
+/// order): type, token, then for a PUBLISH the topic (NUL-terminated), payload length,
+/// payload, QoS and retained flag, and in MQTT v5 the properties (a length, then as many
+/// bytes). A SUBSCRIBE or UNSUBSCRIBE (the QoS probe's) is checked as far as its count.
+fn check_command(data: &[u8], v5: bool) -> Result<(), String> {
+    const PUBLISH: i32 = 3;
+    const SUBSCRIBE: i32 = 8;
+    const UNSUBSCRIBE: i32 = 10;
+    let int = |at: usize| -> Result<i32, String> {
+        data.get(at..at + 4)
+            .map(|b| i32::from_ne_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or_else(|| format!("a command cut short ({} byte(s))", data.len()))
+    };
+    match int(0)? {
+        PUBLISH => {}
+        SUBSCRIBE | UNSUBSCRIBE => {
+            return match int(8)? {
+                n if n >= 1 => Ok(()),
+                n => Err(format!("a (un)subscribe command for {n} topic(s)")),
+            }
+        }
+        t => return Err(format!("a command of unknown type {t}")),
+    }
+    let mut at = 8;
+    let nul = data[at..]
+        .iter()
+        .position(|b| *b == 0)
+        .ok_or_else(|| "a publish command whose topic never ends".to_string())?;
+    std::str::from_utf8(&data[at..at + nul])
+        .map_err(|_| "a publish command whose topic is not UTF-8".to_string())?;
+    at += nul + 1;
+    let len = usize::try_from(int(at)?)
+        .map_err(|_| "a publish command with a negative payload length".to_string())?;
+    at += 4;
+    if data.len() < at + len {
+        return Err(format!(
+            "a publish command of {len} payload byte(s) cut short"
+        ));
+    }
+    at += len;
+    let qos = int(at)?;
+    let retained = int(at + 4)?;
+    at += 8;
+    if !(0..=2).contains(&qos) || !(0..=1).contains(&retained) {
+        return Err(format!(
+            "a publish command with QoS {qos} and retained flag {retained}"
+        ));
+    }
+    let props = if v5 {
+        let mut n = 0usize;
+        let mut i = 0;
+        loop {
+            let b = *data
+                .get(at + i)
+                .ok_or_else(|| "a publish command without its properties".to_string())?;
+            n |= usize::from(b & 0x7f) << (7 * i);
+            i += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+            if i == 4 {
+                return Err("a publish command with a bad properties length".into());
+            }
+        }
+        i + n
+    } else {
+        0
+    };
+    if data.len() != at + props {
+        return Err(format!(
+            "a publish command of {} byte(s) where {} were expected",
+            data.len(),
+            at + props
+        ));
+    }
+    Ok(())
 }
 
 /// The sent, unacknowledged publications a store found in its log when it was opened — from
@@ -200,6 +403,41 @@ pub fn parse_publish(rec: &[u8], v5: bool) -> Result<Publication, String> {
     })
 }
 
+/// How many publications the in-flight log in `dir` still owes, read from the file (the
+/// client must be closed): commands of publications handed to the client and not yet sent
+/// (`c-`), publications sent and not acknowledged (`s-`), and QoS 2 releases not yet completed
+/// whose publication record is gone (`sc-`). `Ok(0)` when there is no log. A log that cannot be
+/// read whole (a bad header, bytes that are not records) is an error: what it owes cannot be
+/// told.
+pub fn owed(dir: &Path) -> std::io::Result<usize> {
+    let bytes = match std::fs::read(dir.join(FILE_NAME)) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let r = replay(&bytes);
+    if r.dropped > 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{} byte(s) of the log cannot be read as records", r.dropped),
+        ));
+    }
+    let sent = |n: &str| {
+        ["s-", "s5-"]
+            .iter()
+            .any(|p| r.live.contains_key(&format!("{p}{n}")))
+    };
+    Ok(r.live
+        .iter()
+        .filter(|(k, v)| match k.split_once('-') {
+            Some(("c" | "c5", _)) => v.get(..4) == Some(&3i32.to_ne_bytes()[..]),
+            Some(("s" | "s5", _)) => true,
+            Some(("sc" | "sc5", n)) => !sent(n),
+            _ => false,
+        })
+        .count())
+}
+
 /// Lets the connection release a store at once: Paho closes it only when it destroys the
 /// client, which flowbus does minutes after the connection closed (see `CLOSED_CLIENTS` in
 /// `mqtt_client`); until then a closed publisher would keep its mapping and open file, and a
@@ -315,7 +553,7 @@ pub fn replay(bytes: &[u8]) -> Replay {
 }
 
 impl LogStore {
-    /// A store whose log lives in `dir` (created on open).
+    /// A store whose log lives in `dir` (created on open), for an MQTT 3.1.1 client.
     pub fn new(dir: PathBuf) -> LogStore {
         LogStore {
             file: dir.join(FILE_NAME),
@@ -323,7 +561,21 @@ impl LogStore {
             inner: Arc::default(),
             unacknowledged: Arc::default(),
             restored: Arc::default(),
+            v5: false,
+            recovery: Arc::default(),
         }
+    }
+
+    /// For a client that speaks MQTT v5 (`true`) or 3.1.1: which records Paho can restore.
+    pub fn mqtt_v5(mut self, v5: bool) -> LogStore {
+        self.v5 = v5;
+        self
+    }
+
+    /// Where opening the log puts what it did with a log that was not sound (see
+    /// [`Recovery`]); empty until then, and when the log was sound.
+    pub fn recovery(&self) -> Arc<Mutex<Option<Recovery>>> {
+        self.recovery.clone()
     }
 
     /// The sent publications restored from the log at open and not removed since (see
@@ -514,17 +766,45 @@ impl paho::ClientPersistence for LogStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
             Err(e) => return Err(io_err("read", path, e)),
         };
-        let r = replay(&bytes);
-        if r.dropped > 0 && !bytes.is_empty() {
-            tracing::error!(
-                "MQTT persistence {}: {} byte(s) after offset {} are cut short or corrupt and \
-                 were dropped (a crash while writing, or damage to the file); {} publication \
-                 record(s) before them were kept",
-                path.display(),
-                r.dropped,
-                r.good,
-                r.live.len()
-            );
+        let mut r = replay(&bytes);
+        let bad_header = !bytes.is_empty() && !bytes.starts_with(MAGIC);
+        let mut reasons = Vec::new();
+        let v5 = self.v5;
+        r.live.retain(|k, v| match check_record(k, v, v5) {
+            Ok(()) => true,
+            Err(why) => {
+                reasons.push(format!("{k}: {why}"));
+                false
+            }
+        });
+        if bad_header || r.dropped > 0 || !reasons.is_empty() {
+            // Kept for whoever wants to look; the client goes on with what was sound.
+            let stamp = flowbus_runtime::time::now_rfc3339().replace([':', '.'], "-");
+            let mut aside = self.dir.join(format!("{FILE_NAME}.corrupt-{stamp}"));
+            // Never over one put aside before (the directory is this client's alone).
+            for n in 2.. {
+                if !aside.exists() {
+                    break;
+                }
+                aside = self.dir.join(format!("{FILE_NAME}.corrupt-{stamp}-{n}"));
+            }
+            std::fs::rename(path, &aside)
+                .map_err(|e| io_err("rename aside the corrupt log", path, e))?;
+            reasons.sort();
+            let invalid = reasons.len();
+            reasons.truncate(REASONS);
+            if invalid > REASONS {
+                reasons.push(format!("{} more", invalid - REASONS));
+            }
+            *self.recovery.lock().unwrap_or_else(|e| e.into_inner()) = Some(Recovery {
+                file: path.to_path_buf(),
+                aside,
+                kept: r.live.len(),
+                invalid,
+                reasons,
+                unreadable_bytes: r.dropped,
+                bad_header,
+            });
         }
         let imported = import_paho_files(&self.dir, client_id, server_uri);
         let mut inner = self.lock();
@@ -653,10 +933,31 @@ mod tests {
         d
     }
 
-    /// Puts `n` publications `c-0`, `c-1`, ..., removing each once 20 newer ones are in.
+    /// A QoS 1 PUBLISH command as Paho's asynchronous client stores it (MQTT 3.1.1): type,
+    /// token, topic, payload length, payload, QoS, retained flag.
+    fn command(topic: &str, payload: &[u8]) -> Vec<u8> {
+        let mut c = 3i32.to_ne_bytes().to_vec();
+        c.extend_from_slice(&1i32.to_ne_bytes());
+        c.extend_from_slice(topic.as_bytes());
+        c.push(0);
+        c.extend_from_slice(&(payload.len() as i32).to_ne_bytes());
+        c.extend_from_slice(payload);
+        c.extend_from_slice(&1i32.to_ne_bytes());
+        c.extend_from_slice(&0i32.to_ne_bytes());
+        c
+    }
+
+    /// A sent QoS 1 PUBLISH with this packet id.
+    fn sent(msgid: u16, payload: &[u8]) -> Vec<u8> {
+        packet(0x32, "t", msgid, None, payload)
+    }
+
+    /// Puts `n` publication commands `c-0`, `c-1`, ..., removing each once 20 newer ones are
+    /// in; each carries `data`.
     fn through_a_window(s: &mut LogStore, n: u32, data: &[u8]) {
+        let data = command("t", data);
         for i in 0..n {
-            s.put(&format!("c-{i}"), vec![data]).unwrap();
+            s.put(&format!("c-{i}"), vec![&data]).unwrap();
             if i >= 20 {
                 s.remove(&format!("c-{}", i - 20)).unwrap();
             }
@@ -673,19 +974,21 @@ mod tests {
     fn survives_reopen_with_puts_and_removes() {
         let d = dir("reopen");
         let mut s = opened(&d);
-        s.put("c-1", vec![b"ab", b"cd"]).unwrap();
-        s.put("c-2", vec![b"xyz"]).unwrap();
-        s.put("s-3", vec![b"123"]).unwrap();
+        let c1 = command("t", b"abcd");
+        s.put("c-1", vec![&c1[..10], &c1[10..]]).unwrap();
+        s.put("c-2", vec![&command("t", b"xyz")]).unwrap();
+        s.put("s-3", vec![&sent(3, b"123")]).unwrap();
         s.remove("c-2").unwrap();
         s.remove("nothing").unwrap();
-        assert_eq!(s.get("c-1").unwrap(), b"abcd");
+        assert_eq!(s.get("c-1").unwrap(), c1);
         assert!(s.get("c-2").is_err());
         // A crash: the store is not closed.
         let mut again = opened(&d);
         let mut keys = again.keys().unwrap();
         keys.sort();
         assert_eq!(keys, ["c-1", "s-3"]);
-        assert_eq!(again.get("c-1").unwrap(), b"abcd");
+        assert_eq!(again.get("c-1").unwrap(), c1);
+        assert_eq!(*again.recovery().lock().unwrap(), None);
         assert!(again.contains_key("s-3") && !again.contains_key("c-2"));
         // Reopening compacts: only the two live records are left in the file.
         let r = replay(&std::fs::read(d.join(FILE_NAME)).unwrap());
@@ -696,32 +999,233 @@ mod tests {
         let _ = std::fs::remove_dir_all(&d);
     }
 
+    /// The logs put aside in `d`, oldest first.
+    fn asides(d: &Path) -> Vec<PathBuf> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("inflight.log.corrupt-"))
+            })
+            .collect();
+        found.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        found
+    }
+
+    fn recovery(s: &LogStore) -> Option<Recovery> {
+        s.recovery().lock().unwrap().clone()
+    }
+
     #[test]
-    fn a_torn_or_corrupt_tail_is_cut_and_the_rest_kept() {
-        let d = dir("torn");
-        let mut s = opened(&d);
-        s.put("c-1", vec![b"first"]).unwrap();
-        s.put("c-2", vec![b"second"]).unwrap();
-        drop(s);
+    fn a_log_that_is_not_sound_is_put_aside_and_its_sound_records_kept() {
+        let d = dir("corrupt");
         let path = d.join(FILE_NAME);
+        let mut s = opened(&d);
+        s.put("s-1", vec![&sent(1, b"first")]).unwrap();
+        s.put("s-2", vec![&sent(2, b"second")]).unwrap();
+        drop(s);
         let full = std::fs::read(&path).unwrap();
         let used = replay(&full).good;
-        // The last record cut short (a crash in the middle of copying it).
+
+        // The last record cut short (a crash in the middle of copying it): the first is kept.
         let mut torn = full.clone();
         torn[used - 3..].fill(0);
-        assert!(replay(&torn).dropped > 0);
         std::fs::write(&path, &torn).unwrap();
         let s = &mut opened(&d);
-        assert_eq!(s.keys().unwrap(), ["c-1"]);
+        assert_eq!(s.keys().unwrap(), ["s-1"]);
+        let r = recovery(s).expect("a recovery");
+        assert_eq!((r.kept, r.invalid, r.bad_header), (1, 0, false), "{r:?}");
+        assert!(r.unreadable_bytes > 0);
+        assert!(
+            r.describe().contains("cut short or damaged"),
+            "{}",
+            r.describe()
+        );
+        assert_eq!(asides(&d).len(), 1);
+        assert_eq!(
+            std::fs::read(&asides(&d)[0]).unwrap(),
+            torn,
+            "kept as it was"
+        );
+        assert_eq!(r.aside, asides(&d)[0]);
+
         // A byte of the first record's data flipped: its checksum fails, nothing is trusted.
         let mut bad = std::fs::read(&path).unwrap();
         bad[MAGIC.len() + HEAD + 3 + 1] ^= 0xff;
         std::fs::write(&path, &bad).unwrap();
-        assert!(opened(&d).keys().unwrap().is_empty());
-        // A file of nothing but the header and zeros is an empty log, not a loss.
+        let s = &mut opened(&d);
+        assert!(s.keys().unwrap().is_empty());
+        assert_eq!(recovery(s).map(|r| r.kept), Some(0));
+        assert_eq!(asides(&d).len(), 2);
+
+        // Not a log at all.
+        std::fs::write(&path, b"PK\x03\x04 something else").unwrap();
+        let s = &mut opened(&d);
+        assert!(s.keys().unwrap().is_empty());
+        let r = recovery(s).expect("a recovery");
+        assert!(r.bad_header && r.unreadable_bytes == 19, "{r:?}");
+        assert!(
+            r.describe()
+                .contains("does not start with the header FBINFL02"),
+            "{}",
+            r.describe()
+        );
+        assert_eq!(asides(&d).len(), 3);
+
+        // Records whose checksums are right but which the client could not restore: three
+        // bytes of nothing, and an MQTT v5 record in a 3.1.1 client's log (Paho refused to
+        // create the client for that one, and the publisher never published again).
+        let mut s = opened(&d);
+        s.put("s-1", vec![&sent(1, b"kept")]).unwrap();
+        s.put("s-2", vec![b"abc"]).unwrap();
+        s.put("s5-3", vec![&packet(0x32, "t", 3, Some(&[]), b"v5")])
+            .unwrap();
+        drop(s);
+        let s = &mut opened(&d);
+        assert_eq!(s.keys().unwrap(), ["s-1"]);
+        let r = recovery(s).expect("a recovery");
+        assert_eq!((r.kept, r.invalid, r.unreadable_bytes), (1, 2, 0), "{r:?}");
+        assert!(
+            r.reasons[0].starts_with("s-2: ")
+                && r.reasons[1].starts_with("s5-3: an MQTT v5 record"),
+            "{:?}",
+            r.reasons
+        );
+        assert!(r
+            .describe()
+            .contains("2 record(s) the MQTT client could not restore"));
+        assert_eq!(asides(&d).len(), 4);
+        // A v5 client keeps v5 records.
+        let mut s = LogStore::new(d.clone()).mqtt_v5(true);
+        s.put("s5-3", vec![]).unwrap_err();
+        s.open("cid", "tcp://127.0.0.1:1883").unwrap();
+        s.put("s5-3", vec![&packet(0x32, "t", 3, Some(&[]), b"v5")])
+            .unwrap();
+        drop(s);
+        let mut s = LogStore::new(d.clone()).mqtt_v5(true);
+        s.open("cid", "tcp://127.0.0.1:1883").unwrap();
+        assert_eq!(s.keys().unwrap().len(), 2);
+        assert_eq!(recovery(&s), None);
+        // A sound log is left alone; so is a file of the header and zeros (an empty log).
         let r = replay(&std::fs::read(&path).unwrap());
-        assert_eq!((r.live.len(), r.dropped), (0, 0));
+        assert_eq!(r.dropped, 0);
+        assert_eq!(asides(&d).len(), 4);
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn records_are_checked_for_what_their_key_says() {
+        let ok = |k: &str, d: &[u8]| check_record(k, d, false);
+        let no = |k: &str, d: &[u8]| check_record(k, d, false).unwrap_err();
+        assert_eq!(ok("s-7", &sent(7, b"x")), Ok(()));
+        assert!(no("s-8", &sent(7, b"x")).contains("packet id 7"));
+        assert!(no("s-7", b"abc").contains("not a PUBLISH"));
+        assert!(no("s-7", &[0x32, 5, 0]).contains("remaining length 5"));
+        assert_eq!(ok("r-4", &packet(0x34, "t", 4, None, b"")), Ok(()));
+        assert_eq!(ok("sc-5", &[0x62, 2, 0, 5]), Ok(()));
+        assert!(no("sc-5", &[0x62, 2, 0, 6]).contains("packet id 6"));
+        assert!(no("sc-5", &[0x60, 2, 0, 5]).contains("not a PUBREL"));
+        assert!(no("sc-5", &[0x62, 3, 0, 5]).contains("remaining length 3"));
+        assert_eq!(ok("c-1", &command("a/b", b"payload")), Ok(()));
+        assert!(no("c-1", b"abc").contains("cut short"));
+        let mut c = command("a/b", b"payload");
+        c[0] = 99;
+        assert!(no("c-1", &c).contains("unknown type 99"));
+        let mut c = command("a/b", b"payload");
+        let at = c.len() - 8;
+        c[at] = 3;
+        assert!(no("c-1", &c).contains("QoS 3"));
+        let mut c = command("a/b", b"payload");
+        c.push(0);
+        assert!(no("c-1", &c).contains("expected"));
+        // In MQTT v5 a command ends with its properties.
+        let mut c5 = command("a/b", b"p");
+        assert!(check_record("c5-1", &c5, true)
+            .unwrap_err()
+            .contains("without its properties"));
+        c5.extend_from_slice(&[3, 1, 2, 3]);
+        assert_eq!(check_record("c5-1", &c5, true), Ok(()));
+        assert!(no("c5-1", &c5).contains("MQTT v5 record"));
+        assert!(no("zz-1", b"x").contains("not a key"));
+        assert!(no("s-x", b"x").contains("not a key"));
+        assert!(no("q-1", b"").contains("empty"));
+        assert_eq!(ok("q-1", b"x"), Ok(()));
+    }
+
+    #[test]
+    fn what_a_log_still_owes_is_counted_from_the_file() {
+        let d = dir("owed");
+        assert_eq!(owed(&d).unwrap(), 0, "no log, nothing owed");
+        let mut s = opened(&d);
+        assert_eq!(owed(&d).unwrap(), 0);
+        s.put("c-1", vec![&command("t", b"queued")]).unwrap();
+        s.put("s-2", vec![&sent(2, b"sent")]).unwrap();
+        // A QoS 2 publication whose release was sent: one publication, not two.
+        s.put("s-3", vec![&sent(3, b"released")]).unwrap();
+        s.put("sc-3", vec![&[0x62, 2, 0, 3]]).unwrap();
+        // A release whose publication record is gone: still owed its completion.
+        s.put("sc-4", vec![&[0x62, 2, 0, 4]]).unwrap();
+        // Not publications: a probe subscription's command, a received QoS 2 message.
+        let mut subscribe = 8i32.to_ne_bytes().to_vec();
+        subscribe.extend_from_slice(&[0; 4]);
+        subscribe.extend_from_slice(&1i32.to_ne_bytes());
+        s.put("c-5", vec![&subscribe]).unwrap();
+        s.put("r-6", vec![&packet(0x34, "t", 6, None, b"in")])
+            .unwrap();
+        assert_eq!(owed(&d).unwrap(), 4);
+        for k in ["c-1", "s-2", "s-3", "sc-3", "sc-4"] {
+            s.remove(k).unwrap();
+        }
+        assert_eq!(owed(&d).unwrap(), 0);
+        drop(s);
+        std::fs::write(d.join(FILE_NAME), b"damaged").unwrap();
+        assert!(
+            owed(&d).is_err(),
+            "a log that cannot be read owes what cannot be told"
+        );
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// The checks agree with what Paho writes: a client that never connects, publishing while
+    /// disconnected, stores its commands in the log.
+    #[test]
+    fn the_records_paho_writes_pass_the_checks() {
+        for v5 in [false, true] {
+            let d = dir(&format!("paho-{v5}"));
+            let create = paho::CreateOptionsBuilder::new()
+                .server_uri("tcp://127.0.0.1:1")
+                .client_id("cid")
+                .user_persistence(LogStore::new(d.clone()).mqtt_v5(v5))
+                .send_while_disconnected(true)
+                .allow_disconnected_send_at_anytime(true)
+                .mqtt_version(if v5 { 5 } else { 4 })
+                .finalize();
+            let client = paho::AsyncClient::new(create).unwrap();
+            let mut m = paho::MessageBuilder::new()
+                .topic("a/b")
+                .payload(b"hello".to_vec())
+                .qos(1)
+                .retained(true);
+            if v5 {
+                let mut p = paho::Properties::new();
+                p.push_string_pair(paho::PropertyCode::UserProperty, "k", "v")
+                    .unwrap();
+                m = m.properties(p);
+            }
+            drop(client.publish(m.finalize()));
+            drop(client.publish(paho::Message::new("x", Vec::new(), 2)));
+            let live = replay(&std::fs::read(d.join(FILE_NAME)).unwrap()).live;
+            assert_eq!(live.len(), 2, "{live:?}");
+            for (k, v) in &live {
+                assert!(k.starts_with(if v5 { "c5-" } else { "c-" }), "{k}");
+                assert_eq!(check_record(k, v, v5), Ok(()), "{k}: {v:?}");
+            }
+            drop(client);
+            let _ = std::fs::remove_dir_all(&d);
+        }
     }
 
     #[test]
@@ -735,7 +1239,7 @@ mod tests {
         assert_eq!(len, MIN_MAP as u64, "the log keeps its size");
         let again = &mut opened(&d);
         assert_eq!(again.keys().unwrap().len(), 20);
-        assert_eq!(again.get("c-39999").unwrap(), data);
+        assert_eq!(again.get("c-39999").unwrap(), command("t", &data));
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -772,7 +1276,7 @@ mod tests {
         // What left memory is still in the file.
         let again = &mut opened(&d);
         assert_eq!(again.keys().unwrap().len(), 20);
-        assert_eq!(again.get("c-2799").unwrap(), data);
+        assert_eq!(again.get("c-2799").unwrap(), command("t", &data));
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -808,29 +1312,35 @@ mod tests {
         );
         let again = &mut opened(&d);
         assert_eq!(again.keys().unwrap().len(), 20);
-        assert_eq!(again.get("c-8999").unwrap(), [3u8; 300]);
+        assert_eq!(again.get("c-8999").unwrap(), command("t", &[3u8; 300]));
         let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
     fn sent_publications_found_at_open_are_restored_until_removed() {
         let d = dir("restored");
-        let mut s = opened(&d);
-        s.put("c-1", vec![b"command"]).unwrap();
-        s.put("s-1", vec![b"one"]).unwrap();
-        s.put("s5-2", vec![b"two"]).unwrap();
-        s.put("sc-3", vec![b"released"]).unwrap();
+        let v5 = |d: &Path| {
+            let mut s = LogStore::new(d.to_path_buf()).mqtt_v5(true);
+            s.open("cid", "tcp://127.0.0.1:1883").unwrap();
+            s
+        };
+        let mut s = v5(&d);
+        s.put("c-1", vec![&command("t", b"command")]).unwrap();
+        s.put("s-1", vec![&sent(1, b"one")]).unwrap();
+        s.put("s5-2", vec![&packet(0x32, "t", 2, Some(&[]), b"two")])
+            .unwrap();
+        s.put("sc-3", vec![&[0x62, 2, 0, 3]]).unwrap();
         assert!(
             s.restored().lock().unwrap().is_empty(),
             "nothing from before"
         );
         drop(s);
-        let mut again = opened(&d);
+        let mut again = v5(&d);
         let restored = again.restored();
         let keys = |r: &Restored| r.lock().unwrap().keys().cloned().collect::<Vec<_>>();
         assert_eq!(keys(&restored), ["s-1", "s5-2"]);
-        assert_eq!(restored.lock().unwrap()["s-1"], b"one");
-        again.put("s-4", vec![b"new"]).unwrap();
+        assert_eq!(restored.lock().unwrap()["s-1"], sent(1, b"one"));
+        again.put("s-4", vec![&sent(4, b"new")]).unwrap();
         again.remove("s-1").unwrap();
         assert_eq!(keys(&restored), ["s5-2"]);
         again.clear().unwrap();
@@ -906,14 +1416,15 @@ mod tests {
         let mut s = opened(&d);
         let n = s.unacknowledged();
         let now = || n.load(Ordering::SeqCst);
-        s.put("c-1", vec![b"command"]).unwrap();
+        s.put("c-1", vec![&command("t", b"command")]).unwrap();
         assert_eq!(now(), 0);
-        s.put("s-1", vec![b"sent"]).unwrap();
+        s.put("s-1", vec![&sent(1, b"sent")]).unwrap();
         s.remove("c-1").unwrap();
-        s.put("s-2", vec![b"sent"]).unwrap();
-        s.put("s-2", vec![b"sent again"]).unwrap();
-        s.put("sc-3", vec![b"released"]).unwrap();
-        s.put("r-4", vec![b"received"]).unwrap();
+        s.put("s-2", vec![&sent(2, b"sent")]).unwrap();
+        s.put("s-2", vec![&sent(2, b"sent again")]).unwrap();
+        s.put("sc-3", vec![&[0x62, 2, 0, 3]]).unwrap();
+        s.put("r-4", vec![&packet(0x34, "t", 4, None, b"received")])
+            .unwrap();
         assert_eq!(now(), 2);
         s.remove("s-1").unwrap();
         s.remove("s-1").unwrap();
@@ -930,13 +1441,13 @@ mod tests {
     fn a_released_store_holds_no_mapping_and_refuses_work() {
         let d = dir("release");
         let mut s = opened(&d);
-        s.put("s-1", vec![b"in flight"]).unwrap();
+        s.put("s-1", vec![&sent(1, b"in flight")]).unwrap();
         let r = s.releaser();
         r.release();
         assert!(s.lock().map.is_none() && s.lock().live.is_empty());
-        assert!(s.put("s-2", vec![b"late"]).is_err());
+        assert!(s.put("s-2", vec![&sent(2, b"late")]).is_err());
         // The file keeps what was in flight for the next client with this id.
-        assert_eq!(opened(&d).get("s-1").unwrap(), b"in flight");
+        assert_eq!(opened(&d).get("s-1").unwrap(), sent(1, b"in flight"));
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -945,11 +1456,12 @@ mod tests {
         let d = dir("import");
         let old = d.join("cid-tcp-//127.0.0.1-1883");
         std::fs::create_dir_all(&old).unwrap();
-        std::fs::write(old.join("c-7.msg"), b"old publication").unwrap();
+        let old_publication = command("t", b"old publication");
+        std::fs::write(old.join("c-7.msg"), &old_publication).unwrap();
         let s = &mut opened(&d);
-        assert_eq!(s.get("c-7").unwrap(), b"old publication");
+        assert_eq!(s.get("c-7").unwrap(), old_publication);
         assert!(!old.join("c-7.msg").exists());
-        assert_eq!(opened(&d).get("c-7").unwrap(), b"old publication");
+        assert_eq!(opened(&d).get("c-7").unwrap(), old_publication);
         let _ = std::fs::remove_dir_all(&d);
     }
 }

@@ -168,18 +168,81 @@ impl InputNode for Subscribe {
     fn run(self: Arc<Self>, ctx: InputCtx) -> BoxFut<'static, ()> {
         Box::pin(async move { self.run_loop(ctx).await })
     }
+
+    /// The flow is removed: a persistent session would keep the subscription at the broker,
+    /// which would queue for it for ever (MQTT 3.1.1) and hand the backlog to whatever flow
+    /// next uses the client id. So it is ended; a clean session ended with its connection.
+    fn retire(&self, deadline: Duration) -> BoxFut<'_, ()> {
+        Box::pin(async move {
+            if self.clean_session {
+                return;
+            }
+            let cid = self.client_id();
+            let result = crate::mqtt_client::end_session(ConnSpec {
+                endpoint: &self.endpoint,
+                client_id: cid.clone(),
+                persistent_session: false,
+                persist_dir: None,
+                connect_timeout: self.config.mqtt.ack_timeout.0.min(deadline),
+                backoff: Backoff::from_config(&self.config),
+                services: self.services.clone(),
+                flow: &self.flow,
+                node: &self.node,
+            })
+            .await;
+            let topics = self
+                .topics
+                .iter()
+                .map(|t| format!("'{t}'"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let (severity, message) = match result {
+                Ok(()) => (
+                    Severity::Info,
+                    format!(
+                        "Ended the session of client id '{cid}' at {} (the flow was removed): the broker no longer keeps its subscription to {topics} or messages for it",
+                        self.endpoint.url
+                    ),
+                ),
+                Err(why) => (
+                    Severity::Error,
+                    format!(
+                        "Could not end the session of client id '{cid}' at {} (the flow was removed): {why}. The broker keeps its subscription to {topics} and queues messages for it until the session expires (MQTT v5) or a client with this id connects with a clean session",
+                        self.endpoint.url
+                    ),
+                ),
+            };
+            self.services.activity.record(
+                flowbus_runtime::activity::NewEntry::new(
+                    severity,
+                    bip::RETIRED,
+                    "MQTT",
+                    &self.flow,
+                    &self.node,
+                    message,
+                )
+                .tag("url", self.endpoint.url.clone())
+                .tag("client_id", cid),
+            );
+        })
+    }
 }
 
 impl Subscribe {
-    async fn run_loop(&self, ctx: InputCtx) {
-        let cid = self.client_id.clone().unwrap_or_else(|| {
+    /// The node's client id: as given, else made from the installation, flow and node.
+    fn client_id(&self) -> String {
+        self.client_id.clone().unwrap_or_else(|| {
             client_id(
                 &instance_id(&self.config.data_dir),
                 &self.flow,
                 &self.node,
                 None,
             )
-        });
+        })
+    }
+
+    async fn run_loop(&self, ctx: InputCtx) {
+        let cid = self.client_id();
         // No file persistence for a subscriber: paho would restore (and deliver again) the
         // received messages of its queue at every reconnect. Receipt is acknowledged on
         // arrival, so the session alone keeps what the broker has not sent yet.
@@ -247,6 +310,8 @@ impl Subscribe {
             Arc::new(PolicyGate::new(self.endpoint.policy.clone())),
         ));
 
+        let fatal = conn.fatal();
+        tokio::pin!(fatal);
         let sampler = Sampler::new(10);
         let mut redeliveries = Redeliveries::new((self.high * 8).max(8192));
         let mut dispatcher = Dispatcher::new(ctx.clone(), self.instances, self.in_flight);
@@ -259,6 +324,10 @@ impl Subscribe {
             tokio::select! {
                 biased;
                 _ = ctx.cancel().cancelled() => break,
+                reason = &mut fatal => {
+                    ctx.fail_flow(reason);
+                    break;
+                }
                 _ = high_water.notified(), if !paused => {
                     // A notification can outlive the condition (a permit stored while nobody
                     // waited): act only if the queue is still at the mark.
@@ -320,12 +389,13 @@ impl Subscribe {
             }
         } else {
             // A persistent session keeps its subscription, so what is published while the
-            // daemon is down waits at the broker for the next start instead of being lost.
+            // flow or the daemon is stopped waits at the broker for the next start instead of
+            // being lost. (Removing the flow ends the session: `retire`.)
             log.record(log.entry(
                 Severity::Info,
                 bip::FLOW_CONTROL,
                 format!(
-                    "Stopping receipt; the broker keeps the subscription to {} and its messages for client id '{}' until it reconnects",
+                    "Stopping receipt; the broker keeps the subscription to {} and its messages for client id '{}' until the flow starts again (removing the flow ends the session)",
                     self.topics.iter().map(|t| format!("'{t}'")).collect::<Vec<_>>().join(", "),
                     log.client_id
                 ),

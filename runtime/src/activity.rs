@@ -14,7 +14,9 @@
 //! `<dir>/activity.jsonl` is the current file; when the next line would take it past
 //! `file_size` it becomes `activity.1.jsonl` (older ones move up, the oldest of `files` is
 //! deleted). On start the files are read back, oldest first, so the query view and the
-//! sequence numbers survive a restart.
+//! sequence numbers survive a restart. A line that cannot be read back (not UTF-8, not an
+//! entry, a sequence number beyond [`MAX_SEQ`]) is skipped and counted, and one entry
+//! (BIP1011) says how many per file; the lines after it are read as usual.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
@@ -274,6 +276,19 @@ pub struct FileSettings {
 /// The current file name; rotated ones are `activity.N.jsonl`.
 pub const FILE_NAME: &str = "activity.jsonl";
 
+/// The largest sequence number the log uses: 2^53 - 1, the largest integer every JSON reader
+/// (JavaScript's numbers, so a browser on the event stream) holds exactly. At a million
+/// entries a second a daemon would take 285 years to get there, so a larger number read back
+/// from a file can only be damage; taking it would leave the counter nowhere to go (at
+/// `u64::MAX` the next entry wrapped to 0, and `--follow` and the stream, which ask for
+/// larger numbers, saw nothing more), so such a line is skipped and counted like any other
+/// unreadable one.
+pub const MAX_SEQ: u64 = (1 << 53) - 1;
+
+/// The activity-log number of the entry that reports lines of the files that could not be
+/// read back.
+pub const UNREADABLE_LINES: u32 = 1011;
+
 fn rotated_name(n: u32) -> String {
     if n == 0 {
         FILE_NAME.to_string()
@@ -356,22 +371,123 @@ impl FileSink {
         Ok(())
     }
 
-    /// The entries in the files, oldest first.
-    fn read_back(settings: &FileSettings) -> Vec<Entry> {
-        let mut out = Vec::new();
+    /// The entries in the files, oldest first, and what could not be read.
+    fn read_back(settings: &FileSettings) -> ReadBack {
+        let mut back = ReadBack::default();
         for n in (0..settings.files).rev() {
-            let Ok(f) = File::open(settings.dir.join(rotated_name(n))) else {
+            let name = rotated_name(n);
+            let Ok(f) = File::open(settings.dir.join(&name)) else {
                 continue;
             };
-            for line in BufReader::new(f).lines() {
-                let Ok(line) = line else { break };
-                // A line cut short by a crash, or written by something else, is skipped.
-                if let Ok(e) = serde_json::from_str::<Entry>(&line) {
-                    out.push(e);
+            let mut bad = Unreadable::default();
+            // Lines as bytes: one that is not UTF-8 (damage, or something else wrote to the
+            // file) is one bad line, not the end of the file.
+            for line in BufReader::new(f).split(b'\n') {
+                let line = match line {
+                    Ok(l) => l,
+                    Err(e) => {
+                        bad.error = Some(e.to_string());
+                        break;
+                    }
+                };
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                match std::str::from_utf8(&line) {
+                    Err(_) => bad.not_utf8 += 1,
+                    // A line cut short by a crash, or written by something else.
+                    Ok(text) => match serde_json::from_str::<Entry>(text) {
+                        Err(_) => bad.not_entries += 1,
+                        Ok(e) if e.seq > MAX_SEQ => bad.seq_out_of_range += 1,
+                        Ok(e) => back.entries.push(e),
+                    },
                 }
             }
+            if bad.lines() > 0 || bad.error.is_some() {
+                back.unreadable.push((name, bad));
+            }
         }
-        out
+        back
+    }
+}
+
+/// What [`FileSink::read_back`] found.
+#[derive(Debug, Default)]
+struct ReadBack {
+    entries: Vec<Entry>,
+    /// Per file name, the lines it skipped.
+    unreadable: Vec<(String, Unreadable)>,
+}
+
+/// The lines of one file that could not be read back, by reason.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Unreadable {
+    not_utf8: usize,
+    not_entries: usize,
+    seq_out_of_range: usize,
+    /// A read error that ended the file early.
+    error: Option<String>,
+}
+
+impl Unreadable {
+    fn lines(&self) -> usize {
+        self.not_utf8 + self.not_entries + self.seq_out_of_range
+    }
+
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        for (n, what) in [
+            (self.not_utf8, "not UTF-8"),
+            (
+                self.not_entries,
+                "not an activity-log entry (cut short, or not JSON)",
+            ),
+            (self.seq_out_of_range, "a sequence number beyond 2^53 - 1"),
+        ] {
+            if n > 0 {
+                parts.push(format!("{n} {what}"));
+            }
+        }
+        if let Some(e) = &self.error {
+            parts.push(format!("a read error ended it early: {e}"));
+        }
+        parts.join(", ")
+    }
+}
+
+impl ReadBack {
+    /// The entry that says what could not be read, if anything could not.
+    fn report(&self) -> Option<NewEntry> {
+        if self.unreadable.is_empty() {
+            return None;
+        }
+        let count: usize = self.unreadable.iter().map(|(_, u)| u.lines()).sum();
+        let files: Map<String, Value> = self
+            .unreadable
+            .iter()
+            .map(|(name, u)| (name.clone(), Value::from(u.lines())))
+            .collect();
+        let detail = self
+            .unreadable
+            .iter()
+            .map(|(name, u)| format!("{name}: {}", u.describe()))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Some(
+            NewEntry::new(
+                Severity::Error,
+                UNREADABLE_LINES,
+                "Daemon",
+                "",
+                "",
+                format!(
+                    "{count} line(s) of the activity-log files could not be read back and were skipped ({detail}); the {} entries around them were read back",
+                    self.entries.len()
+                ),
+            )
+            .tag("count", count)
+            .tag("files", files),
+        )
     }
 }
 
@@ -460,11 +576,12 @@ impl ActivityLog {
         files: FileSettings,
     ) -> Result<ActivityLog, ActivityLogError> {
         let log = ActivityLog::new(capacity, min_severity);
-        let old = FileSink::read_back(&files);
+        let back = FileSink::read_back(&files);
+        let report = back.report();
         let sink = FileSink::open(files)?;
         {
             let mut st = log.state.lock().unwrap_or_else(|p| p.into_inner());
-            for e in old {
+            for e in back.entries {
                 st.seq = st.seq.max(e.seq);
                 let per_message = e
                     .number
@@ -476,6 +593,9 @@ impl ActivityLog {
                 }
             }
             st.sink = Some(sink);
+        }
+        if let Some(report) = report {
+            log.record(report);
         }
         Ok(log)
     }
@@ -532,7 +652,16 @@ impl ActivityLog {
         }
         self.counters.recorded[e.severity as usize].fetch_add(1, Ordering::Relaxed);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.seq += 1;
+        // Read-back keeps the counter at most MAX_SEQ, so this cannot run out in practice;
+        // should it, the number stays at the largest rather than wrap to 0 (below everything
+        // a follower has seen).
+        st.seq = match st.seq.checked_add(1) {
+            Some(next) => next,
+            None => {
+                tracing::error!("the activity log's sequence numbers are exhausted");
+                u64::MAX
+            }
+        };
         let entry = Arc::new(Entry {
             seq: st.seq,
             time: crate::time::now_rfc3339(),
@@ -826,6 +955,8 @@ mod tests {
         }
         // Every line is a whole entry, in sequence order across the files.
         let back = FileSink::read_back(&settings);
+        assert!(back.unreadable.is_empty(), "{:?}", back.unreadable);
+        let back = back.entries;
         assert!(!back.is_empty());
         assert!(back.windows(2).all(|w| w[1].seq == w[0].seq + 1));
         assert_eq!(
@@ -854,6 +985,92 @@ mod tests {
             ..Filter::default()
         });
         assert_eq!((last[0].seq, last[0].message.as_str()), (202, "up again"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Issue 18: one non-UTF-8 line dropped the rest of its file at read-back, and an entry
+    /// with `seq = u64::MAX` wrapped the counter to 0.
+    #[test]
+    fn bad_lines_are_skipped_and_counted_and_the_sequence_never_wraps() {
+        let dir = temp_dir("badlines");
+        std::fs::create_dir_all(&dir).unwrap();
+        let line = |seq: u64, msg: &str| {
+            let mut l = serde_json::to_string(&Entry {
+                seq,
+                time: "2026-01-01T00:00:00.000Z".into(),
+                severity: Severity::Info,
+                number: "BIP1001".into(),
+                resource: "Flow".into(),
+                flow: "f".into(),
+                node: String::new(),
+                message: msg.into(),
+                tags: Map::new(),
+            })
+            .unwrap()
+            .into_bytes();
+            l.push(b'\n');
+            l
+        };
+        let mut older = line(1, "one");
+        older.extend_from_slice(b"\xff\xfe not UTF-8\n");
+        older.extend(line(2, "two"));
+        older.extend_from_slice(b"{\"not\": \"an entry\"}\n");
+        older.extend(line(3, "three"));
+        std::fs::write(dir.join("activity.1.jsonl"), older).unwrap();
+        let mut current = line(4, "four");
+        current.extend(line(u64::MAX, "damaged"));
+        current.extend(line(MAX_SEQ + 1, "damaged too"));
+        current.extend(line(5, "five"));
+        // The last line cut short by a crash.
+        current.extend_from_slice(&line(6, "six")[..20]);
+        std::fs::write(dir.join(FILE_NAME), current).unwrap();
+
+        let settings = FileSettings {
+            dir: dir.clone(),
+            file_size: 1 << 20,
+            files: 3,
+        };
+        let log = ActivityLog::with_files(100, Severity::Info, settings).unwrap();
+        let all = log.query(&Filter::default());
+        let messages: Vec<&str> = all.iter().map(|e| e.message.as_str()).collect();
+        assert_eq!(&messages[..5], ["one", "two", "three", "four", "five"]);
+        // One entry says what was skipped, where, and why.
+        let report = &all[5];
+        assert_eq!(
+            (report.number.as_str(), report.severity, report.seq),
+            ("BIP1011", Severity::Error, 6)
+        );
+        assert_eq!(report.tags["count"], 5, "{report:?}");
+        assert_eq!(report.tags["files"]["activity.1.jsonl"], 2);
+        assert_eq!(report.tags["files"][FILE_NAME], 3);
+        assert!(
+            report
+                .message
+                .contains("activity.1.jsonl: 1 not UTF-8, 1 not an activity-log entry")
+                && report
+                    .message
+                    .contains("2 a sequence number beyond 2^53 - 1"),
+            "{}",
+            report.message
+        );
+        assert_eq!(all.len(), 6);
+        // The counter goes on from the largest number that was read, not from 0.
+        log.record(NewEntry::new(Severity::Info, 1, "Flow", "f", "", "next"));
+        assert_eq!(log.last_seq(), 7);
+        // Files that read back cleanly make no report.
+        drop(log);
+        let _ = std::fs::remove_dir_all(&dir);
+        let log = ActivityLog::with_files(
+            100,
+            Severity::Info,
+            FileSettings {
+                dir: dir.clone(),
+                file_size: 1 << 20,
+                files: 3,
+            },
+        )
+        .unwrap();
+        assert!(log.query(&Filter::default()).is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -50,6 +50,9 @@ pub mod bip {
     pub const ABANDONED_AT_STOP: u32 = 1009;
     /// The watcher could not read a flow directory or file: nothing was changed.
     pub const WATCH_FAILED: u32 = 1010;
+    /// Lines of the activity-log files could not be read back at start (logged by the
+    /// activity log).
+    pub const ACTIVITY_LOG_UNREADABLE: u32 = crate::activity::UNREADABLE_LINES;
 }
 
 /// What the daemon refuses, and why. Each variant's text says what is wrong.
@@ -408,10 +411,13 @@ impl Daemon {
                     .collect();
                 for old in renamed {
                     if self.stop_locked(&old).await.is_ok() {
+                        // The old name is gone for good, and so are the client ids made from
+                        // it: end their sessions as for any removal.
+                        let late = self.retire_locked(&old).await;
                         self.forget(
                             &old,
                             &format!(
-                                "stopped and removed: {} now holds flow '{}'",
+                                "stopped and removed: {} now holds flow '{}'{late}",
                                 file.display(),
                                 flow.name()
                             ),
@@ -842,8 +848,32 @@ impl Daemon {
         Ok(())
     }
 
+    /// Ends what a stopped flow keeps beyond a stop, because it is being removed (see
+    /// [`Flow::retire`]): its nodes end their persistent sessions and delete their files under
+    /// the data directory. Returns a note for the removal entry naming nodes that did not
+    /// finish within `shutdown_timeout` (empty when all did).
+    async fn retire_locked(&self, name: &str) -> String {
+        let flow = self.table().flows.get(name).and_then(|s| s.flow.clone());
+        let Some(flow) = flow else {
+            return String::new();
+        };
+        let deadline = self.inner.config.daemon.shutdown_timeout.0;
+        let late = flow.retire(deadline).await;
+        if late.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; nodes {} did not finish ending their sessions within {}",
+                late.join(", "),
+                humantime::format_duration(deadline)
+            )
+        }
+    }
+
     /// Stops and removes a flow; its file is moved to `<data_dir>/removed/` so it does not
-    /// come back at the next start.
+    /// come back at the next start. Unlike a stop, a removal ends the flow's persistent
+    /// sessions at the brokers and deletes its files under the data directory (see
+    /// [`Flow::retire`]).
     pub async fn remove_flow(&self, name: &str) -> Result<(), DaemonError> {
         if self.inner.shutting_down.load(Ordering::SeqCst) {
             return Err(DaemonError::ShuttingDown);
@@ -871,7 +901,10 @@ impl Daemon {
                     })?;
             }
         }
-        self.forget(name, "removed through the admin API");
+        // Only once the file is out of the way (a flow whose file could not be moved stays,
+        // stopped, with its sessions).
+        let late = self.retire_locked(name).await;
+        self.forget(name, &format!("removed through the admin API{late}"));
         Ok(())
     }
 
@@ -1107,9 +1140,13 @@ impl Daemon {
         };
         for (name, file) in gone {
             if self.stop_locked(&name).await.is_ok() {
+                let late = self.retire_locked(&name).await;
                 self.forget(
                     &name,
-                    &format!("stopped and removed: its file {} is gone", file.display()),
+                    &format!(
+                        "stopped and removed: its file {} is gone{late}",
+                        file.display()
+                    ),
                 );
             }
         }

@@ -14,7 +14,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
@@ -318,6 +318,33 @@ impl<'a> Outputs<'a> {
     }
 }
 
+/// A processing node's handle on its flow, given to [`ProcessingNode::start`] for what the node
+/// does outside `process` (a connection's supervisor, say). It holds the flow weakly, so a task
+/// that keeps it does not keep a stopped flow alive.
+#[derive(Clone)]
+pub struct NodeHandle {
+    flow: Weak<FlowInner>,
+    node: usize,
+}
+
+impl NodeHandle {
+    /// Stops the flow because this node cannot work at all (its MQTT client could not be
+    /// created, its persistence failed): as [`InputCtx::fail_flow`] for an input node, the
+    /// flow is marked failed with `reason`, naming the node, and its inputs are cancelled; the
+    /// daemon then stops it and shows it `failed` with the reason. Other flows go on.
+    pub fn fail_flow(&self, reason: impl Into<String>) {
+        if let Some(flow) = self.flow.upgrade() {
+            let slot = &flow.slots[self.node];
+            flow.fail(format!(
+                "node '{}' ({}) failed: {}",
+                slot.id,
+                slot.type_name,
+                reason.into()
+            ));
+        }
+    }
+}
+
 /// What became of one input message.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Disposition {
@@ -368,13 +395,31 @@ impl InputCtx {
     pub fn dispatch(&self, msg: Message) -> impl Future<Output = Disposition> + Send + 'static {
         let flow = self.flow.clone();
         let node = self.node;
-        guarded(flow.clone(), node, async move {
+        self.received(async move {
             let original = msg.clone();
-            let started = std::time::Instant::now();
-            let d = match flow.propagate(node, "Out", msg).await {
+            match flow.propagate(node, "Out", msg).await {
                 Ok(()) => Disposition::Completed,
                 Err(Thrown(e)) => catch_or_discard(&flow, node, original, e).await,
-            };
+            }
+        })
+    }
+
+    /// Wraps the handling of one received message, whichever path it takes (`Out`, `Catch`,
+    /// `Failure`, discarded): the one place where an input node's invocations are counted and
+    /// its processing time measured, so the JSON statistics, the Prometheus counters and the
+    /// `flowbus stats` table all count every message the node received. Counted at once, when
+    /// the message is handed over, so a message whose processing is later abandoned (a stop
+    /// deadline) is counted too.
+    fn received(
+        &self,
+        handling: impl Future<Output = Disposition> + Send + 'static,
+    ) -> impl Future<Output = Disposition> + Send + 'static {
+        let flow = self.flow.clone();
+        let node = self.node;
+        inc(&flow.slots[node].counters.invocations);
+        guarded(flow.clone(), node, async move {
+            let started = std::time::Instant::now();
+            let d = handling.await;
             let took = started.elapsed();
             let counters = &flow.slots[node].counters;
             counters
@@ -408,7 +453,7 @@ impl InputCtx {
     ) -> impl Future<Output = Disposition> + Send + 'static {
         let flow = self.flow.clone();
         let node = self.node;
-        guarded(flow.clone(), node, async move {
+        self.received(async move {
             let slot = &flow.slots[node];
             inc(&slot.counters.errors);
             let e = exception.locate(&flow.name, &slot.id, slot.type_name);
@@ -678,7 +723,8 @@ pub struct NodeStatsSnapshot {
     /// Node type.
     #[serde(rename = "type")]
     pub type_name: String,
-    /// Times the node was called.
+    /// Times the node was called; for an input node, the messages it received, whichever
+    /// terminal they left by (`Out`, `Failure`, `Catch`) or whether they were discarded.
     pub invocations: u64,
     /// Errors raised in the node.
     pub errors: u64,
@@ -785,13 +831,13 @@ impl Flow {
             let node = s.id.as_str();
             let labels = [("flow", flow), ("node", node)];
             t.attach_counter(names::NODE_ERRORS, &labels, s.counters.errors.clone());
-            if matches!(s.imp, Imp::Processing(_)) {
-                t.attach_counter(
-                    names::NODE_INVOCATIONS,
-                    &labels,
-                    s.counters.invocations.clone(),
-                );
-            } else {
+            t.attach_counter(
+                names::NODE_INVOCATIONS,
+                &labels,
+                s.counters.invocations.clone(),
+            );
+            // Only input nodes discard (an exception that nothing caught ends there).
+            if matches!(s.imp, Imp::Input(_)) {
                 t.attach_counter(names::NODE_DISCARDS, &labels, s.counters.discards.clone());
             }
             t.attach_histogram(
@@ -809,14 +855,44 @@ impl Flow {
         }
     }
 
+    /// Ends what the flow's nodes keep beyond a stop — persistent sessions at brokers, files
+    /// under the data directory — because the flow is being removed (through the API, or its
+    /// file deleted). Never called on a stop or a redeploy, whose sessions go on (the broker
+    /// keeps queuing for the next start, as IIB does). Call it once the flow has stopped (or
+    /// never ran); the nodes retire at once, each within `deadline`. Returns the ids of the
+    /// nodes that did not finish in time (they are abandoned).
+    pub async fn retire(&self, deadline: Duration) -> Vec<String> {
+        // A node bounds its own work by `deadline` and then says what it did; the grace lets
+        // it finish saying so.
+        let until = tokio::time::Instant::now() + deadline + Duration::from_secs(1);
+        let retiring = self.inner.slots.iter().map(|slot| async move {
+            let fut = match &slot.imp {
+                Imp::Processing(p) => p.retire(deadline),
+                Imp::Input(i) => i.retire(deadline),
+            };
+            tokio::time::timeout_at(until, fut)
+                .await
+                .is_err()
+                .then(|| slot.id.clone())
+        });
+        futures::future::join_all(retiring)
+            .await
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// Starts every input node on a task and a thread of its own (`input_task`). Must be
     /// called inside a tokio runtime.
     pub fn start(&self) -> RunningFlow {
         self.register_series();
         // Outputs before inputs: processing nodes get ready (connect) first.
-        for slot in &self.inner.slots {
+        for (node, slot) in self.inner.slots.iter().enumerate() {
             if let Imp::Processing(p) = &slot.imp {
-                p.clone().start();
+                p.clone().start(NodeHandle {
+                    flow: Arc::downgrade(&self.inner),
+                    node,
+                });
             }
         }
         // Error summaries are due once a second, even when no further error comes to trigger

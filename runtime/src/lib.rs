@@ -33,6 +33,8 @@ pub mod telemetry;
 pub mod time;
 pub mod tree;
 
-pub use engine::{Cancel, Dispatcher, Disposition, Flow, InputCtx, Outputs, RunningFlow};
+pub use engine::{
+    Cancel, Dispatcher, Disposition, Flow, InputCtx, NodeHandle, Outputs, RunningFlow,
+};
 pub use message::{Body, Domain, Exception, ExceptionKind, Message};
 pub use node::{BoxFut, BuiltNode, NodeFailure, Registry, Thrown};

@@ -8,11 +8,12 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::{Map, Value};
 
 use crate::config::Config;
-use crate::engine::{InputCtx, Outputs};
+use crate::engine::{InputCtx, NodeHandle, Outputs};
 use crate::flow::FlowErrorKind;
 use crate::message::{Exception, Message};
 use crate::services::Services;
@@ -54,11 +55,18 @@ pub trait ProcessingNode: Send + Sync + 'static {
         -> BoxFut<'a, Result<(), NodeFailure>>;
 
     /// Called when the flow starts, before any input node runs (inside the tokio runtime):
-    /// a node that holds a connection starts connecting here.
-    fn start(self: Arc<Self>) {}
+    /// a node that holds a connection starts connecting here. `flow` lets what the node does
+    /// outside `process` fail the flow when the node cannot work at all.
+    fn start(self: Arc<Self>, _flow: NodeHandle) {}
 
     /// Called when the flow stops, after every input node has finished: release connections.
     fn stop(&self) -> BoxFut<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
+
+    /// Called when the flow is removed (see [`crate::engine::Flow::retire`]), after it has
+    /// stopped: end what the node keeps beyond a stop. `deadline` bounds it.
+    fn retire(&self, _deadline: Duration) -> BoxFut<'_, ()> {
         Box::pin(std::future::ready(()))
     }
 }
@@ -67,6 +75,13 @@ pub trait ProcessingNode: Send + Sync + 'static {
 pub trait InputNode: Send + Sync + 'static {
     /// Runs until `ctx.cancel` fires, then finishes what it holds and returns.
     fn run(self: Arc<Self>, ctx: InputCtx) -> BoxFut<'static, ()>;
+
+    /// Called when the flow is removed (see [`crate::engine::Flow::retire`]), after it has
+    /// stopped: end what the node keeps beyond a stop (a persistent session at the broker).
+    /// `deadline` bounds it.
+    fn retire(&self, _deadline: Duration) -> BoxFut<'_, ()> {
+        Box::pin(std::future::ready(()))
+    }
 }
 
 /// A built node, ready to run.

@@ -35,7 +35,7 @@ pub mod names {
     pub const NODE_MESSAGES: &str = "flowbus_node_messages_total";
     /// Errors raised in a node.
     pub const NODE_ERRORS: &str = "flowbus_node_errors_total";
-    /// Times a processing node was called.
+    /// Times a processing node was called; for an input node, the messages it received.
     pub const NODE_INVOCATIONS: &str = "flowbus_node_invocations_total";
     /// Messages discarded at an input node after an exception nothing handled.
     pub const NODE_DISCARDS: &str = "flowbus_node_discards_total";

@@ -622,6 +622,38 @@ impl Daemon {
         )
     }
 
+    /// Runs the CLI until `done` holds for its stdout (exit 0), or panics after `timeout`
+    /// with what it printed and the daemon's log; returns that stdout.
+    pub async fn cli_until(
+        &self,
+        args: &[&str],
+        timeout: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> String {
+        let until = Instant::now() + timeout;
+        loop {
+            let (code, out, err) = self.cli(args);
+            if code == 0 && done(&out) {
+                return out;
+            }
+            assert!(
+                Instant::now() < until,
+                "flowbus {args:?} never showed what was expected (exit {code}):\n{out}\n{err}\ndaemon log:\n{}",
+                self.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The activity-log entries with this number, as `flowbus log --json` prints them.
+    pub fn entries(&self, number: &str) -> Vec<serde_json::Value> {
+        let (code, out, err) = self.cli(&["log", "--json", "--number", number]);
+        assert_eq!(code, 0, "{err}");
+        out.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, |c| c.id())
     }
