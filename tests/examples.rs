@@ -3,9 +3,12 @@
 //! - every `examples/**/*.json` flow validates and builds (with the `flowbus.toml` next to it,
 //!   when there is one);
 //! - the Rhai cookbook and error-handling flows produce what their READMEs and `docs/rhai.md`
-//!   say, run through the test harness with the message their Timer would produce;
+//!   say, run through the test harness with the message their Timer would produce (the
+//!   dead-letter example against a private mosquitto);
 //! - every Rhai example in `docs/rhai.md` is one of the cookbook's scripts or expressions, so
 //!   the doc cannot show code that is not tested here.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -823,4 +826,119 @@ async fn error_handling_uncaught_exception_is_logged_and_discarded() {
     let tick = h.flow().node_stats();
     let tick = tick.iter().find(|s| s.node == "tick").expect("tick");
     assert_eq!(tick.discards, 1);
+}
+
+// ---- error handling: a dead-letter topic (against a broker) -------------------------------
+
+/// The dead-letter example, run against a private mosquitto (its `[servers.local]` pointed
+/// there), with `edit` applied to the flow's text.
+fn dead_letter_flow(broker: &common::Broker, edit: impl Fn(String) -> String) -> common::Running {
+    let dir = error_handling("dead-letter");
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let config = format!(
+        "{}[servers.local]\nurl = \"{}\"\n",
+        common::fast_config(""),
+        broker.url()
+    );
+    common::Running::start(
+        &edit(read("shipments.json")),
+        &config,
+        &[
+            ("route.rhai", &read("route.rhai")),
+            ("explain.rhai", &read("explain.rhai")),
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_handling_dead_letter_publishes_what_ship_could_not() {
+    let broker = common::Broker::start("");
+    let mut run = dead_letter_flow(&broker, |f| f);
+    run.wait_subscribed(1).await;
+    let c = common::Client::connect(&broker.url(), false).await;
+    c.subscribe("shipments/#", 1).await;
+    c.subscribe("errors/#", 1).await;
+    // Nothing listens there.
+    let partner = format!("tcp://127.0.0.1:{}", common::free_port());
+    c.publish("orders/1017", r#"{"order":1017,"region":"eu"}"#, 1)
+        .await;
+    c.publish("orders/1018", r#"{"order":1018,"region":"eu/#"}"#, 1)
+        .await;
+    c.publish(
+        "orders/1019",
+        json!({"order": 1019, "region": "us", "broker": partner}).to_string(),
+        1,
+    )
+    .await;
+    let got = c.take_json(3, Duration::from_secs(20)).await;
+    assert_eq!(
+        got[0],
+        (
+            "shipments/eu".to_string(),
+            json!({"order": 1017, "region": "eu"})
+        )
+    );
+    assert_eq!(
+        got[1],
+        (
+            "errors/shipments".to_string(),
+            json!({
+                "number": 4311,
+                "order": {"order": 1018, "region": "eu/#"},
+                "reason": "LocalEnvironment.Destination.MQTT.Output.TopicName: topic \"shipments/eu/#\" contains a wildcard; a publish needs a topic name"
+            })
+        )
+    );
+    assert_eq!(got[2].0, "errors/shipments");
+    assert_eq!(got[2].1["number"], 12099);
+    assert_eq!(
+        got[2].1["order"],
+        json!({"order": 1019, "region": "us", "broker": partner})
+    );
+    let reason = got[2].1["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.starts_with(&format!(
+            "the publication to 'shipments/us' at QoS 1 on {partner} was not acknowledged: "
+        )),
+        "{reason}"
+    );
+    // The connection opened for the partner's broker is not left retrying.
+    run.wait_entry(
+        "BIP12092",
+        "not connected and no message waits for it",
+        Duration::from_secs(10),
+    )
+    .await;
+    run.stop().await;
+}
+
+/// What the README says happens without `"overrides": false`: the dead-letter node reads the
+/// overrides that failed, fails the same way, and the order is discarded at the input node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_handling_dead_letter_without_overrides_false_fails_like_the_message() {
+    let broker = common::Broker::start("");
+    let mut run = dead_letter_flow(&broker, |f| {
+        let edited = f.replace(",\n      \"overrides\": false", "");
+        assert_ne!(edited, f, "the example sets overrides: false");
+        edited
+    });
+    run.wait_subscribed(1).await;
+    let c = common::Client::connect(&broker.url(), false).await;
+    c.subscribe("errors/#", 1).await;
+    c.publish("orders/1018", r#"{"order":1018,"region":"eu/#"}"#, 1)
+        .await;
+    let discarded = run
+        .wait_entry("BIP2628", "discarded", Duration::from_secs(10))
+        .await;
+    assert!(
+        discarded.message.contains("BIP4311") && discarded.message.contains("dead-letter"),
+        "{discarded:?}"
+    );
+    assert!(
+        c.next(Duration::from_secs(1)).await.is_none(),
+        "nothing reaches errors/shipments"
+    );
+    run.stop().await;
 }

@@ -44,6 +44,7 @@ cases! {
     malformed_json_truncated,
     missing_required_property,
     missing_script_file,
+    mqtt_limits,
     mqtt_qos_out_of_range,
     no_input_node,
     not_an_object,

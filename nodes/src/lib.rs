@@ -3,7 +3,8 @@
 //! - [`compute`], [`filter`]: Rhai scripts, sharing [`script`] (sandboxed engine, tree
 //!   conversion, errors with script line:column).
 //! - [`mqtt_subscribe`], [`mqtt_publish`]: the MQTT nodes, sharing [`mqtt_client`] (one paho
-//!   client per node, the reconnect supervisor, activity-log events and statistics).
+//!   client per node, the reconnect supervisor, activity-log events and statistics) and
+//!   [`mqtt_limits`] (what MQTT can carry, checked before paho sees a value).
 //! - [`doctor`]: `flowbus doctor`, which probes every server the flows use.
 //! - [`qos_policy`]: QoS policy alignment (server `max_qos`, per-topic rules, broker limits).
 //! - [`trace`], [`trycatch`], [`throw`], [`timer`]: flow plumbing and a broker-less input.
@@ -14,6 +15,7 @@ pub mod compute;
 pub mod doctor;
 pub mod filter;
 pub mod mqtt_client;
+pub mod mqtt_limits;
 pub mod mqtt_publish;
 pub mod mqtt_store;
 pub mod mqtt_subscribe;

@@ -74,6 +74,8 @@ pub mod bip {
     pub const RETIRED: u32 = 12116;
     /// A removed flow's publisher still owed publications: its log and session were kept.
     pub const OWED_AT_REMOVAL: u32 = 12117;
+    /// A payload over the node's `max_payload` (received: not parsed; to publish: refused).
+    pub const PAYLOAD_TOO_LARGE: u32 = 12119;
 }
 
 /// Properties both MQTT nodes have.
@@ -85,6 +87,29 @@ pub const COMMON_PROPS: [PropSpec; 6] = [
     PropSpec::opt("clean_session", PropKind::Bool),
     PropSpec::opt("version", PropKind::Int { min: 3, max: 5 }),
 ];
+
+/// `max_payload`, which both nodes have: the largest payload the node receives or publishes.
+pub const MAX_PAYLOAD_PROP: PropSpec = PropSpec::opt(
+    "max_payload",
+    PropKind::Size {
+        max: flowbus_runtime::config::MQTT_MAX_PAYLOAD,
+    },
+);
+
+/// A node's `max_payload`: its own property, else its server's, else `[mqtt] max_payload`.
+pub fn max_payload(node: &NodeDecl, config: &Config) -> usize {
+    let server = || {
+        node.str("server")
+            .and_then(|s| config.servers.get(s))
+            .and_then(|s| s.max_payload)
+            .map(|s| s.0)
+    };
+    let bytes = node
+        .size("max_payload")
+        .or_else(server)
+        .unwrap_or(config.mqtt.max_payload.0);
+    usize::try_from(bytes).unwrap_or(usize::MAX)
+}
 
 /// Checks shared by both nodes: exactly one of `server` and `url`, a usable URL, version 3
 /// or 5.
@@ -131,12 +156,16 @@ pub fn check_common(node: &NodeDecl, _ctx: &ValidateCtx) -> Vec<Problem> {
     if let Some(id) = node.str("client_id") {
         // The id names the client's directory under `<data_dir>/mqtt/`: `..` would make that
         // the data directory itself.
-        if id.len() > 65_535 || id.contains(['+', '#', '/']) || id == "." || id == ".." {
+        if id.len() > crate::mqtt_limits::MAX_STRING
+            || id.contains(['+', '#', '/', '\0'])
+            || id == "."
+            || id == ".."
+        {
             p.push(Problem::at(
                 "client_id",
                 FlowErrorKind::BadValue {
                     property: "client_id".into(),
-                    message: "must be at most 65535 characters without '+', '#' or '/', and not '.' or '..'".into(),
+                    message: "must be at most 65535 bytes (UTF-8) without '+', '#', '/' or NUL, and not '.' or '..'".into(),
                 },
             ));
         }
@@ -905,6 +934,10 @@ impl Conn {
     pub fn new(spec: ConnSpec<'_>) -> Result<Arc<Conn>, String> {
         let ep = spec.endpoint;
         let v5 = ep.version == 5;
+        // A generated id grows with the flow's name and the node's id: paho would write one
+        // over 65,535 bytes with a wrapped length.
+        crate::mqtt_limits::check_string("the client id", &spec.client_id)
+            .map_err(|e| format!("cannot create the MQTT client for {}: {e}", ep.url))?;
         if let Some(dir) = &spec.persist_dir {
             create_private_dir_all(dir).map_err(|e| {
                 format!(
@@ -1173,6 +1206,13 @@ impl Conn {
     /// Asks the supervisor to pause (disconnect, keeping the session) or resume.
     pub fn set_want(&self, w: Want) {
         self.want.send_replace(w);
+    }
+
+    /// A handle that does what [`set_want`](Self::set_want) does without holding the
+    /// connection: for the message callback, which the client holds (an `Arc<Conn>` there
+    /// would keep the connection alive through its own client). Sending never blocks.
+    pub fn want_handle(&self) -> watch::Sender<Want> {
+        self.want.clone()
     }
 
     /// Asks the supervisor to drop the connection and connect again (after a missing ack).
@@ -1905,40 +1945,44 @@ pub fn topics(node: &NodeDecl) -> Vec<String> {
         .collect()
 }
 
-/// Checks an MQTT topic filter (subscribe) or name (publish).
+/// Checks an MQTT topic filter (subscribe) or name (publish): not empty, an MQTT string (at
+/// most 65,535 bytes of UTF-8, no NUL: see [`mqtt_limits`](crate::mqtt_limits)), wildcards
+/// only where a filter allows them.
 pub fn check_topic(t: &str, filter: bool) -> Result<(), String> {
     if t.is_empty() {
         return Err("a topic must not be empty".into());
     }
-    if t.contains('\0') {
-        return Err(format!("topic '{t}' contains a NUL character"));
-    }
-    let body = if filter {
-        match t.strip_prefix("$share/") {
-            Some(rest) => match rest.split_once('/') {
-                Some((group, f))
-                    if !group.is_empty() && !group.contains(['+', '#']) && !f.is_empty() =>
-                {
-                    f
-                }
-                _ => return Err(format!("'{t}' must be $share/<group>/<filter>")),
-            },
-            None => t,
-        }
-    } else {
-        t
-    };
-    let levels: Vec<&str> = body.split('/').collect();
-    for (i, l) in levels.iter().enumerate() {
-        let wild = l.contains('+') || l.contains('#');
-        if !filter && wild {
+    crate::mqtt_limits::check_string("topic", t).map_err(|e| e.to_string())?;
+    let shown = || crate::mqtt_limits::preview(t);
+    if !filter {
+        // A name has no wildcard anywhere: found without splitting it into levels, since a
+        // publish checks every TopicName override.
+        if t.contains(['+', '#']) {
             return Err(format!(
-                "topic '{t}' contains a wildcard; a publish needs a topic name"
+                "topic {} contains a wildcard; a publish needs a topic name",
+                shown()
             ));
         }
-        if filter && wild && !(*l == "+" || (*l == "#" && i == levels.len() - 1)) {
+        return Ok(());
+    }
+    let body = match t.strip_prefix("$share/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((group, f))
+                if !group.is_empty() && !group.contains(['+', '#']) && !f.is_empty() =>
+            {
+                f
+            }
+            _ => return Err(format!("{} must be $share/<group>/<filter>", shown())),
+        },
+        None => t,
+    };
+    let levels = body.split('/').count();
+    for (i, l) in body.split('/').enumerate() {
+        let wild = l.contains('+') || l.contains('#');
+        if wild && !(l == "+" || (l == "#" && i == levels - 1)) {
             return Err(format!(
-                "topic filter '{t}' misuses a wildcard: '+' must fill a whole level and '#' must be the whole last level"
+                "topic filter {} misuses a wildcard: '+' must fill a whole level and '#' must be the whole last level",
+                shown()
             ));
         }
     }
@@ -2085,6 +2129,14 @@ mod tests {
         assert!(check_topic("a/#/b", true).is_err());
         assert!(check_topic("a/+", false).is_err());
         assert!(check_topic("$share//a", true).is_err());
+        // Longer than MQTT can say, for either: refused, and quoted only in part.
+        let long = format!("a/{}", "b".repeat(70_000));
+        for filter in [false, true] {
+            let e = check_topic(&long, filter).unwrap_err();
+            assert!(e.contains("70002 bytes long") && e.len() < 200, "{e}");
+        }
+        assert!(check_topic(&"c".repeat(65_535), false).is_ok());
+        assert!(check_topic("a\0b", false).unwrap_err().contains("NUL"));
     }
 
     #[test]

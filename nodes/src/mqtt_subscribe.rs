@@ -5,14 +5,19 @@
 //!
 //! Back-pressure: the paho callback runs on the Paho C library's single thread, shared by
 //! every client in the process, so it must never block. It only appends to an unbounded
-//! channel and counts the queue depth. When the depth reaches `queue_high`, the node pauses:
-//! it disconnects, keeping its persistent session, so the broker holds the backlog; when the
-//! flow has worked the queue down to `queue_low`, it reconnects and the broker resumes. The
-//! queue is therefore bounded by `queue_high` plus what was already on the wire (the
-//! broker's in-flight window and socket buffers); receipt never blocks the library thread,
-//! and nothing is dropped here.
+//! channel and counts the queue depth and the payload bytes the node holds (queued, or in the
+//! flow until their propagation ends). When the depth reaches `queue_high` or the bytes
+//! `queue_high_bytes`, the node pauses: it disconnects, keeping its persistent session, so
+//! the broker holds the backlog; when the flow has worked both down (to `queue_low` and a
+//! quarter of `queue_high_bytes`), it reconnects and the broker resumes. What the node holds
+//! is therefore bounded by the marks plus what was already on the wire (the broker's
+//! in-flight window and socket buffers); receipt never blocks the library thread, and nothing
+//! is dropped here.
+//!
+//! A payload over `max_payload` is not parsed (a JSON payload becomes several times its size
+//! in trees): it goes to `Failure` with an empty body and exception BIP12119.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,10 +37,12 @@ use serde_json::Value;
 use tokio::sync::{mpsc, Notify};
 
 use crate::mqtt_client::{
-    bip, check_common, check_topic, client_id, instance_id, resolve_endpoint, topics,
+    bip, check_common, check_topic, client_id, instance_id, max_payload, resolve_endpoint, topics,
     user_properties, wire_info, Backoff, Conn, ConnSpec, Endpoint, LogCtx, OnConnected, PolicyGate,
-    Redeliveries, Sampler, Want, COMMON_PROPS,
+    Redeliveries, Sampler, Want, COMMON_PROPS, MAX_PAYLOAD_PROP,
 };
+use crate::mqtt_limits::{self, DEFAULT_QUEUE_HIGH_BYTES};
+use flowbus_runtime::message::{Exception, ExceptionKind};
 
 static SPEC: NodeSpec = NodeSpec {
     type_name: "MQTTSubscribe",
@@ -66,6 +73,8 @@ static SPEC: NodeSpec = NodeSpec {
                 max: 1_000_000,
             },
         ),
+        PropSpec::opt("queue_high_bytes", PropKind::Size { max: 1 << 40 }),
+        MAX_PAYLOAD_PROP,
     ],
 };
 
@@ -116,6 +125,11 @@ impl NodeKind for SubscribeKind {
                 > 0
         });
         let high = node.int("queue_high").map_or(DEFAULT_HIGH, |n| n as usize);
+        let high_bytes = usize::try_from(
+            node.size("queue_high_bytes")
+                .unwrap_or(DEFAULT_QUEUE_HIGH_BYTES),
+        )
+        .unwrap_or(usize::MAX);
         Ok(BuiltNode::Input(Arc::new(Subscribe {
             endpoint,
             topics,
@@ -128,8 +142,13 @@ impl NodeKind for SubscribeKind {
             in_flight: node
                 .int("in_flight")
                 .map_or(DEFAULT_IN_FLIGHT, |n| n as usize),
-            high,
-            low: node.int("queue_low").map_or(high / 4, |n| n as usize),
+            marks: Marks {
+                high,
+                low: node.int("queue_low").map_or(high / 4, |n| n as usize),
+                high_bytes,
+                low_bytes: high_bytes / 4,
+            },
+            max_payload: max_payload(node, &ctx.config),
             // Persistent sessions for QoS 1/2, so a pause (or a reconnect) loses nothing.
             clean_session: node.bool("clean_session").unwrap_or(!any_qos),
             client_id: node.str("client_id").map(str::to_string),
@@ -143,6 +162,46 @@ impl NodeKind for SubscribeKind {
 
 const DEFAULT_HIGH: usize = 1000;
 
+/// When a subscriber pauses receipt and when it resumes: messages queued (received, not yet
+/// handed to the flow) and payload bytes held (queued, or in the flow until their propagation
+/// ends: a message waiting for an ack still holds its trees).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Marks {
+    /// Pause at this many queued messages (`queue_high`).
+    high: usize,
+    /// Resume at this many (`queue_low`).
+    low: usize,
+    /// Pause at this many payload bytes held (`queue_high_bytes`).
+    high_bytes: usize,
+    /// Resume at this many (a quarter of `queue_high_bytes`).
+    low_bytes: usize,
+}
+
+impl Marks {
+    /// Whether receipt should pause: either mark reached.
+    fn over(&self, queued: usize, bytes: usize) -> bool {
+        queued >= self.high || bytes >= self.high_bytes
+    }
+
+    /// Whether a paused receipt may resume: both down to their low marks.
+    fn under(&self, queued: usize, bytes: usize) -> bool {
+        queued <= self.low && bytes <= self.low_bytes
+    }
+}
+
+/// Payload bytes a received message holds, given back when it is dropped: at the end of its
+/// propagation, or at once for one the node skips.
+struct Held {
+    bytes: Arc<AtomicUsize>,
+    n: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.bytes.fetch_sub(self.n, Ordering::SeqCst);
+    }
+}
+
 /// Propagations of one input node that may wait for acks at once (with `instances: 1`):
 /// enough to keep the publishers' in-flight windows (mosquitto's default is 20) full.
 const DEFAULT_IN_FLIGHT: usize = 64;
@@ -154,8 +213,9 @@ struct Subscribe {
     domain: Domain,
     instances: usize,
     in_flight: usize,
-    high: usize,
-    low: usize,
+    marks: Marks,
+    /// The largest payload the node parses; a larger one goes to `Failure` unparsed.
+    max_payload: usize,
     clean_session: bool,
     client_id: Option<String>,
     config: Arc<Config>,
@@ -280,24 +340,38 @@ impl Subscribe {
 
         let (tx, mut rx) = mpsc::unbounded_channel::<paho::Message>();
         let depth = Arc::new(AtomicUsize::new(0));
+        let bytes = Arc::new(AtomicUsize::new(0));
         let _queued = QueuedAtAbort {
             depth: depth.clone(),
             log: log.clone(),
         };
         let high_water = Arc::new(Notify::new());
+        // Set by the callback when it pauses receipt at a mark; cleared by the loop when it
+        // resumes.
+        let paused = Arc::new(AtomicBool::new(false));
         {
             let depth = depth.clone();
+            let bytes = bytes.clone();
             let high_water = high_water.clone();
+            let paused = paused.clone();
+            let want = conn.want_handle();
             let stats = log.stats.clone();
-            let high = self.high;
+            let marks = self.marks;
             // Runs on the Paho library thread: never block here.
             conn.client.set_message_callback(move |_, m| {
                 if let Some(m) = m {
+                    let len = m.payload().len();
                     inc(&stats.messages_received);
-                    add(&stats.bytes_received, m.payload().len() as u64);
+                    add(&stats.bytes_received, len as u64);
                     let d = depth.fetch_add(1, Ordering::SeqCst) + 1;
+                    let b = bytes.fetch_add(len, Ordering::SeqCst) + len;
                     let _ = tx.send(m);
-                    if d >= high {
+                    // Paused from here, not by the node's task: that task may be inside a
+                    // slow propagation, and the client acknowledges on receipt, so the broker
+                    // streams on until the connection closes (a burst of 1 MiB messages was
+                    // 30 MiB past a 4 MiB mark when the task got to it). The task logs it.
+                    if marks.over(d, b) && !paused.swap(true, Ordering::SeqCst) {
+                        want.send_replace(Want::Paused);
                         high_water.notify_one();
                     }
                 }
@@ -313,9 +387,8 @@ impl Subscribe {
         let fatal = conn.fatal();
         tokio::pin!(fatal);
         let sampler = Sampler::new(10);
-        let mut redeliveries = Redeliveries::new((self.high * 8).max(8192));
+        let mut redeliveries = Redeliveries::new((self.marks.high * 8).max(8192));
         let mut dispatcher = Dispatcher::new(ctx.clone(), self.instances, self.in_flight);
-        let mut paused = false;
         // Summaries of sampled "Received" entries are due once a second, even when no further
         // message comes to trigger one.
         let mut summaries = tokio::time::interval(Duration::from_secs(1));
@@ -328,17 +401,17 @@ impl Subscribe {
                     ctx.fail_flow(reason);
                     break;
                 }
-                _ = high_water.notified(), if !paused => {
-                    // A notification can outlive the condition (a permit stored while nobody
-                    // waited): act only if the queue is still at the mark.
-                    if depth.load(Ordering::SeqCst) < self.high {
+                _ = high_water.notified() => {
+                    // The callback paused receipt; say so (unless the flow caught up and
+                    // resumed in the meantime).
+                    if !paused.load(Ordering::SeqCst) {
                         continue;
                     }
-                    paused = true;
-                    conn.set_want(Want::Paused);
+                    let (queued, held) = (depth.load(Ordering::SeqCst), bytes.load(Ordering::SeqCst));
+                    let m = &self.marks;
                     let mut msg = format!(
-                        "The flow is behind: {} messages queued (queue_high {}); pausing receipt until it is down to {}",
-                        depth.load(Ordering::SeqCst), self.high, self.low
+                        "The flow is behind: {queued} messages queued (queue_high {}), {held} payload bytes held (queue_high_bytes {}); pausing receipt until they are down to {} and {}",
+                        m.high, m.high_bytes, m.low, m.low_bytes
                     );
                     if self.clean_session {
                         msg.push_str("; this subscriber uses a clean session, so messages published while it is paused are not kept by the broker");
@@ -348,18 +421,18 @@ impl Subscribe {
                 m = rx.recv() => {
                     let Some(m) = m else { break };
                     // Not counted here once `deliver` has it: nothing awaits before it is in
-                    // the dispatcher (which counts it until it is done).
+                    // the dispatcher (which counts it until it is done). Its bytes stay
+                    // counted until its propagation ends.
                     depth.fetch_sub(1, Ordering::SeqCst);
-                    self.deliver(&m, &log, &sampler, &mut redeliveries, &mut dispatcher).await;
-                    if paused && depth.load(Ordering::SeqCst) <= self.low {
-                        paused = false;
-                        conn.set_want(Want::Up);
-                        log.record(log.entry(Severity::Info, bip::FLOW_CONTROL, format!(
-                            "The flow caught up ({} queued); resuming receipt", depth.load(Ordering::SeqCst)
-                        )));
-                    }
+                    let held = Held { bytes: bytes.clone(), n: m.payload().len() };
+                    self.deliver(&m, held, &log, &sampler, &mut redeliveries, &mut dispatcher).await;
+                    self.resume_if_caught_up(&paused, &depth, &bytes, &conn, &log);
                 }
-                _ = dispatcher.progress() => {}
+                // A propagation that ends gives back its bytes: that may be what lets a pause
+                // end (the queue may have been empty for a while).
+                _ = dispatcher.progress() => {
+                    self.resume_if_caught_up(&paused, &depth, &bytes, &conn, &log);
+                }
                 _ = summaries.tick() => {
                     if let Some(n) = sampler.overdue() {
                         received_summary(&log, n);
@@ -405,7 +478,11 @@ impl Subscribe {
         conn.client.remove_message_callback();
         while let Ok(m) = rx.try_recv() {
             depth.fetch_sub(1, Ordering::SeqCst);
-            self.deliver(&m, &log, &sampler, &mut redeliveries, &mut dispatcher)
+            let held = Held {
+                bytes: bytes.clone(),
+                n: m.payload().len(),
+            };
+            self.deliver(&m, held, &log, &sampler, &mut redeliveries, &mut dispatcher)
                 .await;
         }
         dispatcher.drain().await;
@@ -414,9 +491,39 @@ impl Subscribe {
         }
     }
 
+    /// Ends a pause once the flow has worked what the node holds down to the low marks.
+    fn resume_if_caught_up(
+        &self,
+        paused: &AtomicBool,
+        depth: &AtomicUsize,
+        bytes: &AtomicUsize,
+        conn: &Conn,
+        log: &LogCtx,
+    ) {
+        if !paused.load(Ordering::SeqCst) {
+            return;
+        }
+        let (queued, held) = (depth.load(Ordering::SeqCst), bytes.load(Ordering::SeqCst));
+        if self.marks.under(queued, held) {
+            // Up before the flag is cleared: a callback in between still finds it set and
+            // sends nothing, and the next message over a mark pauses after this Up. (The
+            // other order could let this Up overtake the callback's Paused.)
+            conn.set_want(Want::Up);
+            paused.store(false, Ordering::SeqCst);
+            log.record(log.entry(
+                Severity::Info,
+                bip::FLOW_CONTROL,
+                format!("The flow caught up ({queued} queued, {held} payload bytes held); resuming receipt"),
+            ));
+        }
+    }
+
+    /// Hands one received message to the flow; `held` counts its payload bytes until its
+    /// propagation ends.
     async fn deliver(
         &self,
         m: &paho::Message,
+        held: Held,
         log: &LogCtx,
         sampler: &Sampler,
         redeliveries: &mut Redeliveries,
@@ -449,9 +556,28 @@ impl Subscribe {
                 .tag("qos", qos),
             );
         }
+        if let Err(e) =
+            mqtt_limits::check_payload("the payload", m.payload().len(), self.max_payload)
+        {
+            // Not parsed: a JSON payload becomes many times its size in trees. The body is
+            // left empty, so the Failure path holds nothing of it (and `held` is given back
+            // when this returns, the payload with it).
+            let msg = received_message(
+                Body::Blob(Vec::new()),
+                m.topic(),
+                qos,
+                dup,
+                m.retained(),
+                user_properties(m.properties()),
+            );
+            dispatcher
+                .submit_holding(msg, Some(oversized(&e, m.topic())), ())
+                .await;
+            return;
+        }
         let (body, error) = match Body::parse(self.domain, m.payload()) {
             Ok(b) => (b, None),
-            Err(e) => (Body::Blob(m.payload().to_vec()), Some(e)),
+            Err(e) => (Body::Blob(m.payload().to_vec()), Some(*e)),
         };
         let msg = received_message(
             body,
@@ -461,11 +587,24 @@ impl Subscribe {
             m.retained(),
             user_properties(m.properties()),
         );
-        match error {
-            None => dispatcher.submit(msg).await,
-            Some(e) => dispatcher.submit_failure(msg, *e).await,
-        }
+        dispatcher.submit_holding(msg, error, held).await;
     }
+}
+
+/// The exception for a received payload over `max_payload` (BIP12119): its size, the limit
+/// and the topic as inserts.
+fn oversized(e: &mqtt_limits::LimitError, topic: &str) -> Exception {
+    let mut x = Exception::new(
+        ExceptionKind::Recoverable,
+        bip::PAYLOAD_TOO_LARGE,
+        format!(
+            "{e}, received on '{topic}': not parsed; the message goes on with an empty body (raise max_payload on the node or its server to take it)"
+        ),
+    );
+    if let mqtt_limits::LimitError::PayloadTooLarge { len, max, .. } = e {
+        x = x.insert(len.to_string()).insert(max.to_string());
+    }
+    x.insert(topic)
 }
 
 /// What to do on each connect: subscribe; on a reconnect within this run (after a pause or
@@ -664,6 +803,51 @@ pub fn received_message(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn receipt_pauses_at_either_mark_and_resumes_below_both() {
+        let m = Marks {
+            high: 100,
+            low: 25,
+            high_bytes: 4096,
+            low_bytes: 1024,
+        };
+        assert!(!m.over(99, 4095));
+        // A burst of large messages reaches the byte mark long before the message mark.
+        assert!(m.over(3, 4096));
+        assert!(m.over(100, 0));
+        // Resuming needs both: few messages that still hold many bytes keep it paused.
+        assert!(!m.under(0, 1025));
+        assert!(!m.under(26, 0));
+        assert!(m.under(25, 1024));
+    }
+
+    #[test]
+    fn held_bytes_are_given_back_when_the_message_is_dropped() {
+        let bytes = Arc::new(AtomicUsize::new(300));
+        let held = Held {
+            bytes: bytes.clone(),
+            n: 200,
+        };
+        assert_eq!(bytes.load(Ordering::SeqCst), 300);
+        drop(held);
+        assert_eq!(bytes.load(Ordering::SeqCst), 100);
+    }
+
+    #[test]
+    fn an_oversized_payload_says_size_limit_and_topic() {
+        let e = mqtt_limits::check_payload("the payload", 70, 64).unwrap_err();
+        let x = oversized(&e, "in/big");
+        assert_eq!(x.number, 12119);
+        assert_eq!(x.inserts, ["70", "64", "in/big"]);
+        assert!(
+            x.text.starts_with(
+                "the payload is 70 bytes, more than max_payload (64 bytes), received on 'in/big': not parsed"
+            ),
+            "{}",
+            x.text
+        );
+    }
 
     #[test]
     fn a_received_message_carries_mqtt_input() {

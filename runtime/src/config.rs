@@ -38,7 +38,9 @@ impl<'de> Deserialize<'de> for Size {
     }
 }
 
-fn parse_size(s: &str) -> Option<u64> {
+/// Parses a size: a number of bytes, optionally with a unit (`B`, `KiB`/`K`/`KB`, `MiB`/`M`/`MB`,
+/// `GiB`/`G`/`GB`, all powers of 1024): `"16MiB"`, `"512KiB"`, `"1000"`.
+pub fn parse_size(s: &str) -> Option<u64> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(split);
@@ -219,7 +221,8 @@ impl Default for ActivityLogConfig {
     }
 }
 
-/// `[mqtt]`: reconnect schedule and ack timeout (the IIB contract's values by default).
+/// `[mqtt]`: reconnect schedule and ack timeout (the IIB contract's values by default), the
+/// payload limit, and how long a connection made for a per-message `URL` override may idle.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct MqttConfig {
@@ -231,7 +234,21 @@ pub struct MqttConfig {
     pub reconnect_max: Dur,
     /// How long a QoS 1/2 publish waits for its acknowledgement.
     pub ack_timeout: Dur,
+    /// The largest payload an MQTT node receives or publishes, unless its server or the node
+    /// says otherwise.
+    pub max_payload: Size,
+    /// How long a connection an MQTTPublish node made for a per-message `URL` override stays
+    /// open without a message for it.
+    pub override_idle: Dur,
 }
+
+/// The default `max_payload`: mosquitto takes up to 256 MiB, which a flow parsing JSON holds
+/// many times over; 16 MiB is far above what MQTT is used for and bounds that.
+pub const DEFAULT_MAX_PAYLOAD: u64 = 16 * 1024 * 1024;
+
+/// The largest payload MQTT can carry at all: the packet's remaining length is at most
+/// 268,435,455 bytes (topic and header included).
+pub const MQTT_MAX_PAYLOAD: u64 = 268_435_455;
 
 impl Default for MqttConfig {
     fn default() -> Self {
@@ -240,6 +257,8 @@ impl Default for MqttConfig {
             reconnect_step: Dur(Duration::from_secs(5)),
             reconnect_max: Dur(Duration::from_secs(120)),
             ack_timeout: Dur(Duration::from_secs(30)),
+            max_payload: Size(DEFAULT_MAX_PAYLOAD),
+            override_idle: Dur(Duration::from_secs(60)),
         }
     }
 }
@@ -302,6 +321,10 @@ pub struct ServerConfig {
     /// not a crash of the daemon).
     #[serde(default)]
     pub persistence: Option<String>,
+    /// The largest payload nodes using this server receive or publish (default: `[mqtt]
+    /// max_payload`).
+    #[serde(default)]
+    pub max_payload: Option<Size>,
 }
 
 /// `[servers.NAME.will]`.
@@ -515,6 +538,19 @@ impl Config {
                 "daemon.allowed_paths entries must name directories (an empty one would mean the configuration file's directory)".into(),
             );
         }
+        let payload_ok = |s: Size| (1..=MQTT_MAX_PAYLOAD).contains(&s.0);
+        if !payload_ok(self.mqtt.max_payload) {
+            return fail(
+                "max_payload",
+                format!("mqtt.max_payload must be from 1 byte to {MQTT_MAX_PAYLOAD} bytes (MQTT's largest packet)"),
+            );
+        }
+        if self.mqtt.override_idle.0.is_zero() {
+            return fail(
+                "override_idle",
+                "mqtt.override_idle must be more than 0".into(),
+            );
+        }
         if Severity::parse(&self.activity_log.min_severity).is_none() {
             return fail(
                 "min_severity",
@@ -572,6 +608,20 @@ impl Config {
                         format!("servers.{name}.persistence '{p}' must be \"file\" or \"memory\""),
                     );
                 }
+            }
+            if s.max_payload.is_some_and(|p| !payload_ok(p)) {
+                return fail(
+                    &format!("[servers.{name}"),
+                    format!("servers.{name}.max_payload must be from 1 byte to {MQTT_MAX_PAYLOAD} bytes (MQTT's largest packet)"),
+                );
+            }
+            if s.will.as_ref().is_some_and(|w| {
+                w.topic.is_empty() || w.topic.len() > 65_535 || w.topic.contains(['+', '#', '\0'])
+            }) {
+                return fail(
+                    &format!("[servers.{name}"),
+                    format!("servers.{name}.will.topic must be a topic name of 1 to 65535 bytes (UTF-8) without wildcards or NUL"),
+                );
             }
             if s.max_inflight == Some(0) {
                 return fail(
@@ -639,6 +689,8 @@ mod tests {
         assert_eq!(c.mqtt.reconnect_initial.0, Duration::from_secs(5));
         assert_eq!(c.mqtt.reconnect_max.0, Duration::from_secs(120));
         assert_eq!(c.mqtt.ack_timeout.0, Duration::from_secs(30));
+        assert_eq!(c.mqtt.max_payload.0, 16 * 1024 * 1024);
+        assert_eq!(c.mqtt.override_idle.0, Duration::from_secs(60));
         assert_eq!(c.admin.listen, "127.0.0.1:4880");
         assert_eq!(c.activity_log.file_size.0, 10 * 1024 * 1024);
         assert_eq!(c.activity_log.files, 4);
@@ -796,6 +848,51 @@ mod tests {
         .unwrap();
         assert_eq!(c.admin.auth, AdminAuth::None);
         assert_eq!(c.admin.allowed_hosts.len(), 3);
+    }
+
+    #[test]
+    fn payload_limits_are_sizes_within_what_mqtt_can_carry() {
+        let c = Config::parse(
+            Path::new("f.toml"),
+            "[mqtt]\nmax_payload = \"1MiB\"\noverride_idle = \"2s\"\n[servers.a]\nurl = \"tcp://h:1\"\nmax_payload = \"2048\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.mqtt.max_payload.0, 1024 * 1024);
+        assert_eq!(c.mqtt.override_idle.0, Duration::from_secs(2));
+        assert_eq!(c.servers["a"].max_payload, Some(Size(2048)));
+        let cases = [
+            (
+                "[mqtt]\nmax_payload = \"0\"\n",
+                "f.toml:2:1:",
+                "mqtt.max_payload must be from 1 byte to 268435455 bytes",
+            ),
+            (
+                "[mqtt]\nmax_payload = \"1GiB\"\n",
+                "f.toml:2:1:",
+                "MQTT's largest packet",
+            ),
+            (
+                "[mqtt]\noverride_idle = \"0s\"\n",
+                "f.toml:2:1:",
+                "mqtt.override_idle must be more than 0",
+            ),
+            (
+                "[servers.a]\nurl = \"tcp://h:1\"\nmax_payload = \"300MiB\"\n",
+                "f.toml:1:1:",
+                "servers.a.max_payload must be from 1 byte",
+            ),
+            (
+                "[servers.a]\nurl = \"tcp://h:1\"\n[servers.a.will]\ntopic = \"gone/#\"\n",
+                "f.toml:1:1:",
+                "servers.a.will.topic must be a topic name of 1 to 65535 bytes",
+            ),
+        ];
+        for (text, at, says) in cases {
+            let e = Config::parse(Path::new("f.toml"), text)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(at) && e.contains(says), "{text:?}: {e}");
+        }
     }
 
     #[test]

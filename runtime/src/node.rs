@@ -110,6 +110,12 @@ pub enum PropKind {
     },
     /// A duration: `"30s"`, `"1m 30s"`, `"250ms"`, or a number of milliseconds.
     Duration,
+    /// A size in bytes: a number, or a string with a unit (`"16MiB"`, `"512KiB"`), from 1 to
+    /// `max`.
+    Size {
+        /// Largest allowed value.
+        max: u64,
+    },
     /// One of a set of strings.
     Enum(&'static [&'static str]),
     /// Any JSON value.
@@ -196,6 +202,11 @@ impl NodeDecl {
             .and_then(|v| parse_duration_value(v).ok())
     }
 
+    /// A size property in bytes (validated already; `None` when absent).
+    pub fn size(&self, name: &str) -> Option<u64> {
+        self.props.get(name).and_then(|v| parse_size_value(v).ok())
+    }
+
     /// A string-or-list property as a list.
     pub fn str_list(&self, name: &str) -> Vec<String> {
         match self.props.get(name) {
@@ -221,6 +232,22 @@ pub fn parse_duration_value(v: &Value) -> Result<std::time::Duration, String> {
             .ok_or_else(|| format!("{n} is not a whole, non-negative number of milliseconds")),
         other => Err(format!(
             "expected a duration such as \"30s\" or a number of milliseconds, found {}",
+            json_type(other)
+        )),
+    }
+}
+
+/// Parses a size given as a number of bytes or a string such as `"16MiB"`.
+pub fn parse_size_value(v: &Value) -> Result<u64, String> {
+    match v {
+        Value::String(s) => crate::config::parse_size(s).ok_or_else(|| {
+            format!("'{s}' is not a size; write e.g. \"16MiB\", \"512KiB\" or a number of bytes")
+        }),
+        Value::Number(n) => n
+            .as_u64()
+            .ok_or_else(|| format!("{n} is not a whole, non-negative number of bytes")),
+        other => Err(format!(
+            "expected a size such as \"16MiB\" or a number of bytes, found {}",
             json_type(other)
         )),
     }

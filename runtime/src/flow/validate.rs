@@ -10,7 +10,9 @@ use serde_json::{Map, Value};
 
 use super::spans::{escape, Pos, Spans};
 use super::{did_you_mean, FlowError, FlowErrorKind};
-use crate::node::{json_type, parse_duration_value, NodeDecl, PropKind, Registry, ValidateCtx};
+use crate::node::{
+    json_type, parse_duration_value, parse_size_value, NodeDecl, PropKind, Registry, ValidateCtx,
+};
 
 /// A connection between two terminals (an edge of the flow graph).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -622,6 +624,12 @@ fn check_prop(name: &str, kind: PropKind, v: &Value) -> Result<(), FlowErrorKind
             None => Err(wrong(&format!("a whole number from {min} to {max}"))),
         },
         PropKind::Duration => parse_duration_value(v).map(|_| ()).map_err(bad),
+        PropKind::Size { max } => match parse_size_value(v).map_err(bad)? {
+            n if (1..=max).contains(&n) => Ok(()),
+            n => Err(bad(format!(
+                "{n} bytes is out of range (allowed: 1 to {max} bytes)"
+            ))),
+        },
         PropKind::Enum(options) => match v {
             Value::String(s) if options.contains(&s.as_str()) => Ok(()),
             Value::String(s) => Err(bad(format!(
