@@ -22,6 +22,7 @@ pub mod mqtt_subscribe;
 pub mod qos_policy;
 pub mod quick_hash;
 pub mod script;
+mod script_hints;
 pub mod throw;
 pub mod timer;
 pub mod trace;

@@ -177,13 +177,18 @@ pub fn engine(limits: &Limits) -> Engine {
     e
 }
 
-/// An error from one of our functions: shown as what it is, not as something the script threw.
+/// An error from one of our functions: shown as what it is, not as something the script threw,
+/// at the position of the call (Rhai fills it in).
 fn fn_error(message: String) -> Box<EvalAltResult> {
-    Box::new(EvalAltResult::ErrorSystem(
-        message,
-        Box::new(std::fmt::Error),
+    Box::new(EvalAltResult::ErrorRuntime(
+        Dynamic::from(FnError(message)),
+        Position::NONE,
     ))
 }
+
+/// What [`fn_error`] carries, to tell it from a value the script threw.
+#[derive(Debug, Clone)]
+struct FnError(String);
 
 /// Where a script came from (for messages).
 #[derive(Debug, Clone)]
@@ -199,6 +204,8 @@ pub struct Script {
     source: Source,
     limits: Limits,
     uses: Uses,
+    /// The script's text, to name the field a runtime error comes from (`script_hints`).
+    code: Arc<str>,
 }
 
 /// Which trees (and `propagate`) a script names at all. A tree it never names is not converted
@@ -326,6 +333,7 @@ fn compile(
             source,
             limits,
             uses: Uses::of(&text),
+            code: text.into(),
         }),
         Err(e) => {
             let (line, column) = line_col(e.position());
@@ -624,7 +632,7 @@ impl Script {
         } else {
             Ok(())
         };
-        let value = result.map_err(|e| self.exception(&e))?;
+        let value = result.map_err(|e| self.exception(&e, &scope))?;
         env_written?;
         let domain = msg.root.body.domain();
         let build = |root: Option<Dynamic>, le: Option<Dynamic>| -> Result<Message, Exception> {
@@ -659,9 +667,9 @@ impl Script {
         })
     }
 
-    fn exception(&self, e: &EvalAltResult) -> Exception {
+    fn exception(&self, e: &EvalAltResult, scope: &Scope) -> Exception {
         let (line, column) = line_col(e.position());
-        let what = match e {
+        let what = crate::script_hints::explain(e, &self.code, scope).unwrap_or_else(|| match e {
             EvalAltResult::ErrorTooManyOperations(_) => format!(
                 "the script exceeded max_operations ({}): an endless loop? If the work is legitimate, raise the node's \"max_operations\"",
                 self.limits.max_operations
@@ -671,10 +679,13 @@ impl Script {
                 self.limits.max_string_size, self.limits.max_array_size, self.limits.max_map_size
             ),
             EvalAltResult::ErrorTerminated(reason, _) => reason.to_string(),
-EvalAltResult::ErrorRuntime(v, _) => format!("script threw: {v}"),
+            EvalAltResult::ErrorRuntime(v, _) => match v.read_lock::<FnError>() {
+                Some(f) => f.0.clone(),
+                None => format!("script threw: {v}"),
+            },
             EvalAltResult::ErrorSystem(m, _) => m.clone(),
             other => other.to_string(),
-        };
+        });
         let mut what = what;
         // Rhai appends " (line L, position C)" to some messages; we print the position once.
         if let Some(cut) = what.find(" (line ") {
@@ -1147,6 +1158,43 @@ mod tests {
         let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
         assert!(e.text.contains(": json_decode: "), "{}", e.text);
         assert!(!e.text.contains("threw"), "{}", e.text);
+        // Where in the script, and where in the JSON text.
+        let s = compiled(
+            json!({"code": "let a = 1;\nlet b = json_decode(\"{\\\"a\\\": 1,\\n oops}\");"}),
+        );
+        let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
+        assert!(
+            e.text.contains(
+                "at line 2, column 9: json_decode: key must be a string at line 2 column 2"
+            ),
+            "{}",
+            e.text
+        );
+    }
+
+    #[test]
+    fn a_missing_field_is_named_in_the_error() {
+        let s = compiled(json!({"code": "Root.Body.total = Root.Body.price * Root.Body.n;"}));
+        let e = s
+            .run(&Message::new(Body::Json(json!({"n": 2}))), T)
+            .unwrap_err();
+        assert!(
+            e.text
+                .contains("column 35: Root.Body.price is () — the field is missing"),
+            "{}",
+            e.text
+        );
+        let s = compiled(
+            json!({"code": "LocalEnvironment.Destination.MQTT.Output.TopicName = \"x\";"}),
+        );
+        let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
+        assert!(
+            e.text.contains(
+                "LocalEnvironment.Destination = #{MQTT: #{Output: #{TopicName: \"x\"}}};"
+            ),
+            "{}",
+            e.text
+        );
     }
 
     #[test]
