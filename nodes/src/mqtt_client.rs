@@ -1158,7 +1158,7 @@ impl Conn {
             Ok(Err(e)) => Err(describe_error(&e, &self.log.url)),
             Err(_) => Err(format!(
                 "no answer within {}",
-                humantime::format_duration(timeout)
+                flowbus_runtime::time::human(timeout)
             )),
         }
     }
@@ -1423,7 +1423,7 @@ impl Conn {
                                 "Connection to {} failed (attempt {}): {e}; retrying in {}",
                                 log.url,
                                 failures + 1,
-                                humantime::format_duration(delay)
+                                flowbus_runtime::time::human(delay)
                             ),
                         )
                         .tag("attempt", failures + 1)
@@ -1489,7 +1489,7 @@ impl Conn {
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err(format!(
                         "no acknowledgement within {}",
-                        humantime::format_duration(timeout)
+                        flowbus_runtime::time::human(timeout)
                     )),
                 }
             });
@@ -1598,7 +1598,7 @@ pub async fn end_session(spec: ConnSpec<'_>) -> Result<(), String> {
         Ok(Err(e)) => Err(describe_error(&e, &conn.log.url)),
         Err(_) => Err(format!(
             "no answer within {}",
-            humantime::format_duration(timeout)
+            flowbus_runtime::time::human(timeout)
         )),
     };
     if conn.client.is_connected() {

@@ -687,7 +687,7 @@ impl Publish {
         let text = match why {
             Close::Idle => format!(
                 "Closing the connection to {url} that a URL override opened: no message for it in {}",
-                humantime::format_duration(self.override_idle)
+                flowbus_runtime::time::human(self.override_idle)
             ),
             Close::Unwanted => format!(
                 "Closing the connection to {url} that a URL override opened: it is not connected and no message waits for it, so it is not retried (the next message for {url} connects again)"
@@ -815,7 +815,7 @@ impl Publish {
                 return Err(Attempt::Failed(format!(
                     "not connected to {} within {}",
                     conn.log.url,
-                    humantime::format_duration(self.ack_timeout)
+                    flowbus_runtime::time::human(self.ack_timeout)
                 )));
             }
             let qos = self
@@ -861,7 +861,7 @@ impl Publish {
             Ok(Err(why)) => Err(why),
             Err(_) => Err(Attempt::Failed(format!(
                 "no acknowledgement within {}",
-                humantime::format_duration(self.ack_timeout)
+                flowbus_runtime::time::human(self.ack_timeout)
             ))),
         }
     }

@@ -865,7 +865,7 @@ impl Daemon {
             format!(
                 "; nodes {} did not finish ending their sessions within {}",
                 late.join(", "),
-                humantime::format_duration(deadline)
+                crate::time::human(deadline)
             )
         }
     }
