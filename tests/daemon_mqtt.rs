@@ -32,8 +32,13 @@ async fn flood(c: &Client, topic: &str, from: u64, n: u64) {
 }
 
 /// Reads `{"seq": i}` messages until `n` distinct ones arrived; returns (in arrival order,
-/// duplicates).
-async fn collect(c: &Client, n: usize, timeout: Duration) -> (Vec<u64>, usize) {
+/// duplicates). If they do not arrive in time, it fails with what `why` says.
+async fn collect(
+    c: &Client,
+    n: usize,
+    timeout: Duration,
+    why: impl Fn() -> String,
+) -> (Vec<u64>, usize) {
     let until = Instant::now() + timeout;
     let mut order = Vec::new();
     let mut seen = BTreeSet::new();
@@ -41,7 +46,7 @@ async fn collect(c: &Client, n: usize, timeout: Duration) -> (Vec<u64>, usize) {
     while seen.len() < n {
         let left = until.saturating_duration_since(Instant::now());
         let Some(m) = c.next(left).await else {
-            panic!("only {} of {n} arrived", seen.len());
+            panic!("only {} of {n} arrived\n{}", seen.len(), why());
         };
         let v: serde_json::Value = serde_json::from_slice(m.payload()).expect("json");
         let seq = v["seq"].as_u64().expect("seq");
@@ -79,7 +84,21 @@ async fn flood_into_a_slow_flow_loses_nothing_and_memory_stays_bounded() {
     let started = Instant::now();
     flood(&producer, "bp/in", 0, N).await;
     let published = started.elapsed();
-    let (order, dups) = collect(&consumer, N as usize, Duration::from_secs(240)).await;
+    let (order, dups) = collect(&consumer, N as usize, Duration::from_secs(240), || {
+        // What flow control and the connection did, to tell a pause that never ended from a
+        // broker that stopped sending.
+        let log = daemon.stderr();
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| {
+                ["BIP12101", "BIP12092", "BIP12095", "BIP12096", "BIP12063"]
+                    .iter()
+                    .any(|b| l.contains(b))
+            })
+            .collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    })
+    .await;
     let total = started.elapsed();
     assert_eq!(order, (0..N).collect::<Vec<_>>(), "every message, in order");
     let peak = daemon.peak_rss_kib();

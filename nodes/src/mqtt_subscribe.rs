@@ -17,8 +17,8 @@
 //! A payload over `max_payload` is not parsed (a JSON payload becomes several times its size
 //! in trees): it goes to `Failure` with an empty body and exception BIP12119.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flowbus_runtime::activity::Severity;
@@ -161,6 +161,55 @@ impl NodeKind for SubscribeKind {
 }
 
 const DEFAULT_HIGH: usize = 1000;
+
+/// Whether receipt is paused, changed together with the connection's wish: a pause decided on
+/// paho's thread (the message callback) and a resume decided by the node's task cannot
+/// interleave. (With a flag and the wish set one after the other, a resume between the
+/// callback's flag and its `Paused` left the connection paused with the flag clear — a
+/// subscriber that never resumed, about one whole run of `tests/daemon_mqtt.rs` in four.)
+struct Receipt {
+    paused: Mutex<bool>,
+    want: tokio::sync::watch::Sender<Want>,
+}
+
+impl Receipt {
+    fn new(want: tokio::sync::watch::Sender<Want>) -> Receipt {
+        Receipt {
+            paused: Mutex::new(false),
+            want,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, bool> {
+        self.paused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn is_paused(&self) -> bool {
+        *self.lock()
+    }
+
+    /// Pauses receipt; false if it already was.
+    fn pause(&self) -> bool {
+        let mut p = self.lock();
+        if *p {
+            return false;
+        }
+        *p = true;
+        self.want.send_replace(Want::Paused);
+        true
+    }
+
+    /// Resumes receipt; false if it was not paused.
+    fn resume(&self) -> bool {
+        let mut p = self.lock();
+        if !*p {
+            return false;
+        }
+        *p = false;
+        self.want.send_replace(Want::Up);
+        true
+    }
+}
 
 /// When a subscriber pauses receipt and when it resumes: messages queued (received, not yet
 /// handed to the flow) and payload bytes held (queued, or in the flow until their propagation
@@ -346,15 +395,13 @@ impl Subscribe {
             log: log.clone(),
         };
         let high_water = Arc::new(Notify::new());
-        // Set by the callback when it pauses receipt at a mark; cleared by the loop when it
-        // resumes.
-        let paused = Arc::new(AtomicBool::new(false));
+        // Paused by the callback at a mark; resumed by the loop.
+        let paused = Arc::new(Receipt::new(conn.want_handle()));
         {
             let depth = depth.clone();
             let bytes = bytes.clone();
             let high_water = high_water.clone();
             let paused = paused.clone();
-            let want = conn.want_handle();
             let stats = log.stats.clone();
             let marks = self.marks;
             // Runs on the Paho library thread: never block here.
@@ -370,8 +417,7 @@ impl Subscribe {
                     // slow propagation, and the client acknowledges on receipt, so the broker
                     // streams on until the connection closes (a burst of 1 MiB messages was
                     // 30 MiB past a 4 MiB mark when the task got to it). The task logs it.
-                    if marks.over(d, b) && !paused.swap(true, Ordering::SeqCst) {
-                        want.send_replace(Want::Paused);
+                    if marks.over(d, b) && paused.pause() {
                         high_water.notify_one();
                     }
                 }
@@ -404,7 +450,7 @@ impl Subscribe {
                 _ = high_water.notified() => {
                     // The callback paused receipt; say so (unless the flow caught up and
                     // resumed in the meantime).
-                    if !paused.load(Ordering::SeqCst) {
+                    if !paused.is_paused() {
                         continue;
                     }
                     let (queued, held) = (depth.load(Ordering::SeqCst), bytes.load(Ordering::SeqCst));
@@ -426,12 +472,12 @@ impl Subscribe {
                     depth.fetch_sub(1, Ordering::SeqCst);
                     let held = Held { bytes: bytes.clone(), n: m.payload().len() };
                     self.deliver(&m, held, &log, &sampler, &mut redeliveries, &mut dispatcher).await;
-                    self.resume_if_caught_up(&paused, &depth, &bytes, &conn, &log);
+                    self.resume_if_caught_up(&paused, &depth, &bytes, &log);
                 }
                 // A propagation that ends gives back its bytes: that may be what lets a pause
                 // end (the queue may have been empty for a while).
                 _ = dispatcher.progress() => {
-                    self.resume_if_caught_up(&paused, &depth, &bytes, &conn, &log);
+                    self.resume_if_caught_up(&paused, &depth, &bytes, &log);
                 }
                 _ = summaries.tick() => {
                     if let Some(n) = sampler.overdue() {
@@ -494,22 +540,16 @@ impl Subscribe {
     /// Ends a pause once the flow has worked what the node holds down to the low marks.
     fn resume_if_caught_up(
         &self,
-        paused: &AtomicBool,
+        paused: &Receipt,
         depth: &AtomicUsize,
         bytes: &AtomicUsize,
-        conn: &Conn,
         log: &LogCtx,
     ) {
-        if !paused.load(Ordering::SeqCst) {
+        if !paused.is_paused() {
             return;
         }
         let (queued, held) = (depth.load(Ordering::SeqCst), bytes.load(Ordering::SeqCst));
-        if self.marks.under(queued, held) {
-            // Up before the flag is cleared: a callback in between still finds it set and
-            // sends nothing, and the next message over a mark pauses after this Up. (The
-            // other order could let this Up overtake the callback's Paused.)
-            conn.set_want(Want::Up);
-            paused.store(false, Ordering::SeqCst);
+        if self.marks.under(queued, held) && paused.resume() {
             log.record(log.entry(
                 Severity::Info,
                 bip::FLOW_CONTROL,
@@ -803,6 +843,38 @@ pub fn received_message(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The callback pauses on paho's thread while the node's task resumes: whatever the
+    /// interleaving, whoever holds the state sees the connection's wish as the flag says (a
+    /// flag clear with the wish `Paused` is a subscriber that never resumes).
+    #[test]
+    fn pauses_and_resumes_on_two_threads_leave_the_wish_as_the_flag_says() {
+        let (tx, rx) = tokio::sync::watch::channel(Want::Up);
+        let r = Arc::new(Receipt::new(tx));
+        // Each thread pauses (or resumes) 20,000 times while this one looks.
+        let busy = |f: fn(&Receipt) -> bool| {
+            let r = r.clone();
+            let calls = Arc::new(AtomicUsize::new(0));
+            let counted = calls.clone();
+            let t = std::thread::spawn(move || {
+                for _ in 0..20_000 {
+                    let _ = f(&r);
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            (t, calls)
+        };
+        let (pauser, pauses) = busy(Receipt::pause);
+        let (resumer, resumes) = busy(Receipt::resume);
+        let mut looks = 0;
+        while pauses.load(Ordering::Relaxed) < 20_000 || resumes.load(Ordering::Relaxed) < 20_000 {
+            let flag = r.lock();
+            assert_eq!(*flag, *rx.borrow() == Want::Paused, "after {looks} looks");
+            looks += 1;
+        }
+        pauser.join().unwrap();
+        resumer.join().unwrap();
+    }
 
     #[test]
     fn receipt_pauses_at_either_mark_and_resumes_below_both() {
