@@ -23,6 +23,7 @@ pub mod qos_policy;
 pub mod quick_hash;
 pub mod script;
 mod script_hints;
+mod script_paths;
 pub mod throw;
 pub mod timer;
 pub mod trace;

@@ -11,6 +11,7 @@ use std::cell::RefCell;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::script_paths;
 use flowbus_runtime::flow::FlowErrorKind;
 use flowbus_runtime::message::{numbers, Body, Exception, ExceptionKind, Message, Root};
 use flowbus_runtime::node::{BuildCtx, NodeDecl, Problem, PropKind, PropSpec};
@@ -156,6 +157,7 @@ pub fn engine(limits: &Limits) -> Engine {
             })
         },
     );
+    e.register_fn(script_paths::PARENTS_FN, script_paths::make_parents);
     e.register_fn("now", flowbus_runtime::time::now_rfc3339);
     e.register_fn("now_micros", || -> i64 {
         std::time::SystemTime::now()
@@ -206,6 +208,8 @@ pub struct Script {
     uses: Uses,
     /// The script's text, to name the field a runtime error comes from (`script_hints`).
     code: Arc<str>,
+    /// Where the compiled text differs from `code` (`script_paths`), to map positions back.
+    rewritten: script_paths::Rewritten,
 }
 
 /// Which trees (and `propagate`) a script names at all. A tree it never names is not converted
@@ -327,14 +331,27 @@ fn compile(
 ) -> Result<Script, Vec<Problem>> {
     let engine = engine(&limits);
     match engine.compile(&text) {
-        Ok(ast) => Ok(Script {
-            engine,
-            ast,
-            source,
-            limits,
-            uses: Uses::of(&text),
-            code: text.into(),
-        }),
+        Ok(ast) => {
+            // Errors are the text's as written; the rewrite only adds what creates parents
+            // (and is not used if it would not compile, which would be a bug of ours).
+            let rewritten = script_paths::rewrite(&text);
+            let (ast, rewritten) = match rewritten.changed() {
+                true => match engine.compile(&rewritten.text) {
+                    Ok(ast) => (ast, rewritten),
+                    Err(_) => (ast, script_paths::Rewritten::default()),
+                },
+                false => (ast, rewritten),
+            };
+            Ok(Script {
+                engine,
+                ast,
+                source,
+                limits,
+                uses: Uses::of(&text),
+                code: text.into(),
+                rewritten,
+            })
+        }
         Err(e) => {
             let (line, column) = line_col(e.position());
             // Inline code is in the flow itself: Rhai's whole message may quote it. A file
@@ -669,7 +686,12 @@ impl Script {
 
     fn exception(&self, e: &EvalAltResult, scope: &Scope) -> Exception {
         let (line, column) = line_col(e.position());
-        let what = crate::script_hints::explain(e, &self.code, scope).unwrap_or_else(|| match e {
+        let (line, column) = match line {
+            0 => (0, 0),
+            _ => self.rewritten.original(line as usize, column as usize),
+        };
+        let what = crate::script_hints::explain(e, (line, column), &self.code, scope)
+            .unwrap_or_else(|| match e {
             EvalAltResult::ErrorTooManyOperations(_) => format!(
                 "the script exceeded max_operations ({}): an endless loop? If the work is legitimate, raise the node's \"max_operations\"",
                 self.limits.max_operations
@@ -1086,7 +1108,7 @@ mod tests {
         );
         // A copy handed to propagate() is held to the same limits.
         let s = compiled(json!({
-            "code": "Root.Body.m = #{}; for i in 0..30 { Root.Body.m[`k${i}`] = i; } propagate(\"Out1\"); Root.Body.m = #{}; ",
+            "code": "Root.Body[\"m\"] = #{}; for i in 0..30 { Root.Body.m[`k${i}`] = i; } propagate(\"Out1\"); Root.Body[\"m\"] = #{}; ",
             "max_map_size": 10
         }));
         let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
@@ -1184,14 +1206,34 @@ mod tests {
             "{}",
             e.text
         );
+    }
+
+    /// As ESQL's `SET`: assigning below parents that do not exist creates them; a parent that
+    /// holds something else stays, and the error says so where the script wrote it.
+    #[test]
+    fn assigning_below_missing_parents_creates_them() {
         let s = compiled(
-            json!({"code": "LocalEnvironment.Destination.MQTT.Output.TopicName = \"x\";"}),
+            json!({"code": "let t = \"a/b\";\n  LocalEnvironment.Destination.MQTT.Output.TopicName = t; Root.Body.x.y.z = 1;"}),
         );
-        let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
+        let out = s
+            .run(&Message::new(Body::Json(json!({"x": null}))), T)
+            .unwrap();
+        assert_eq!(
+            out.message
+                .local(&["Destination", "MQTT", "Output", "TopicName"]),
+            Some(json!("a/b"))
+        );
+        assert_eq!(
+            out.message.root.body,
+            Body::Json(json!({"x": {"y": {"z": 1}}}))
+        );
+        let s = compiled(json!({"code": "let n = 1;\n  Root.Body.x.y = 1; Root.Body.s.t = 2;"}));
+        let e = s
+            .run(&Message::new(Body::Json(json!({"s": "text"}))), T)
+            .unwrap_err();
         assert!(
-            e.text.contains(
-                "LocalEnvironment.Destination = #{MQTT: #{Output: #{TopicName: \"x\"}}};"
-            ),
+            e.text
+                .contains("at line 2, column 34: No writable property"),
             "{}",
             e.text
         );

@@ -7,9 +7,14 @@
 
 use rhai::{Dynamic, EvalAltResult, Map, Scope};
 
-/// An explanation of `e`, raised by `code` run with `scope`, if it comes from a missing field.
-pub fn explain(e: &EvalAltResult, code: &str, scope: &Scope) -> Option<String> {
-    let (line, column) = (e.position().line()?, e.position().position()?);
+/// An explanation of `e`, raised at `(line, column)` of `code` run with `scope`, if it comes
+/// from a missing field.
+pub fn explain(
+    e: &EvalAltResult,
+    (line, column): (usize, usize),
+    code: &str,
+    scope: &Scope,
+) -> Option<String> {
     let text = code.lines().nth(line.checked_sub(1)?)?;
     let paths = paths_on(text);
     match e {
@@ -158,7 +163,8 @@ mod tests {
         let e = engine
             .eval_with_scope::<Dynamic>(&mut scope, code)
             .expect_err("the script fails");
-        explain(&e, code, &scope)
+        let p = e.position();
+        explain(&e, (p.line()?, p.position()?), code, &scope)
     }
 
     #[test]
