@@ -162,11 +162,13 @@ impl NodeKind for SubscribeKind {
 
 const DEFAULT_HIGH: usize = 1000;
 
-/// Whether receipt is paused, changed together with the connection's wish: a pause decided on
-/// paho's thread (the message callback) and a resume decided by the node's task cannot
-/// interleave. (With a flag and the wish set one after the other, a resume between the
-/// callback's flag and its `Paused` left the connection paused with the flag clear — a
-/// subscriber that never resumed, about one whole run of `tests/daemon_mqtt.rs` in four.)
+/// Whether receipt is paused, changed together with the connection's wish, and decided on the
+/// counts as they are when the lock is held: a pause decided on paho's thread (the message
+/// callback) and a resume decided by the node's task cannot interleave. Two ways a subscriber
+/// stayed paused for ever (about one whole run of `tests/daemon_mqtt.rs` in four, under load):
+/// a resume between the callback's flag and its `Paused` (the wish paused, the flag clear);
+/// and a pause decided on the count the callback had just made, after the node's task had
+/// emptied the queue meanwhile (paused with nothing queued, so nothing ever resumed it).
 struct Receipt {
     paused: Mutex<bool>,
     want: tokio::sync::watch::Sender<Want>,
@@ -188,10 +190,11 @@ impl Receipt {
         *self.lock()
     }
 
-    /// Pauses receipt; false if it already was.
-    fn pause(&self) -> bool {
+    /// Pauses receipt if the counts are over a mark now; false if it did not (not over, or
+    /// already paused).
+    fn pause_if_over(&self, marks: &Marks, depth: &AtomicUsize, bytes: &AtomicUsize) -> bool {
         let mut p = self.lock();
-        if *p {
+        if *p || !marks.over(depth.load(Ordering::SeqCst), bytes.load(Ordering::SeqCst)) {
             return false;
         }
         *p = true;
@@ -199,15 +202,22 @@ impl Receipt {
         true
     }
 
-    /// Resumes receipt; false if it was not paused.
-    fn resume(&self) -> bool {
+    /// Resumes receipt if it is paused and the counts are down to the low marks now; returns
+    /// them if it did.
+    fn resume_if_under(
+        &self,
+        marks: &Marks,
+        depth: &AtomicUsize,
+        bytes: &AtomicUsize,
+    ) -> Option<(usize, usize)> {
         let mut p = self.lock();
-        if !*p {
-            return false;
+        let counts = (depth.load(Ordering::SeqCst), bytes.load(Ordering::SeqCst));
+        if !*p || !marks.under(counts.0, counts.1) {
+            return None;
         }
         *p = false;
         self.want.send_replace(Want::Up);
-        true
+        Some(counts)
     }
 }
 
@@ -417,7 +427,9 @@ impl Subscribe {
                     // slow propagation, and the client acknowledges on receipt, so the broker
                     // streams on until the connection closes (a burst of 1 MiB messages was
                     // 30 MiB past a 4 MiB mark when the task got to it). The task logs it.
-                    if marks.over(d, b) && paused.pause() {
+                    // The counts just made are a cheap first look; the decision takes them as
+                    // they are under the lock.
+                    if marks.over(d, b) && paused.pause_if_over(&marks, &depth, &bytes) {
                         high_water.notify_one();
                     }
                 }
@@ -545,11 +557,7 @@ impl Subscribe {
         bytes: &AtomicUsize,
         log: &LogCtx,
     ) {
-        if !paused.is_paused() {
-            return;
-        }
-        let (queued, held) = (depth.load(Ordering::SeqCst), bytes.load(Ordering::SeqCst));
-        if self.marks.under(queued, held) && paused.resume() {
+        if let Some((queued, held)) = paused.resume_if_under(&self.marks, depth, bytes) {
             log.record(log.entry(
                 Severity::Info,
                 bip::FLOW_CONTROL,
@@ -844,6 +852,15 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn marks() -> Marks {
+        Marks {
+            high: 10,
+            low: 2,
+            high_bytes: 1000,
+            low_bytes: 250,
+        }
+    }
+
     /// The callback pauses on paho's thread while the node's task resumes: whatever the
     /// interleaving, whoever holds the state sees the connection's wish as the flag says (a
     /// flag clear with the wish `Paused` is a subscriber that never resumes).
@@ -851,21 +868,27 @@ mod tests {
     fn pauses_and_resumes_on_two_threads_leave_the_wish_as_the_flag_says() {
         let (tx, rx) = tokio::sync::watch::channel(Want::Up);
         let r = Arc::new(Receipt::new(tx));
-        // Each thread pauses (or resumes) 20,000 times while this one looks.
-        let busy = |f: fn(&Receipt) -> bool| {
+        // Each thread pauses (or resumes) 20,000 times while this one looks; the counts are
+        // over the high mark for one and under the low marks for the other.
+        let busy = |queued: usize, pause: bool| {
             let r = r.clone();
             let calls = Arc::new(AtomicUsize::new(0));
             let counted = calls.clone();
             let t = std::thread::spawn(move || {
+                let (depth, bytes) = (AtomicUsize::new(queued), AtomicUsize::new(0));
                 for _ in 0..20_000 {
-                    let _ = f(&r);
+                    if pause {
+                        let _ = r.pause_if_over(&marks(), &depth, &bytes);
+                    } else {
+                        let _ = r.resume_if_under(&marks(), &depth, &bytes);
+                    }
                     counted.fetch_add(1, Ordering::Relaxed);
                 }
             });
             (t, calls)
         };
-        let (pauser, pauses) = busy(Receipt::pause);
-        let (resumer, resumes) = busy(Receipt::resume);
+        let (pauser, pauses) = busy(50, true);
+        let (resumer, resumes) = busy(0, false);
         let mut looks = 0;
         while pauses.load(Ordering::Relaxed) < 20_000 || resumes.load(Ordering::Relaxed) < 20_000 {
             let flag = r.lock();
@@ -874,6 +897,31 @@ mod tests {
         }
         pauser.join().unwrap();
         resumer.join().unwrap();
+    }
+
+    /// The callback counts a message in, and by the time it decides the node's task may have
+    /// emptied the queue: a pause then would never be resumed, since nothing is left to
+    /// deliver. The decision takes the counts as they are.
+    #[test]
+    fn a_pause_is_decided_on_the_counts_as_they_are_not_as_they_were() {
+        let (tx, rx) = tokio::sync::watch::channel(Want::Up);
+        let r = Receipt::new(tx);
+        let (depth, bytes) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        // The callback saw 11 queued; the task has taken them all since.
+        assert!(marks().over(11, 0));
+        assert!(!r.pause_if_over(&marks(), &depth, &bytes));
+        assert_eq!(*rx.borrow(), Want::Up);
+        // Over now: paused; a second pause does nothing; resumed once down to the low marks.
+        depth.store(11, Ordering::SeqCst);
+        assert!(r.pause_if_over(&marks(), &depth, &bytes));
+        assert!(!r.pause_if_over(&marks(), &depth, &bytes));
+        assert_eq!(*rx.borrow(), Want::Paused);
+        depth.store(3, Ordering::SeqCst);
+        assert_eq!(r.resume_if_under(&marks(), &depth, &bytes), None);
+        depth.store(2, Ordering::SeqCst);
+        assert_eq!(r.resume_if_under(&marks(), &depth, &bytes), Some((2, 0)));
+        assert_eq!(*rx.borrow(), Want::Up);
+        assert!(!r.is_paused());
     }
 
     #[test]
