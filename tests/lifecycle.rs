@@ -305,3 +305,65 @@ async fn a_session_the_removal_cannot_end_is_reported() {
     );
     assert!(client_dirs(&d).is_empty(), "{:?}", client_dirs(&d));
 }
+
+/// The connection a publisher opened for a message's URL override has a session and an
+/// in-flight log of its own. Removing the flow ends and deletes them also after a restart of
+/// the daemon, when nothing in this run opened it: its directory says where it connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_override_client_of_an_earlier_run_is_retired_with_its_flow() {
+    let (a, b) = (Broker::start(""), Broker::start(""));
+    let flow = json!({
+        "name": "ovr",
+        "nodes": [
+            {"id": "in", "type": "MQTTSubscribe", "url": a.url(), "topic": "life/in", "qos": 1},
+            {"id": "route", "type": "Compute",
+             "code": format!("LocalEnvironment.Destination.MQTT.Output.URL = \"{}\";", b.url())},
+            {"id": "out", "type": "MQTTPublish", "url": a.url(), "topic": "life/out", "qos": 1}
+        ],
+        "connections": [{"from": "in.Out", "to": "route"}, {"from": "route.Out", "to": "out"}]
+    })
+    .to_string();
+    let mut d = Daemon::spawn(&config("5s"), &[("ovr.json", &flow)]);
+    d.wait_api().await;
+    subscribed(&d, 1).await;
+    let consumer = Client::connect(&b.url(), false).await;
+    consumer.subscribe("life/out", 1).await;
+    let producer = Client::connect(&a.url(), false).await;
+    producer
+        .publish("life/in", json!({"n": 1}).to_string(), 1)
+        .await;
+    assert_eq!(next_values(&consumer, 1).await, [1]);
+    let with_url: Vec<PathBuf> = client_dirs(&d)
+        .into_iter()
+        .filter(|p| p.join("override-url").is_file())
+        .collect();
+    assert_eq!(with_url.len(), 1, "{:?}", client_dirs(&d));
+    assert_eq!(
+        std::fs::read_to_string(with_url[0].join("override-url")).unwrap(),
+        b.url()
+    );
+
+    // A new run: only the node's own client is known to it until a message overrides again.
+    assert!(d.terminate(Duration::from_secs(20)).success());
+    d.start();
+    d.wait_api().await;
+    subscribed(&d, 2).await;
+    let (code, out, err) = d.cli(&["flows", "remove", "ovr"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let entries = retired(&d);
+    let of_override: Vec<&Value> = entries
+        .iter()
+        .filter(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains(&format!("deleted {}", with_url[0].display())))
+        })
+        .collect();
+    assert_eq!(of_override.len(), 1, "{entries:?}");
+    let m = of_override[0]["message"].as_str().unwrap();
+    assert!(
+        m.contains(&format!("ended its session at {}", b.url())),
+        "{m}"
+    );
+    assert!(client_dirs(&d).is_empty(), "{:?}", client_dirs(&d));
+}

@@ -748,6 +748,11 @@ impl Publish {
         // survive a restart too.
         let persist_dir = (!self.clean_session && endpoint.file_persistence)
             .then(|| self.config.data_dir.join("mqtt").join(&cid));
+        if let (false, Some(dir)) = (own, &persist_dir) {
+            // So that removing the flow after a restart can still end this client's session
+            // (its id alone does not say where it connects).
+            remember_override_url(dir, url);
+        }
         self.clients
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -939,6 +944,53 @@ fn override_client_id(base: &str, url: &str) -> String {
     format!("{base}-{digest:08x}")
 }
 
+/// The file in an override client's directory that holds the URL it connects to.
+const OVERRIDE_URL_FILE: &str = "override-url";
+
+/// Writes an override client's URL into its directory (private, as everything there); a
+/// failure costs only the clean-up at removal, so it is not an error of the message.
+fn remember_override_url(dir: &std::path::Path, url: &str) {
+    use std::io::Write;
+    let file = dir.join(OVERRIDE_URL_FILE);
+    if std::fs::read_to_string(&file).is_ok_and(|u| u == url) {
+        return;
+    }
+    let written = flowbus_runtime::datadir::create_private_dir_all(dir).and_then(|()| {
+        flowbus_runtime::datadir::private_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&file)?
+            .write_all(url.as_bytes())
+    });
+    if let Err(e) = written {
+        tracing::warn!(
+            "could not record the URL of override client directory {}: {e}",
+            dir.display()
+        );
+    }
+}
+
+/// The override clients of a node (ids `<base>-<8 hex digits>`) that have a directory under
+/// `mqtt_dir` with their URL: (client id, URL).
+fn earlier_override_clients(mqtt_dir: &std::path::Path, base: &str) -> Vec<(String, String)> {
+    let Ok(entries) = std::fs::read_dir(mqtt_dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let digest = name.strip_prefix(base)?.strip_prefix('-')?;
+            if digest.len() != 8 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return None;
+            }
+            let url = std::fs::read_to_string(e.path().join(OVERRIDE_URL_FILE)).ok()?;
+            (override_client_id(base, &url) == name).then_some((name, url))
+        })
+        .collect()
+}
+
 /// Why an attempt did not succeed.
 enum Attempt {
     /// The QoS policy refused the publish (never retried: it would fail the same way).
@@ -1118,10 +1170,18 @@ impl ProcessingNode for Publish {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone();
-            // Also when the flow never ran in this process (deployed while stopped).
+            // Also when the flow never ran in this process (deployed while stopped), and the
+            // override clients of earlier runs, which left their URL in their directory.
             clients
                 .entry(self.own_client_id())
                 .or_insert_with(|| self.endpoint.clone());
+            for (cid, url) in
+                earlier_override_clients(&self.config.data_dir.join("mqtt"), &self.own_client_id())
+            {
+                clients
+                    .entry(cid)
+                    .or_insert_with(|| self.endpoint.elsewhere(&url));
+            }
             futures::future::join_all(
                 clients
                     .into_iter()
