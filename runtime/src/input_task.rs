@@ -145,6 +145,14 @@ impl<F: Future + Unpin> Future for OnShared<F> {
 /// The name of every input thread (Linux keeps 15 bytes of a thread's name).
 pub const THREAD_NAME: &str = "flowbus-input";
 
+/// The stack of every thread that may run a script (input threads, and the daemon's tokio
+/// workers): 1 GiB of address space, of which only the pages a deep recursion touches cost
+/// memory. Scripts bound how deep a tree they hand back may nest (`max_depth`), but Rhai
+/// itself clones, compares and drops nested values recursively, and a script can nest an
+/// array as deep as its memory budget allows (about 40 bytes a level): 256 MiB, the largest
+/// budget, makes some 6.7 million levels, whose recursive drop needs under 1 GiB.
+pub const STACK_SIZE: usize = 1 << 30;
+
 /// Runs a flow input's future on a thread of its own (see the module documentation), wrapped
 /// in [`RunOnYield`]; the current runtime (the caller's) is the one everything it spawns goes
 /// to. The returned handle is the task's, as from `tokio::spawn`: awaiting it waits for the
@@ -166,6 +174,7 @@ where
         let (slot, shared) = (slot.clone(), shared.clone());
         std::thread::Builder::new()
             .name(THREAD_NAME.into())
+            .stack_size(STACK_SIZE)
             .spawn(move || {
                 // Without a scheduler the thread ends here, sending nothing: the caller then
                 // runs the task on the shared runtime.
