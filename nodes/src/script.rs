@@ -876,9 +876,6 @@ impl Script {
         };
         let value = value.map_err(|e| self.exception(&e))?;
         env_written?;
-        if let Some(what) = too_deep {
-            return Err(self.too_deep(&what));
-        }
         let domain = msg.root.body.domain();
         let build = |root: Option<Dynamic>, le: Option<Dynamic>| -> Result<Message, Exception> {
             let mut m = msg.clone();
@@ -900,6 +897,11 @@ impl Script {
         let root = (u.root || u.propagate).then(|| kept.take(0));
         let le = (u.local_env || u.propagate).then(|| kept.take(1));
         let message = build(root, le)?;
+        // Told after the trees' own errors: a tree that holds a copy of a variable too deep
+        // is the more useful place to name.
+        if let Some(what) = too_deep {
+            return Err(self.too_deep(&what));
+        }
         Ok(Outcome {
             value,
             message,
