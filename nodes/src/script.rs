@@ -1,6 +1,12 @@
-//! The Rhai support shared by Compute and Filter: a sandboxed engine per node, scripts compiled
+//! The Rhai support shared by Compute and Filter: a sandboxed engine per node (its limits; the
+//! standard packages and flowbus's functions built once and shared by all), scripts compiled
 //! once at deploy, the trees exposed under IIB's names, and script failures turned into
 //! exceptions that carry the script's line and column.
+//!
+//! The sandbox: between every two operations a run is checked against its memory budget
+//! (`flowbus_runtime::memory`), its deadline and its flow's cancellation (`Guard`); what it
+//! leaves nested deeper than `max_depth` is an error and is taken apart without recursion
+//! (`truncate_deeper`).
 //!
 //! Inside a script, `Root`, `LocalEnvironment`, `Environment` and `ExceptionList` are maps.
 //! `propagate("Out1")` records a copy of the current `Root` and `LocalEnvironment` for that
@@ -176,7 +182,7 @@ impl Guard {
     }
 
     /// Why the script must end now, if it must. Runs between every two operations: one atomic
-    /// load, one thread-local read and one read of the coarse clock (no system call).
+    /// load, a thread-local read and one read of the coarse clock (no system call).
     #[inline]
     fn breach(&self) -> Option<Dynamic> {
         if self.stop.as_ref().is_some_and(Cancel::is_cancelled) {
@@ -1231,9 +1237,11 @@ impl Script {
         let mut map = d.cast::<RMap>();
         let root = self.root_parts(&mut map, domain, arrived);
         // Whatever else the script put in Root goes (all of it, on an error).
-        let mut rest = Dynamic::from_map(map);
-        if !truncate_deeper(&mut rest, max_depth + 1) && root.is_ok() {
-            return Err(self.too_deep("Root"));
+        if !map.is_empty() {
+            let mut rest = Dynamic::from_map(map);
+            if !truncate_deeper(&mut rest, max_depth + 1) && root.is_ok() {
+                return Err(self.too_deep("Root"));
+            }
         }
         root
     }

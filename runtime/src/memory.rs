@@ -83,6 +83,17 @@ impl Mark {
     }
 }
 
+/// Hands memory the allocator keeps free back to the system (glibc keeps freed memory for
+/// reuse; after a large flow is removed that can be tens of megabytes). Called when a flow is
+/// removed: it walks the heap, so not on any per-message path.
+pub fn give_back() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; any thread may call it at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
