@@ -147,10 +147,12 @@ pub const THREAD_NAME: &str = "flowbus-input";
 
 /// The stack of every thread that may run a script (input threads, and the daemon's tokio
 /// workers): 1 GiB of address space, of which only the pages a deep recursion touches cost
-/// memory. Scripts bound how deep a tree they hand back may nest (`max_depth`), but Rhai
-/// itself clones, compares and drops nested values recursively, and a script can nest an
-/// array as deep as its memory budget allows (about 40 bytes a level): 256 MiB, the largest
-/// budget, makes some 6.7 million levels, whose recursive drop needs under 1 GiB.
+/// memory. Scripts bound how deep a value they leave may nest (`max_depth`), but Rhai itself
+/// builds, copies, compares and drops nested values recursively, a few hundred bytes of stack
+/// a level (on the 2 MiB default, 5,000 levels survived and 12,000 did not). How deep a script
+/// can nest is bounded by its time: Rhai's size checks walk the whole value at every level, so
+/// building `n` levels takes time in `n²`: within the longest timeout (60 s) a release build
+/// did not reach 200,000 levels (measured), well inside 1 GiB.
 pub const STACK_SIZE: usize = 1 << 30;
 
 /// Runs a flow input's future on a thread of its own (see the module documentation), wrapped
