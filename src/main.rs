@@ -14,6 +14,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use flowbus_runtime::activity::{NewEntry, Severity};
 use flowbus_runtime::admin;
 use flowbus_runtime::config::Config;
+
+/// Counts bytes per thread, for the scripts' memory budget (`flowbus_runtime::memory`).
+#[global_allocator]
+static ALLOC: flowbus_runtime::memory::Counting = flowbus_runtime::memory::Counting;
 use flowbus_runtime::daemon::{bip, Daemon};
 use flowbus_runtime::datadir::DataDir;
 use flowbus_runtime::engine::Cancel;
@@ -569,6 +573,8 @@ fn cmd_run(
         services.telemetry.clone(),
     ));
     let mut rt = tokio::runtime::Builder::new_multi_thread();
+    // Scripts may run on the workers too (`instances > 1`): the same stack as input threads.
+    rt.thread_stack_size(flowbus_runtime::input_task::STACK_SIZE);
     if let Some(n) = config.daemon.worker_threads {
         rt.worker_threads(n);
     }

@@ -549,7 +549,7 @@ async fn cookbook_limits() {
         [
             trace(
                 "failed",
-                "Rhai error in sum.rhai at line 4, column 11: the script exceeded max_operations (5000): an endless loop? If the work is legitimate, raise the node's \"max_operations\""
+                "Rhai error in sum.rhai at line 4, column 11: the script exceeded max_operations (5000): an endless loop? If the work is legitimate, raise the node's \"max_operations\" (at most 1000000000)"
             ),
             trace("ok", "total 45"),
         ]

@@ -51,6 +51,7 @@ cases! {
     rhai_error_in_inline_code,
     rhai_error_in_script_file,
     script_and_code,
+    script_limits_out_of_range,
     several_problems,
     unknown_input_terminal,
     unknown_node_property,

@@ -27,6 +27,8 @@ static SPEC: NodeSpec = NodeSpec {
         LIMIT_PROPS[2],
         LIMIT_PROPS[3],
         LIMIT_PROPS[4],
+        LIMIT_PROPS[5],
+        LIMIT_PROPS[6],
     ],
 };
 
@@ -78,7 +80,9 @@ impl ProcessingNode for Compute {
         out: Outputs<'a>,
     ) -> BoxFut<'a, Result<(), NodeFailure>> {
         Box::pin(async move {
-            let outcome = self.script.run(&msg, PROPAGATE_TO)?;
+            let outcome = self
+                .script
+                .run_until(&msg, PROPAGATE_TO, Some(out.cancel()))?;
             for (terminal, m) in outcome.propagated {
                 out.propagate(&terminal, m).await?;
             }

@@ -27,6 +27,8 @@ static SPEC: NodeSpec = NodeSpec {
         LIMIT_PROPS[2],
         LIMIT_PROPS[3],
         LIMIT_PROPS[4],
+        LIMIT_PROPS[5],
+        LIMIT_PROPS[6],
     ],
 };
 
@@ -61,7 +63,7 @@ impl ProcessingNode for Filter {
         out: Outputs<'a>,
     ) -> BoxFut<'a, Result<(), NodeFailure>> {
         Box::pin(async move {
-            let outcome = self.script.run(&msg, &[])?;
+            let outcome = self.script.run_until(&msg, &[], Some(out.cancel()))?;
             let terminal = if outcome.value.is_unit() {
                 "Unknown"
             } else {

@@ -31,6 +31,11 @@ pub mod trycatch;
 
 use flowbus_runtime::node::Registry;
 
+/// The unit tests count memory as the daemon does, so the scripts' memory budget is tested.
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: flowbus_runtime::memory::Counting = flowbus_runtime::memory::Counting;
+
 /// A registry with every built-in node kind.
 pub fn registry() -> Registry {
     let mut r = Registry::new();

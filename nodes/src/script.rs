@@ -1,6 +1,12 @@
-//! The Rhai support shared by Compute and Filter: a sandboxed engine per node, scripts compiled
+//! The Rhai support shared by Compute and Filter: a sandboxed engine per node (its limits; the
+//! standard packages and flowbus's functions built once and shared by all), scripts compiled
 //! once at deploy, the trees exposed under IIB's names, and script failures turned into
 //! exceptions that carry the script's line and column.
+//!
+//! The sandbox: between every two operations a run is checked against its memory budget
+//! (`flowbus_runtime::memory`), its deadline and its flow's cancellation (`Guard`); what it
+//! leaves nested deeper than `max_depth` is an error and is taken apart without recursion
+//! (`truncate_deeper`).
 //!
 //! Inside a script, `Root`, `LocalEnvironment`, `Environment` and `ExceptionList` are maps.
 //! `propagate("Out1")` records a copy of the current `Root` and `LocalEnvironment` for that
@@ -8,24 +14,35 @@
 //! script is synchronous; propagation is not).
 
 use std::cell::RefCell;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::script_paths;
+use flowbus_runtime::engine::Cancel;
 use flowbus_runtime::flow::FlowErrorKind;
+use flowbus_runtime::memory::Mark;
 use flowbus_runtime::message::{numbers, Body, Exception, ExceptionKind, Message, Root};
 use flowbus_runtime::node::{BuildCtx, NodeDecl, Problem, PropKind, PropSpec};
 use flowbus_runtime::tree::{map_to_dynamic, to_dynamic};
 use rhai::{Dynamic, Engine, EvalAltResult, Map as RMap, Position, Scope, AST};
 use serde_json::{Map, Value};
 
+/// Largest `max_operations`.
+pub const MAX_OPERATIONS_CEILING: i64 = 1_000_000_000;
+/// Largest `max_depth`.
+pub const MAX_DEPTH_CEILING: i64 = 1024;
+/// Largest `max_memory`, in bytes.
+pub const MAX_MEMORY_CEILING: u64 = 256 << 20;
+/// Shortest and longest `timeout`.
+pub const TIMEOUT_RANGE: (Duration, Duration) = (Duration::from_millis(1), Duration::from_secs(60));
+
 /// The limit properties shared by Compute and Filter.
-pub const LIMIT_PROPS: [PropSpec; 5] = [
+pub const LIMIT_PROPS: [PropSpec; 7] = [
     PropSpec::opt(
         "max_operations",
         PropKind::Int {
             min: 1,
-            max: 1_000_000_000_000,
+            max: MAX_OPERATIONS_CEILING,
         },
     ),
     PropSpec::opt(
@@ -49,7 +66,26 @@ pub const LIMIT_PROPS: [PropSpec; 5] = [
             max: 1 << 28,
         },
     ),
-    PropSpec::opt("timeout", PropKind::Duration),
+    PropSpec::opt(
+        "timeout",
+        PropKind::DurationIn {
+            min: TIMEOUT_RANGE.0,
+            max: TIMEOUT_RANGE.1,
+        },
+    ),
+    PropSpec::opt(
+        "max_depth",
+        PropKind::Int {
+            min: 1,
+            max: MAX_DEPTH_CEILING,
+        },
+    ),
+    PropSpec::opt(
+        "max_memory",
+        PropKind::Size {
+            max: MAX_MEMORY_CEILING,
+        },
+    ),
 ];
 
 /// Sandbox limits of one node's scripts.
@@ -65,6 +101,11 @@ pub struct Limits {
     pub max_map_size: usize,
     /// Wall-clock time per run.
     pub timeout: Duration,
+    /// Deepest nesting of arrays and maps in a value a run leaves (in a tree, a variable, or
+    /// its result).
+    pub max_depth: usize,
+    /// Bytes a run may hold beyond what it was given.
+    pub max_memory: usize,
 }
 
 impl Default for Limits {
@@ -75,6 +116,8 @@ impl Default for Limits {
             max_array_size: 1_000_000,
             max_map_size: 100_000,
             timeout: Duration::from_secs(10),
+            max_depth: 128,
+            max_memory: 64 << 20,
         }
     }
 }
@@ -92,6 +135,8 @@ impl Limits {
             max_array_size: size("max_array_size", d.max_array_size),
             max_map_size: size("max_map_size", d.max_map_size),
             timeout: decl.duration("timeout").unwrap_or(d.timeout),
+            max_depth: size("max_depth", d.max_depth),
+            max_memory: decl.size("max_memory").map_or(d.max_memory, |n| n as usize),
         }
     }
 }
@@ -105,15 +150,144 @@ struct RunState {
     terminals: &'static [&'static str],
 }
 
+/// What the progress callback checks, between every two operations of the running script.
+struct Guard {
+    /// When the run started and its deadline.
+    started: Instant,
+    deadline: Instant,
+    /// On the coarse clock: from here on, the precise one is read (see [`coarse_now`]).
+    check_precisely_from: Duration,
+    timeout: Duration,
+    memory: Mark,
+    max_memory: usize,
+    max_depth: usize,
+    /// The flow's: fires when the flow stops or fails.
+    stop: Option<Cancel>,
+}
+
+impl Guard {
+    fn new(limits: &Limits, stop: Option<&Cancel>) -> Guard {
+        let started = Instant::now();
+        Guard {
+            started,
+            deadline: started + limits.timeout,
+            check_precisely_from: coarse_now()
+                + limits.timeout.saturating_sub(2 * coarse_resolution()),
+            timeout: limits.timeout,
+            memory: Mark::now(),
+            max_memory: limits.max_memory,
+            max_depth: limits.max_depth,
+            stop: stop.cloned(),
+        }
+    }
+
+    /// Why the script must end now, if it must. Runs between every two operations: one atomic
+    /// load, a thread-local read and one read of the coarse clock (no system call).
+    #[inline]
+    fn breach(&self) -> Option<Dynamic> {
+        if self.stop.as_ref().is_some_and(Cancel::is_cancelled) {
+            return Some(Dynamic::from(
+                "the flow is stopping: the script was interrupted".to_string(),
+            ));
+        }
+        let used = self.memory.grown();
+        if used > self.max_memory {
+            return Some(Dynamic::from(format!(
+                "the script used more than its memory budget ({}): raise the node's \"max_memory\" (at most {}) or process less at once",
+                mib(self.max_memory),
+                mib(MAX_MEMORY_CEILING as usize)
+            )));
+        }
+        if coarse_now() >= self.check_precisely_from && Instant::now() >= self.deadline {
+            return Some(Dynamic::from(format!(
+                "the script ran longer than its timeout ({:?}, stopped after {:?}): raise the node's \"timeout\" (at most {:?}) or process less at once",
+                self.timeout,
+                self.started.elapsed(),
+                TIMEOUT_RANGE.1
+            )));
+        }
+        None
+    }
+}
+
+/// A byte count for messages: `64 MiB`, or bytes when not whole mebibytes.
+fn mib(n: usize) -> String {
+    if (n >> 20) << 20 == n {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+/// A monotonic clock that is cheap enough to read between every two script operations:
+/// `CLOCK_MONOTONIC_COARSE` (a few nanoseconds from the vDSO, no system call), which lags by
+/// up to [`coarse_resolution`]; the precise clock is read only near a deadline.
+#[cfg(target_os = "linux")]
+fn coarse_now() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+#[cfg(target_os = "linux")]
+fn coarse_resolution() -> Duration {
+    static RES: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *RES.get_or_init(|| {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid timespec to write to.
+        let ok = unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut ts) } == 0;
+        if ok {
+            Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+        } else {
+            // Unknown: read the precise clock from the start.
+            Duration::from_secs(3600)
+        }
+    })
+}
+
+/// Elsewhere the precise clock is read every time.
+#[cfg(not(target_os = "linux"))]
+fn coarse_now() -> Duration {
+    Duration::MAX
+}
+
+#[cfg(not(target_os = "linux"))]
+fn coarse_resolution() -> Duration {
+    Duration::ZERO
+}
+
 thread_local! {
     static RUN: RefCell<Option<RunState>> = const { RefCell::new(None) };
-    /// When the running script started and its time limit (for the progress callback).
-    static TIMING: std::cell::Cell<Option<(Instant, Duration)>> = const { std::cell::Cell::new(None) };
+    /// The running script's limits (for the progress callback and our functions).
+    static GUARD: RefCell<Option<Guard>> = const { RefCell::new(None) };
+}
+
+/// The standard packages and flowbus's own functions, built once: every node's engine shares
+/// them instead of building its own (a quarter of a megabyte each).
+fn shared_modules() -> &'static [rhai::Shared<rhai::Module>; 2] {
+    static SHARED: OnceLock<[rhai::Shared<rhai::Module>; 2]> = OnceLock::new();
+    SHARED.get_or_init(|| {
+        use rhai::packages::Package;
+        [
+            rhai::packages::StandardPackage::new().as_shared_module(),
+            flowbus_functions().into(),
+        ]
+    })
 }
 
 /// Creates the sandboxed engine for a node.
 pub fn engine(limits: &Limits) -> Engine {
-    let mut e = Engine::new();
+    let mut e = Engine::new_raw();
+    for m in shared_modules() {
+        e.register_global_module(m.clone());
+    }
     e.set_max_operations(limits.max_operations);
     e.set_max_string_size(limits.max_string_size);
     e.set_max_array_size(limits.max_array_size);
@@ -124,20 +298,16 @@ pub fn engine(limits: &Limits) -> Engine {
     e.disable_symbol("eval");
     e.on_print(|s| tracing::info!(target: "flowbus::script", "{s}"));
     e.on_debug(|s, src, pos| tracing::debug!(target: "flowbus::script", "{} {pos:?}: {s}", src.unwrap_or("")));
-    e.on_progress(|ops| {
-        if ops % 1024 != 0 {
-            return None;
-        }
-        TIMING.with(|t| {
-            t.get().and_then(|(started, timeout)| {
-                (started.elapsed() > timeout).then(|| {
-                    Dynamic::from(format!("script ran longer than its timeout ({timeout:?})"))
-                })
-            })
-        })
-    });
-    e.register_fn(
-        "propagate",
+    e.on_progress(|_| GUARD.with(|g| g.borrow().as_ref().and_then(Guard::breach)));
+    e
+}
+
+/// The functions flowbus adds to Rhai's standard ones.
+fn flowbus_functions() -> rhai::Module {
+    use rhai::FuncRegistration as F;
+    let mut m = rhai::Module::new();
+    F::new("propagate").set_into_module(
+        &mut m,
         |terminal: &str| -> Result<(), Box<EvalAltResult>> {
             RUN.with(|r| {
                 let mut r = r.borrow_mut();
@@ -157,26 +327,38 @@ pub fn engine(limits: &Limits) -> Engine {
             })
         },
     );
-    e.register_fn(script_paths::PARENTS_FN, script_paths::make_parents);
-    e.register_fn("now", flowbus_runtime::time::now_rfc3339);
-    e.register_fn("now_micros", || -> i64 {
+    F::new(script_paths::PARENTS_FN).set_into_module(&mut m, script_paths::make_parents);
+    F::new("now").set_into_module(&mut m, flowbus_runtime::time::now_rfc3339);
+    F::new("now_micros").set_into_module(&mut m, || -> i64 {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_micros() as i64)
     });
-    e.register_fn(
-        "json_encode",
+    F::new("json_encode").set_into_module(
+        &mut m,
         |v: Dynamic| -> Result<String, Box<EvalAltResult>> {
+            // serde writes nested values recursively: refuse what is nested too deep first.
+            let max_depth = GUARD.with(|g| {
+                g.borrow()
+                    .as_ref()
+                    .map_or(Limits::default().max_depth, |g| g.max_depth)
+            });
+            if !depth_within(&v, max_depth) {
+                return Err(fn_error(format!(
+                    "json_encode: the value is nested more than {max_depth} levels deep (the node's \"max_depth\")"
+                )));
+            }
             serde_json::to_string(&v).map_err(|e| fn_error(format!("json_encode: {e}")))
         },
     );
-    e.register_fn(
-        "json_decode",
+    F::new("json_decode").set_into_module(
+        &mut m,
         |s: &str| -> Result<Dynamic, Box<EvalAltResult>> {
             serde_json::from_str::<Dynamic>(s).map_err(|e| fn_error(format!("json_decode: {e}")))
         },
     );
-    e
+    m.build_index();
+    m
 }
 
 /// An error from one of our functions: shown as what it is, not as something the script threw,
@@ -595,6 +777,16 @@ impl Script {
         msg: &Message,
         terminals: &'static [&'static str],
     ) -> Result<Outcome, Exception> {
+        self.run_until(msg, terminals, None)
+    }
+
+    /// [`Script::run`], interrupted when `stop` fires (the flow stops or fails).
+    pub fn run_until(
+        &self,
+        msg: &Message,
+        terminals: &'static [&'static str],
+        stop: Option<&Cancel>,
+    ) -> Result<Outcome, Exception> {
         let u = self.uses;
         // `propagate` reads the current Root and LocalEnvironment from a native function, so
         // those two must be shared values then; otherwise plain values are cheaper.
@@ -627,29 +819,97 @@ impl Script {
             };
             RUN.with(|r| r.borrow_mut().replace(state))
         });
-        let result = TIMING.with(|t| {
-            let outer = t.replace(Some((Instant::now(), self.limits.timeout)));
+        // The memory budget counts from here: what the script is given is not its doing.
+        let result = GUARD.with(|g| {
+            let outer = g.replace(Some(Guard::new(&self.limits, stop)));
             let r = self
                 .engine
                 .eval_ast_with_scope::<Dynamic>(&mut scope, &self.ast);
-            t.set(outer);
+            g.replace(outer);
             r
         });
+        // Named while the trees are as the script left them (the scope is taken apart below).
+        let hint = result
+            .as_ref()
+            .err()
+            .and_then(|e| crate::script_hints::explain(e, self.position_of(e), &self.code, &scope));
         let state = match prev {
             Some(prev) => RUN.with(|r| std::mem::replace(&mut *r.borrow_mut(), prev)),
             None => None,
         };
+        let propagated_raw = state.map(|s| s.propagated).unwrap_or_default();
+        // Nothing the script leaves may be nested deeper than `max_depth`. What is, is taken
+        // apart without recursion ([`truncate_deeper`]): dropping it would recurse once per
+        // level. The trees are checked as they are taken back (one walk, see `fit`); every
+        // other value here, and the trees on a way out that skips that, are checked in `Kept`.
+        let max_depth = self.limits.max_depth;
+        let mut vars: Vec<(String, Dynamic)> = scope.into_iter().map(|(n, v, _)| (n, v)).collect();
+        let mut take = |name: &str| {
+            vars.iter()
+                .rposition(|(n, _)| n == name)
+                .map(|i| vars.swap_remove(i).1.flatten())
+        };
+        let root = if u.root || u.propagate {
+            take("Root")
+        } else {
+            None
+        };
+        let le = if u.local_env || u.propagate {
+            take("LocalEnvironment")
+        } else {
+            None
+        };
+        let env = if u.environment {
+            take("Environment")
+        } else {
+            None
+        };
+        let mut too_deep = None;
+        for (name, v) in &mut vars {
+            if !truncate_deeper(v, max_depth) && too_deep.is_none() {
+                too_deep = Some(format!("the variable {name}"));
+            }
+        }
+        drop(vars);
+        let value = match result {
+            Ok(mut v) => {
+                if !truncate_deeper(&mut v, max_depth) {
+                    too_deep.get_or_insert_with(|| "its result".into());
+                }
+                Ok(v)
+            }
+            Err(mut e) => {
+                if let EvalAltResult::ErrorRuntime(v, _) = &mut *e {
+                    truncate_deeper(v, max_depth);
+                }
+                Err(e)
+            }
+        };
+        // Root and LocalEnvironment, then each propagated pair, by index in `kept`.
+        let mut kept = Kept::new(max_depth);
+        kept.values.push(root.unwrap_or(Dynamic::UNIT));
+        kept.values.push(le.unwrap_or(Dynamic::UNIT));
+        let mut terminals_used = Vec::with_capacity(propagated_raw.len());
+        for (t, r, l) in propagated_raw {
+            terminals_used.push(t);
+            kept.values.push(r);
+            kept.values.push(l);
+        }
         // Environment is never rolled back: what the script wrote stays, even if it then
         // failed.
-        let env_written = if u.environment {
-            let env = scope
-                .get("Environment")
-                .map_or(Dynamic::UNIT, Dynamic::flatten_clone);
-            from_dynamic(env, "Environment", None).map(|v| *msg.environment.lock() = v)
-        } else {
-            Ok(())
+        let env_written = match env {
+            Some(mut env) => {
+                if truncate_deeper(&mut env, max_depth) {
+                    from_dynamic(env, "Environment", None, max_depth)
+                        .map(|v| *msg.environment.lock() = v)
+                } else {
+                    too_deep.get_or_insert_with(|| "Environment".into());
+                    Ok(())
+                }
+            }
+            None => Ok(()),
         };
-        let value = result.map_err(|e| self.exception(&e, &scope))?;
+        let value = value.map_err(|e| self.exception(&e, hint))?;
         env_written?;
         let domain = msg.root.body.domain();
         let build = |root: Option<Dynamic>, le: Option<Dynamic>| -> Result<Message, Exception> {
@@ -662,21 +922,21 @@ impl Script {
             }
             Ok(m)
         };
-        let mut propagated = Vec::new();
-        for (t, r, l) in state.map(|s| s.propagated).unwrap_or_default() {
+        let mut propagated = Vec::with_capacity(terminals_used.len());
+        for (i, t) in terminals_used.into_iter().enumerate() {
+            let r = kept.take(2 + 2 * i);
+            let l = kept.take(3 + 2 * i);
             propagated.push((t, build(Some(r), Some(l))?));
         }
         // The scope's trees are taken, not copied: nothing else holds them any more.
-        let mut take = |name: &str, used: bool| {
-            if used || u.propagate {
-                scope.remove::<Dynamic>(name).map(Dynamic::flatten)
-            } else {
-                None
-            }
-        };
-        let root = take("Root", u.root);
-        let le = take("LocalEnvironment", u.local_env);
+        let root = (u.root || u.propagate).then(|| kept.take(0));
+        let le = (u.local_env || u.propagate).then(|| kept.take(1));
         let message = build(root, le)?;
+        // Told after the trees' own errors: a tree that holds a copy of a variable too deep
+        // is the more useful place to name.
+        if let Some(what) = too_deep {
+            return Err(self.too_deep(&what));
+        }
         Ok(Outcome {
             value,
             message,
@@ -684,16 +944,35 @@ impl Script {
         })
     }
 
-    fn exception(&self, e: &EvalAltResult, scope: &Scope) -> Exception {
-        let (line, column) = line_col(e.position());
-        let (line, column) = match line {
-            0 => (0, 0),
-            _ => self.rewritten.original(line as usize, column as usize),
-        };
-        let what = crate::script_hints::explain(e, (line, column), &self.code, scope)
-            .unwrap_or_else(|| match e {
+    /// The error of a value nested deeper than `max_depth` (`what` names where it was).
+    fn too_deep(&self, what: &str) -> Exception {
+        Exception::new(
+            ExceptionKind::Recoverable,
+            numbers::SCRIPT_ERROR,
+            format!(
+                "Rhai error in {}: {}",
+                self.source.name,
+                too_deep_text(what, self.limits.max_depth)
+            ),
+        )
+        .insert(self.source.name.clone())
+    }
+
+    /// Where in the script as written an error happened: (line, column), 0 if unknown.
+    fn position_of(&self, e: &EvalAltResult) -> (usize, usize) {
+        match line_col(e.position()) {
+            (0, _) => (0, 0),
+            (line, column) => self.rewritten.original(line as usize, column as usize),
+        }
+    }
+
+    /// The exception of a script error; `hint` says what a missing field had to do with it
+    /// (`script_hints`, worked out while the script's scope was still there).
+    fn exception(&self, e: &EvalAltResult, hint: Option<String>) -> Exception {
+        let (line, column) = self.position_of(e);
+        let what = hint.unwrap_or_else(|| match e {
             EvalAltResult::ErrorTooManyOperations(_) => format!(
-                "the script exceeded max_operations ({}): an endless loop? If the work is legitimate, raise the node's \"max_operations\"",
+                "the script exceeded max_operations ({}): an endless loop? If the work is legitimate, raise the node's \"max_operations\" (at most {MAX_OPERATIONS_CEILING})",
                 self.limits.max_operations
             ),
             EvalAltResult::ErrorDataTooLarge(kind, _) => format!(
@@ -732,10 +1011,106 @@ impl Script {
 enum Unfit {
     /// A map or array over the node's limits. Rhai checks `max_map_size` only on values an
     /// operation returns, so a map grown key by key is caught here (its memory is bounded
-    /// meanwhile by `max_operations`).
+    /// meanwhile by `max_memory`).
     TooLarge(String),
+    /// Arrays and maps nested deeper than `max_depth`.
+    TooDeep,
     /// A value with no JSON form.
     Unrepresentable(String),
+}
+
+/// Values a run left that are yet to be taken back: whatever is still here when it is dropped
+/// (a way out on an error) is taken apart without recursion first.
+struct Kept {
+    values: Vec<Dynamic>,
+    max_depth: usize,
+}
+
+impl Kept {
+    fn new(max_depth: usize) -> Kept {
+        Kept {
+            values: Vec::with_capacity(2),
+            max_depth,
+        }
+    }
+
+    fn take(&mut self, i: usize) -> Dynamic {
+        self.values
+            .get_mut(i)
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        for v in &mut self.values {
+            truncate_deeper(v, self.max_depth);
+        }
+    }
+}
+
+/// Whether `d` nests arrays and maps at most `max` levels deep (a scalar: 0 levels). Recurses
+/// at most `max + 1` levels.
+fn depth_within(d: &Dynamic, max: usize) -> bool {
+    if let Some(m) = d.read_lock::<RMap>() {
+        return max > 0 && m.values().all(|v| depth_within(v, max - 1));
+    }
+    if let Some(a) = d.read_lock::<rhai::Array>() {
+        return max > 0 && a.iter().all(|v| depth_within(v, max - 1));
+    }
+    true
+}
+
+/// Replaces every array or map of `d` nested deeper than `max` levels with `()`, taking it
+/// apart without recursion ([`dispose`]); returns whether there was none. Recurses at most
+/// `max + 1` levels.
+fn truncate_deeper(d: &mut Dynamic, max: usize) -> bool {
+    if !(d.is_map() || d.is_array() || d.is_shared()) {
+        return true;
+    }
+    if max == 0 {
+        if d.is_map() || d.is_array() || is_shared_container(d) {
+            dispose(std::mem::take(d));
+            return false;
+        }
+        return true;
+    }
+    if let Some(mut m) = d.write_lock::<RMap>() {
+        // Not `all`: every part too deep is taken apart, not just the first.
+        let mut ok = true;
+        for v in m.values_mut() {
+            ok &= truncate_deeper(v, max - 1);
+        }
+        return ok;
+    }
+    if let Some(mut a) = d.write_lock::<rhai::Array>() {
+        let mut ok = true;
+        for v in a.iter_mut() {
+            ok &= truncate_deeper(v, max - 1);
+        }
+        return ok;
+    }
+    true
+}
+
+fn is_shared_container(d: &Dynamic) -> bool {
+    d.read_lock::<RMap>().is_some() || d.read_lock::<rhai::Array>().is_some()
+}
+
+/// Drops a value of any depth without recursion: the children of each array and map are
+/// moved out before it is dropped.
+fn dispose(d: Dynamic) {
+    let mut stack = vec![d];
+    while let Some(mut d) = stack.pop() {
+        if let Some(mut m) = d.write_lock::<RMap>() {
+            stack.extend(std::mem::take(&mut *m).into_values());
+            continue;
+        }
+        if let Some(mut a) = d.write_lock::<rhai::Array>() {
+            stack.append(&mut a);
+        }
+    }
 }
 
 /// Takes a tree back from a script; `checked` holds it to the node's size limits (the trees a
@@ -744,22 +1119,30 @@ fn from_dynamic(
     d: Dynamic,
     tree: &str,
     checked: Option<(&Limits, &Source)>,
+    max_depth: usize,
 ) -> Result<Value, Exception> {
     let mut d = d;
-    fit(&mut d, checked.map(|(l, _)| l), tree)
-        .map(|()| flowbus_runtime::tree::to_value(&d))
-        .map_err(|e| unfit_exception(e, tree, checked.map(|(_, s)| s)))
+    match fit(&mut d, checked.map(|(l, _)| l), max_depth, tree) {
+        Ok(()) => Ok(flowbus_runtime::tree::to_value(&d)),
+        Err(e) => {
+            truncate_deeper(&mut d, max_depth);
+            Err(unfit_exception(e, tree, checked.map(|(_, s)| s), max_depth))
+        }
+    }
 }
 
-fn unfit_exception(e: Unfit, tree: &str, source: Option<&Source>) -> Exception {
+fn unfit_exception(e: Unfit, tree: &str, source: Option<&Source>, max_depth: usize) -> Exception {
+    let name = source.map_or("", |s| s.name.as_str());
     match e {
         Unfit::TooLarge(m) => Exception::new(
             ExceptionKind::Recoverable,
             numbers::SCRIPT_ERROR,
-            format!(
-                "Rhai error in {}: {m}",
-                source.map_or("", |s| s.name.as_str())
-            ),
+            format!("Rhai error in {name}: {m}"),
+        ),
+        Unfit::TooDeep => Exception::new(
+            ExceptionKind::Recoverable,
+            numbers::SCRIPT_ERROR,
+            format!("Rhai error in {name}: {}", too_deep_text(tree, max_depth)),
         ),
         Unfit::Unrepresentable(e) => Exception::new(
             ExceptionKind::Conversion,
@@ -769,13 +1152,20 @@ fn unfit_exception(e: Unfit, tree: &str, source: Option<&Source>) -> Exception {
     }
 }
 
+/// What a value nested too deep in `what` is told as.
+fn too_deep_text(what: &str, max: usize) -> String {
+    format!(
+        "the script left {what} with a value nested more than {max} levels deep: raise the node's \"max_depth\" (at most {MAX_DEPTH_CEILING}) or nest less"
+    )
+}
+
 /// Makes a tree the script left fit to be kept in Rhai's form, in place (one walk, no copy:
-/// this runs for every message): maps and arrays are held to `limits`, shared values are
-/// unshared, and a value without a JSON twin (a char; a blob inside the tree) is converted as
-/// Rhai's serde support converts it to JSON, or refused. What is left serialises exactly as its
-/// serde_json twin does. `limits`: `None` for `Environment`, which grows across messages by
-/// design.
-fn fit(d: &mut Dynamic, limits: Option<&Limits>, tree: &str) -> Result<(), Unfit> {
+/// this runs for every message): maps and arrays are held to `limits` and to `depth` levels of
+/// nesting, shared values are unshared, and a value without a JSON twin (a char; a blob inside
+/// the tree) is converted as Rhai's serde support converts it to JSON, or refused. What is
+/// left serialises exactly as its serde_json twin does. `limits`: `None` for `Environment`,
+/// which grows across messages by design. Recurses at most `depth + 1` levels.
+fn fit(d: &mut Dynamic, limits: Option<&Limits>, depth: usize, tree: &str) -> Result<(), Unfit> {
     if d.is_shared() {
         *d = std::mem::take(d).flatten();
     }
@@ -783,16 +1173,26 @@ fn fit(d: &mut Dynamic, limits: Option<&Limits>, tree: &str) -> Result<(), Unfit
         return Ok(());
     }
     if let Some(mut m) = d.write_lock::<RMap>() {
+        if depth == 0 {
+            return Err(Unfit::TooDeep);
+        }
         if let Some(l) = limits {
             map_fits(m.len(), l, tree)?;
         }
-        return m.values_mut().try_for_each(|v| fit(v, limits, tree));
+        return m
+            .values_mut()
+            .try_for_each(|v| fit(v, limits, depth - 1, tree));
     }
     if let Some(mut a) = d.write_lock::<rhai::Array>() {
+        if depth == 0 {
+            return Err(Unfit::TooDeep);
+        }
         if let Some(l) = limits {
             array_fits(a.len(), l, tree)?;
         }
-        return a.iter_mut().try_for_each(|v| fit(v, limits, tree));
+        return a
+            .iter_mut()
+            .try_for_each(|v| fit(v, limits, depth - 1, tree));
     }
     let v =
         rhai::serde::from_dynamic::<Value>(d).map_err(|e| Unfit::Unrepresentable(e.to_string()))?;
@@ -838,33 +1238,65 @@ fn root_to_dynamic(root: &Root, properties: bool) -> Dynamic {
 impl Script {
     /// A message tree back from the script, held to the node's size limits.
     fn tree_from_dynamic(&self, d: Dynamic, tree: &str) -> Result<Value, Exception> {
-        from_dynamic(d, tree, Some((&self.limits, &self.source)))
+        from_dynamic(
+            d,
+            tree,
+            Some((&self.limits, &self.source)),
+            self.limits.max_depth,
+        )
     }
 
     /// A message tree back from the script in Rhai's form, held to the node's size limits and
     /// left with JSON twins only (see [`fit`]).
     fn fit_tree(&self, mut d: Dynamic, tree: &str) -> Result<Dynamic, Exception> {
-        fit(&mut d, Some(&self.limits), tree)
-            .map(|()| d)
-            .map_err(|e| unfit_exception(e, tree, Some(&self.source)))
+        let max_depth = self.limits.max_depth;
+        match fit(&mut d, Some(&self.limits), max_depth, tree) {
+            Ok(()) => Ok(d),
+            Err(e) => {
+                truncate_deeper(&mut d, max_depth);
+                Err(unfit_exception(e, tree, Some(&self.source), max_depth))
+            }
+        }
     }
 
     /// `Root` back from the script; `arrived` is the message's own, whose properties stay when
     /// the script never names them.
     fn root_from_dynamic(
         &self,
-        d: Dynamic,
+        mut d: Dynamic,
+        domain: flowbus_runtime::Domain,
+        arrived: &Root,
+    ) -> Result<Root, Exception> {
+        let max_depth = self.limits.max_depth;
+        if !d.is_map() {
+            truncate_deeper(&mut d, max_depth);
+            return Err(Exception::new(
+                ExceptionKind::Conversion,
+                numbers::SCRIPT_ERROR,
+                "the script replaced Root with something that is not a map; set Root.Body instead",
+            ));
+        }
+        let mut map = d.cast::<RMap>();
+        let root = self.root_parts(&mut map, domain, arrived);
+        // Whatever else the script put in Root goes (all of it, on an error).
+        if !map.is_empty() {
+            let mut rest = Dynamic::from_map(map);
+            if !truncate_deeper(&mut rest, max_depth + 1) && root.is_ok() {
+                return Err(self.too_deep("Root"));
+            }
+        }
+        root
+    }
+
+    /// [`Script::root_from_dynamic`] once `Root` is known to be a map: takes its parts out.
+    fn root_parts(
+        &self,
+        map: &mut RMap,
         domain: flowbus_runtime::Domain,
         arrived: &Root,
     ) -> Result<Root, Exception> {
         let bad =
             |what: String| Exception::new(ExceptionKind::Conversion, numbers::SCRIPT_ERROR, what);
-        let mut map = d.try_cast::<RMap>().ok_or_else(|| {
-            bad(
-                "the script replaced Root with something that is not a map; set Root.Body instead"
-                    .into(),
-            )
-        })?;
         let properties = if !self.uses.properties {
             // Never handed to the script (see `Uses`).
             arrived.properties.clone()
@@ -948,7 +1380,7 @@ mod tests {
         let direct = to_dynamic(&v);
         let via_serde = rhai::serde::to_dynamic(&v).unwrap();
         assert_eq!(format!("{direct:?}"), format!("{via_serde:?}"));
-        let back = from_dynamic(direct.clone(), "test", None).unwrap();
+        let back = from_dynamic(direct.clone(), "test", None, 128).unwrap();
         assert_eq!(
             back,
             rhai::serde::from_dynamic::<Value>(&via_serde).unwrap()
@@ -1240,12 +1672,162 @@ mod tests {
     }
 
     #[test]
-    fn timeout_stops_a_slow_script() {
+    fn timeout_stops_a_slow_script_at_its_deadline() {
         let s = compiled(
-            json!({"code": "let i = 0; loop { i += 1; }", "max_operations": 1_000_000_000_000_i64, "timeout": "50ms"}),
+            json!({"code": "let i = 0; loop { i += 1; }", "max_operations": 1_000_000_000, "timeout": "50ms"}),
         );
+        let started = Instant::now();
         let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
-        assert!(e.text.contains("longer than its timeout"), "{}", e.text);
+        let took = started.elapsed();
+        assert!(
+            e.text.contains("ran longer than its timeout (50ms"),
+            "{}",
+            e.text
+        );
+        // A correctness bound (the deadline is checked between every two operations), not a
+        // speed target: generous for a loaded machine.
+        assert!(took < Duration::from_millis(250), "{took:?}");
+    }
+
+    /// Runs `f` on a thread with the stack the daemon gives every thread that runs scripts.
+    fn on_script_stack<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+        std::thread::Builder::new()
+            .stack_size(flowbus_runtime::input_task::STACK_SIZE)
+            .spawn(f)
+            .unwrap()
+            .join()
+            .unwrap()
+    }
+
+    /// `levels` nested arrays in `a` (without the copy `a = [a]` makes of `a` each time).
+    fn nest(levels: u32, then: &str) -> Script {
+        compiled(json!({
+            "code": format!("let a = []; for i in 1..{levels} {{ a = [a.take()]; }} {then}"),
+            "max_operations": 10_000_000
+        }))
+    }
+
+    #[test]
+    fn values_nested_deeper_than_max_depth_are_errors_wherever_they_are_left() {
+        on_script_stack(|| {
+            let msg = Message::new(Body::Json(json!({})));
+            // 128 levels is the default limit: allowed; one more is not.
+            let out = nest(128, "Root.Body = a;").run(&msg, T).unwrap();
+            assert_eq!(out.message.root.body.to_value().to_string().len(), 256);
+            for (levels, then, left) in [
+                (129, "Root.Body = a.take();", "Root.Body"),
+                (5_000, "Root.Body.x = a.take();", "Root.Body"),
+                (
+                    2_000,
+                    "LocalEnvironment.Variables.a = a.take();",
+                    "LocalEnvironment",
+                ),
+                (2_000, "Environment.a = a.take();", "Environment"),
+                (
+                    2_000,
+                    "Root.Body.x = a.take(); propagate(\"Out1\"); Root.Body = 1;",
+                    "Root.Body",
+                ),
+                (2_000, "1", "the variable a"),
+                (2_000, "a.take()", "its result"),
+                (2_000, "Root.X = a.take();", "Root"),
+            ] {
+                let e = nest(levels, then).run(&msg, T).unwrap_err();
+                assert!(
+                    e.text.contains(&format!(
+                        "the script left {left} with a value nested more than 128 levels deep: raise the node's \"max_depth\" (at most 1024)"
+                    )),
+                    "{then}: {}",
+                    e.text
+                );
+                assert_eq!(e.number, numbers::SCRIPT_ERROR);
+            }
+            // A deep value thrown: an error that shows it cut short.
+            let e = nest(2_000, "throw a.take();").run(&msg, T).unwrap_err();
+            assert!(e.text.contains("script threw: [[[["), "{}", e.text);
+            // json_encode refuses it.
+            let e = nest(2_000, "let j = json_encode(a); a = 1; j")
+                .run(&msg, T)
+                .unwrap_err();
+            assert!(e.text.contains("nested more than 128 levels"), "{}", e.text);
+            // Built and dropped by the script itself: no error, and no crash on this stack.
+            let out = nest(5_000, "a = 1; Root.Body.ok = true;")
+                .run(&msg, T)
+                .unwrap();
+            assert_eq!(out.message.root.body.to_value(), json!({"ok": true}));
+            // The limit is the node's.
+            let s = compiled(json!({
+                "code": "let a = []; for i in 1..300 { a = [a.take()]; } Root.Body = a;",
+                "max_depth": 300
+            }));
+            assert!(s.run(&msg, T).is_ok());
+        });
+    }
+
+    #[test]
+    fn a_script_over_its_memory_budget_ends_with_a_clear_error() {
+        let s = compiled(json!({
+            "code": "let m = #{}; for i in 0..1000 { m[`k${i}`] = blob(500000, i); }",
+            "max_memory": "8MiB"
+        }));
+        let e = s.run(&Message::new(Body::Json(json!({}))), T).unwrap_err();
+        assert!(
+            e.text.contains(
+                "the script used more than its memory budget (8 MiB): raise the node's \"max_memory\" (at most 256 MiB) or process less at once"
+            ),
+            "{}",
+            e.text
+        );
+        assert!(e.text.contains("line 1"), "{}", e.text);
+        // The budget is per run: the same script within it, run again and again, passes.
+        let s = compiled(json!({
+            "code": "let m = #{}; for i in 0..4 { m[`k${i}`] = blob(200000, i); } Root.Body.n = m.len();",
+            "max_memory": "8MiB"
+        }));
+        for _ in 0..5 {
+            s.run(&Message::new(Body::Json(json!({}))), T).unwrap();
+        }
+        // What the script is given does not count against it.
+        let big = "x".repeat(16 << 20);
+        let s = compiled(json!({"code": "Root.Body.n = Root.Body.s.len();", "max_memory": "1MiB"}));
+        s.run(&Message::new(Body::Json(json!({ "s": big }))), T)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_stopping_flow_interrupts_its_running_script() {
+        let s = compiled(
+            json!({"code": "loop { }", "max_operations": 1_000_000_000, "timeout": "60s"}),
+        );
+        let stop = Cancel::default();
+        let fire = stop.clone();
+        let started = Instant::now();
+        let t = std::thread::spawn(move || {
+            s.run_until(&Message::new(Body::Json(json!({}))), T, Some(&stop))
+                .unwrap_err()
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        fire.cancel();
+        let e = t.join().unwrap();
+        assert!(e.text.contains("the flow is stopping"), "{}", e.text);
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+
+    #[test]
+    fn every_engine_shares_the_standard_packages() {
+        let a = compiled(json!({"code": "[3, 1, 2].sort(); \"x\".to_upper()"}));
+        let b = compiled(json!({"code": "1"}));
+        let (ma, mb) = (shared_modules(), shared_modules());
+        assert!(Arc::ptr_eq(&ma[0], &mb[0]));
+        assert_eq!(
+            a.run(&Message::new(Body::Json(json!({}))), T)
+                .unwrap()
+                .value
+                .into_string()
+                .unwrap(),
+            "X"
+        );
+        assert!(b.run(&Message::new(Body::Json(json!({}))), T).is_ok());
     }
 
     /// Files that are not scripts, holding secrets, each named as a script: no compile error

@@ -918,6 +918,8 @@ impl Daemon {
                 name,
                 format!("flow '{name}' ({}) {why}", slot.file.display()),
             );
+            drop(slot);
+            crate::memory::give_back();
         }
     }
 

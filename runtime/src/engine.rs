@@ -13,7 +13,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -34,12 +34,16 @@ use crate::telemetry::{Hist, HistSnapshot};
 #[derive(Clone)]
 pub struct Cancel {
     tx: Arc<watch::Sender<bool>>,
+    /// The same state as `tx`'s, readable without a lock: a running script polls it between
+    /// operations.
+    fired: Arc<AtomicBool>,
 }
 
 impl Default for Cancel {
     fn default() -> Self {
         Cancel {
             tx: Arc::new(watch::channel(false).0),
+            fired: Arc::default(),
         }
     }
 }
@@ -47,12 +51,14 @@ impl Default for Cancel {
 impl Cancel {
     /// Fires the signal.
     pub fn cancel(&self) {
+        self.fired.store(true, Ordering::Release);
         self.tx.send_replace(true);
     }
 
-    /// Whether it has fired.
+    /// Whether it has fired (one atomic load).
+    #[inline]
     pub fn is_cancelled(&self) -> bool {
-        *self.tx.borrow()
+        self.fired.load(Ordering::Acquire)
     }
 
     /// Resolves when it fires.
@@ -295,6 +301,12 @@ impl<'a> Outputs<'a> {
     /// Whether anything is connected to `terminal`.
     pub fn is_connected(&self, terminal: &str) -> bool {
         self.flow.is_connected(self.node, terminal)
+    }
+
+    /// The flow's cancellation signal: fires when the flow stops or fails, so that work that
+    /// cannot yield (a running script) can end early.
+    pub fn cancel(&self) -> &'a Cancel {
+        &self.flow.cancel
     }
 
     /// The flow name.

@@ -145,6 +145,16 @@ impl<F: Future + Unpin> Future for OnShared<F> {
 /// The name of every input thread (Linux keeps 15 bytes of a thread's name).
 pub const THREAD_NAME: &str = "flowbus-input";
 
+/// The stack of every thread that may run a script (input threads, and the daemon's tokio
+/// workers): 1 GiB of address space, of which only the pages a deep recursion touches cost
+/// memory. Scripts bound how deep a value they leave may nest (`max_depth`), but Rhai itself
+/// builds, copies, compares and drops nested values recursively, a few hundred bytes of stack
+/// a level (on the 2 MiB default, 5,000 levels survived and 12,000 did not). How deep a script
+/// can nest is bounded by its time: Rhai's size checks walk the whole value at every level, so
+/// building `n` levels takes time in `n²`: within the longest timeout (60 s) a release build
+/// did not reach 200,000 levels (measured), well inside 1 GiB.
+pub const STACK_SIZE: usize = 1 << 30;
+
 /// Runs a flow input's future on a thread of its own (see the module documentation), wrapped
 /// in [`RunOnYield`]; the current runtime (the caller's) is the one everything it spawns goes
 /// to. The returned handle is the task's, as from `tokio::spawn`: awaiting it waits for the
@@ -166,6 +176,7 @@ where
         let (slot, shared) = (slot.clone(), shared.clone());
         std::thread::Builder::new()
             .name(THREAD_NAME.into())
+            .stack_size(STACK_SIZE)
             .spawn(move || {
                 // Without a scheduler the thread ends here, sending nothing: the caller then
                 // runs the task on the shared runtime.

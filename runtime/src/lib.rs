@@ -14,6 +14,7 @@
 //!   recorder) and the Prometheus text format.
 //! - [`harness`]: run flows in tests without a broker. [`input_task`]: where a flow input
 //!   runs (a thread of its own) and the effects its nodes defer to the moments it yields.
+//! - [`memory`]: the counting allocator behind the scripts' memory budget.
 
 pub mod activity;
 pub mod admin;
@@ -24,6 +25,7 @@ pub mod engine;
 pub mod flow;
 pub mod harness;
 pub mod input_task;
+pub mod memory;
 pub mod message;
 pub mod node;
 pub mod paths;

@@ -110,6 +110,13 @@ pub enum PropKind {
     },
     /// A duration: `"30s"`, `"1m 30s"`, `"250ms"`, or a number of milliseconds.
     Duration,
+    /// A [`PropKind::Duration`] in a range.
+    DurationIn {
+        /// Shortest allowed value.
+        min: std::time::Duration,
+        /// Longest allowed value.
+        max: std::time::Duration,
+    },
     /// A size in bytes: a number, or a string with a unit (`"16MiB"`, `"512KiB"`), from 1 to
     /// `max`.
     Size {

@@ -624,6 +624,18 @@ fn check_prop(name: &str, kind: PropKind, v: &Value) -> Result<(), FlowErrorKind
             None => Err(wrong(&format!("a whole number from {min} to {max}"))),
         },
         PropKind::Duration => parse_duration_value(v).map(|_| ()).map_err(bad),
+        PropKind::DurationIn { min, max } => match parse_duration_value(v).map_err(bad)? {
+            d if (min..=max).contains(&d) => Ok(()),
+            _ => Err(bad(format!(
+                "{} is out of range (allowed: {} to {})",
+                match v {
+                    Value::String(s) => format!("'{s}'"),
+                    other => format!("{other} ms"),
+                },
+                humantime::format_duration(min),
+                humantime::format_duration(max)
+            ))),
+        },
         PropKind::Size { max } => match parse_size_value(v).map_err(bad)? {
             n if (1..=max).contains(&n) => Ok(()),
             n => Err(bad(format!(
