@@ -23,6 +23,7 @@ use flowbus_runtime::flow::FlowErrorKind;
 use flowbus_runtime::memory::Mark;
 use flowbus_runtime::message::{numbers, Body, Exception, ExceptionKind, Message, Root};
 use flowbus_runtime::node::{BuildCtx, NodeDecl, Problem, PropKind, PropSpec};
+use flowbus_runtime::time::human;
 use flowbus_runtime::tree::{map_to_dynamic, to_dynamic};
 use rhai::{Dynamic, Engine, EvalAltResult, Map as RMap, Position, Scope, AST};
 use serde_json::{Map, Value};
@@ -163,7 +164,14 @@ struct Guard {
     max_depth: usize,
     /// The flow's: fires when the flow stops or fails.
     stop: Option<Cancel>,
+    /// When this run first saw `stop` fired: it may go on for [`STOP_GRACE`] after that.
+    stop_seen: std::cell::Cell<Option<Instant>>,
 }
+
+/// How long a script run goes on once its flow is stopping. A stop lets a flow finish what it
+/// received (within `[daemon] shutdown_timeout`), so a script is not cut short at once; but a
+/// runaway one ends within this, whatever its own timeout, and its thread with it.
+const STOP_GRACE: Duration = Duration::from_secs(1);
 
 impl Guard {
     fn new(limits: &Limits, stop: Option<&Cancel>) -> Guard {
@@ -178,6 +186,7 @@ impl Guard {
             max_memory: limits.max_memory,
             max_depth: limits.max_depth,
             stop: stop.cloned(),
+            stop_seen: std::cell::Cell::new(None),
         }
     }
 
@@ -186,9 +195,15 @@ impl Guard {
     #[inline]
     fn breach(&self) -> Option<Dynamic> {
         if self.stop.as_ref().is_some_and(Cancel::is_cancelled) {
-            return Some(Dynamic::from(
-                "the flow is stopping: the script was interrupted".to_string(),
-            ));
+            let now = Instant::now();
+            let seen = *self.stop_seen.get().get_or_insert(now);
+            self.stop_seen.set(Some(seen));
+            if now.duration_since(seen) >= STOP_GRACE {
+                return Some(Dynamic::from(format!(
+                    "the flow is stopping: the script was interrupted {} after the stop",
+                    human(STOP_GRACE)
+                )));
+            }
         }
         let used = self.memory.grown();
         if used > self.max_memory {
@@ -200,10 +215,10 @@ impl Guard {
         }
         if coarse_now() >= self.check_precisely_from && Instant::now() >= self.deadline {
             return Some(Dynamic::from(format!(
-                "the script ran longer than its timeout ({:?}, stopped after {:?}): raise the node's \"timeout\" (at most {:?}) or process less at once",
-                self.timeout,
-                self.started.elapsed(),
-                TIMEOUT_RANGE.1
+                "the script ran longer than its timeout ({}, stopped after {}): raise the node's \"timeout\" (at most {}) or process less at once",
+                human(self.timeout),
+                human(self.started.elapsed()),
+                human(TIMEOUT_RANGE.1)
             )));
         }
         None
@@ -1808,9 +1823,34 @@ mod tests {
         });
         std::thread::sleep(Duration::from_millis(50));
         fire.cancel();
+        let fired = Instant::now();
         let e = t.join().unwrap();
-        assert!(e.text.contains("the flow is stopping"), "{}", e.text);
-        assert!(started.elapsed() < Duration::from_secs(1));
+        assert!(
+            e.text
+                .contains("the flow is stopping: the script was interrupted 1s after the stop"),
+            "{}",
+            e.text
+        );
+        // The grace, then at once.
+        assert!(fired.elapsed() >= STOP_GRACE, "{:?}", fired.elapsed());
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+
+    /// A stop lets the flow finish what it received: a script that runs after the stop (or
+    /// is running when it comes) and ends within the grace is not cut short.
+    #[test]
+    fn a_stopping_flow_lets_short_scripts_finish() {
+        let s = compiled(
+            json!({"code": "let i = 0; while i < 1000 { i += 1; } Root.Body.done = true;"}),
+        );
+        let stop = Cancel::default();
+        stop.cancel();
+        for _ in 0..3 {
+            let out = s
+                .run_until(&Message::new(Body::Json(json!({}))), T, Some(&stop))
+                .unwrap();
+            assert_eq!(out.message.root.body, Body::Json(json!({"done": true})));
+        }
     }
 
     #[test]
