@@ -1215,6 +1215,26 @@ void MQTTAsync_writeComplete(SOCKET socket, int rc)
 }
 
 
+/* flowbus patch 0001: see its use in MQTTAsync_processCommand. */
+static void MQTTAsync_dropUnsentPublish(Clients* c, Messages* msg)
+{
+	FUNC_ENTRY;
+#if !defined(NO_PERSISTENCE)
+	if (c->persistence)
+		MQTTPersistence_remove(c, (msg->MQTTVersion >= MQTTVERSION_5) ? PERSISTENCE_V5_PUBLISH_SENT : PERSISTENCE_PUBLISH_SENT,
+				msg->qos, msg->msgid);
+#endif
+	/* the command keeps, and frees, the topic and the payload */
+	msg->publish->topic = NULL;
+	msg->publish->payload = NULL;
+	MQTTProtocol_removePublication(msg->publish);
+	if (msg->MQTTVersion >= MQTTVERSION_5)
+		MQTTProperties_free(&msg->properties);
+	ListRemove(c->outboundMsgs, msg);
+	FUNC_EXIT;
+}
+
+
 static int MQTTAsync_processCommand(void)
 {
 	int rc = 0;
@@ -1470,6 +1490,17 @@ static int MQTTAsync_processCommand(void)
 			p->properties = command->command.properties;
 
 		rc = MQTTProtocol_startPublish(command->client->c, p, command->command.details.pub.qos, command->command.details.pub.retained, &msg);
+
+		/* flowbus patch 0001: a QoS 1/2 publish whose packet could not be written at all
+		 * (SOCKET_ERROR: nothing of it reached the broker) fails below: its onFailure is called
+		 * and the command is freed with its topic and payload.  MQTTProtocol_startPublish had
+		 * already put an outbound message into the session state that shares that topic and
+		 * payload, so they were freed a second time when the session was cleaned (CONNACK with
+		 * sessionPresent 0) or the message was acknowledged after a resend, and a resend sent
+		 * freed memory.  Take the message back out of the session state and its persistence:
+		 * the caller was told the publish failed and publishes again if it wants to. */
+		if (command->command.details.pub.qos > 0 && rc == SOCKET_ERROR && msg != NULL)
+			MQTTAsync_dropUnsentPublish(command->client->c, msg);
 
 		if (command->command.details.pub.qos == 0)
 		{
