@@ -24,7 +24,7 @@
 //! persistent subscriber, a Compute that loops `--loop` times, file persistence); 3,000
 //! messages of 500 bytes; once the subscriber is paused by back-pressure (or a third of the
 //! messages are through) the broker is stopped (SIGTERM) and started again on the same port;
-//! once the relay has subscribed again (BIP12118), 100 more are published. A run passes when
+//! once the relay has subscribed again (after BIP12118), 100 more are published. A run passes when
 //! the daemon neither crashed nor stopped answering `/healthz`, logged BIP12118, relayed
 //! messages published after the restart, and (under a checker) the checker found no error.
 //! (The broker lost every session, so what it had queued is gone; the daemon's own counts
@@ -934,6 +934,21 @@ fn soak(a: &Args, out: &Path, flowbus: &str, wrap: &[String], env: &[(String, St
 // ---------------------------------------------------------------------------------------
 // Session loss (issue 18 item 8)
 
+/// Whether the relay lost its session (BIP12118) and has subscribed again since.
+fn resubscribed(entries: &[Value]) -> bool {
+    let seq = |e: &Value| e["seq"].as_u64().unwrap_or(0);
+    let Some(lost) = entries.iter().find(|e| e["number"] == "BIP12118") else {
+        return false;
+    };
+    entries.iter().any(|e| {
+        e["number"] == "BIP12095"
+            && seq(e) > seq(lost)
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Subscribed to"))
+    })
+}
+
 fn session_loss(
     a: &Args,
     out: &Path,
@@ -997,13 +1012,12 @@ fn session_loss(
         let _ = prod.join();
         sh.stop_producers.store(false, Ordering::Relaxed);
         let until = Instant::now() + Duration::from_secs(stall as u64);
-        while Instant::now() < until
-            && !activity_entries(&ddir.join("data"))
-                .iter()
-                .any(|e| e["number"] == "BIP12118")
-        {
+        while Instant::now() < until && !resubscribed(&activity_entries(&ddir.join("data"))) {
             watch.sleep(Duration::from_millis(300), &mut daemon, &sh, true);
         }
+        // The consumer lost its session too: its client reconnects within a second and
+        // subscribes again.
+        watch.sleep(Duration::from_secs(3), &mut daemon, &sh, true);
         sh.phase.store(1, Ordering::Relaxed);
         let prod = producer(url.clone(), 1, 0.0, 100, sh.clone());
         let until = Instant::now() + Duration::from_secs(stall as u64 + 60);
