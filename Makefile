@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: test run check fmt setup build bench bench-nodered bench-quick bench-micro bench-count bench-profile bench-soak bench-lint
+.PHONY: test run check fmt setup build bench bench-nodered bench-quick bench-micro bench-count bench-profile bench-soak bench-lint soak-faults soak-session-loss
 
 ## test: install what is missing, then run every test of the workspace
 test: setup
@@ -61,6 +61,14 @@ bench-profile: setup
 ## bench-soak: RSS of flowbus across 1,000,000 bridged messages (QOS=1 by default)
 bench-soak: setup
 	benches/bridge/soak.sh --qos $(or $(QOS),1)
+
+## soak-faults: QoS 1/2 relays while the broker is restarted, killed and frozen (>= 16 min, 100 faults; ASAN=1 or VALGRIND=1 for a memory checker)
+soak-faults: setup
+	benches/bridge/soak-faults.sh $(if $(ASAN),--asan) $(if $(VALGRIND),--valgrind) $(SOAK_ARGS)
+
+## soak-session-loss: issue 18 item 8's scenario (broker back without sessions) RUNS times (5) under a memory checker (valgrind; ASAN=1 for AddressSanitizer)
+soak-session-loss: setup
+	benches/bridge/soak-faults.sh --session-loss --runs $(or $(RUNS),5) $(if $(ASAN),--asan,--valgrind) $(SOAK_ARGS)
 
 ## bench-lint: fmt, clippy -D warnings and unit tests of the bench package
 bench-lint:

@@ -74,6 +74,9 @@ pub mod bip {
     pub const RETIRED: u32 = 12116;
     /// A removed flow's publisher still owed publications: its log and session were kept.
     pub const OWED_AT_REMOVAL: u32 = 12117;
+    /// A persistent subscriber reconnected to a broker that had no session for it: what the
+    /// broker had queued for it is gone.
+    pub const SESSION_LOST: u32 = 12118;
     /// A payload over the node's `max_payload` (received: not parsed; to publish: refused).
     pub const PAYLOAD_TOO_LARGE: u32 = 12119;
 }

@@ -439,6 +439,7 @@ impl Subscribe {
             conn.clone(),
             self.topics.clone(),
             self.qos,
+            !self.clean_session,
             Arc::new(PolicyGate::new(self.endpoint.policy.clone())),
         ));
 
@@ -655,13 +656,22 @@ fn oversized(e: &mqtt_limits::LimitError, topic: &str) -> Exception {
     x.insert(topic)
 }
 
+/// Whether a connect lost a persistent session: a reconnect within this run (the first
+/// connect of a run cannot tell a lost session from a new one) that the broker answered with
+/// no session.
+fn session_lost(persistent: bool, first: bool, session_present: bool) -> bool {
+    persistent && !first && !session_present
+}
+
 /// What to do on each connect: subscribe; on a reconnect within this run (after a pause or
-/// a lost connection), only when the broker did not keep our session. Each topic's QoS goes
-/// through the server's QoS policy first.
+/// a lost connection), only when the broker did not keep our session — and then, for a
+/// persistent session, say that what the broker had queued for us is gone (BIP12118). Each
+/// topic's QoS goes through the server's QoS policy first.
 fn subscriber(
     conn: Arc<Conn>,
     topics: Vec<String>,
     qos: Option<u8>,
+    persistent: bool,
     gate: Arc<PolicyGate>,
 ) -> OnConnected {
     let weak = Arc::downgrade(&conn);
@@ -676,6 +686,23 @@ fn subscriber(
         Box::pin(async move {
             let Some(conn) = weak.upgrade() else { return };
             let log = &conn.log;
+            if session_lost(persistent, first, session_present) {
+                log.record(
+                    log.entry(
+                        Severity::Warning,
+                        bip::SESSION_LOST,
+                        format!(
+                            "The broker at {} had no session for '{}' when it reconnected \
+                             (restarted without persistence, or the session expired): whatever \
+                             it had queued for this subscriber while it was away is gone. \
+                             Subscribing again; run the broker with persistence to keep \
+                             sessions across its restarts",
+                            log.url, log.client_id
+                        ),
+                    )
+                    .tag("client_id", log.client_id.clone()),
+                );
+            }
             for t in &topics {
                 let want = match gate.apply(&conn, t, qos) {
                     Ok(q) => q,
@@ -922,6 +949,16 @@ mod tests {
         assert_eq!(r.resume_if_under(&marks(), &depth, &bytes), Some((2, 0)));
         assert_eq!(*rx.borrow(), Want::Up);
         assert!(!r.is_paused());
+    }
+
+    #[test]
+    fn only_a_persistent_subscriber_reconnecting_without_its_session_lost_it() {
+        assert!(session_lost(true, false, false));
+        assert!(!session_lost(true, false, true));
+        // The first connect of a run cannot tell a lost session from a new one.
+        assert!(!session_lost(true, true, false));
+        // A clean session has nothing to lose.
+        assert!(!session_lost(false, false, false));
     }
 
     #[test]
