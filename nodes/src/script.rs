@@ -858,12 +858,10 @@ impl Script {
         // level. The trees are checked as they are taken back (one walk, see `fit`); every
         // other value here, and the trees on a way out that skips that, are checked in `Kept`.
         let max_depth = self.limits.max_depth;
-        let mut vars: Vec<(String, Dynamic)> = scope.into_iter().map(|(n, v, _)| (n, v)).collect();
-        let mut take = |name: &str| {
-            vars.iter()
-                .rposition(|(n, _)| n == name)
-                .map(|i| vars.swap_remove(i).1.flatten())
-        };
+        // The trees come out of the scope by name; what is left is checked in place and only
+        // taken apart when something in it is too deep (collecting the scope into a list made
+        // a `String` of every name, about 2,000 instructions a message).
+        let mut take = |name: &str| scope.remove::<Dynamic>(name).map(Dynamic::flatten);
         let root = if u.root || u.propagate {
             take("Root")
         } else {
@@ -880,12 +878,15 @@ impl Script {
             None
         };
         let mut too_deep = None;
-        for (name, v) in &mut vars {
-            if !truncate_deeper(v, max_depth) && too_deep.is_none() {
-                too_deep = Some(format!("the variable {name}"));
+        if !scope.iter_raw().all(|(_, _, v)| depth_within(v, max_depth)) {
+            for (name, mut v, _) in scope {
+                if !truncate_deeper(&mut v, max_depth) && too_deep.is_none() {
+                    too_deep = Some(format!("the variable {name}"));
+                }
             }
+        } else {
+            drop(scope);
         }
-        drop(vars);
         let value = match result {
             Ok(mut v) => {
                 if !truncate_deeper(&mut v, max_depth) {
