@@ -66,57 +66,15 @@ struct Path<'a> {
 /// The dotted paths of at least two names on `line`, outside string literals and comments; a
 /// name followed by `(` (a method call) ends a path before it.
 fn paths_on(line: &str) -> Vec<Path<'_>> {
-    let b = line.as_bytes();
-    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'"' | b'`' | b'\'' => {
-                let q = b[i];
-                i += 1;
-                while i < b.len() && b[i] != q {
-                    i += if b[i] == b'\\' { 2 } else { 1 };
-                }
-                i += 1;
-            }
-            b'/' if b.get(i + 1) == Some(&b'/') => break,
-            c if ident(c) && !c.is_ascii_digit() && (i == 0 || b[i - 1] != b'.') => {
-                let start = i;
-                let mut segments = Vec::new();
-                let mut end = i;
-                loop {
-                    let s = end;
-                    while end < b.len() && ident(b[end]) {
-                        end += 1;
-                    }
-                    if b.get(end) == Some(&b'(') {
-                        end = s.saturating_sub(1);
-                        break;
-                    }
-                    segments.push(&line[s..end]);
-                    if b.get(end) == Some(&b'.') && b.get(end + 1).is_some_and(|&c| ident(c)) {
-                        end += 1;
-                    } else {
-                        break;
-                    }
-                }
-                if segments.len() >= 2 {
-                    out.push(Path {
-                        segments,
-                        start: line[..start].chars().count() + 1,
-                        end,
-                    });
-                }
-                i = end.max(i + 1);
-                while i < b.len() && ident(b[i]) {
-                    i += 1;
-                }
-            }
-            _ => i += 1,
-        }
-    }
-    out
+    crate::script_paths::dotted_paths(line)
+        .into_iter()
+        .filter(|p| p.names.len() >= 2)
+        .map(|p| Path {
+            segments: p.names,
+            start: p.column,
+            end: p.end,
+        })
+        .collect()
 }
 
 /// The index of the first name of `p` (after the variable) that its tree lacks or holds as

@@ -80,12 +80,60 @@ const ALWAYS_THERE: &[&[&str]] = &[
 /// strings and comments. `ExceptionList` (a constant) is left alone.
 pub fn rewrite(code: &str) -> Rewritten {
     let b = code.as_bytes();
-    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
     let mut out = Rewritten::default();
     let mut text = String::with_capacity(code.len());
     let mut copied = 0;
+    for p in dotted_paths(code) {
+        let names = &p.names;
+        let mut j = p.end;
+        while j < b.len() && (b[j] == b' ' || b[j] == b'\t') {
+            j += 1;
+        }
+        let assigns = b.get(j) == Some(&b'=') && b.get(j + 1) != Some(&b'=');
+        let parents = &names[..names.len().saturating_sub(1)];
+        if p.at_statement
+            && assigns
+            && names.len() >= 3
+            && !ALWAYS_THERE.contains(&parents)
+            && names[0] != "ExceptionList"
+        {
+            let call = format!(
+                "{}.{PARENTS_FN}(\"{}\"); ",
+                names[0],
+                parents[1..].join(".")
+            );
+            out.inserts.push((p.line, p.column, call.len()));
+            text.push_str(&code[copied..p.start]);
+            text.push_str(&call);
+            copied = p.start;
+        }
+    }
+    text.push_str(&code[copied..]);
+    out.text = text;
+    out
+}
+
+/// A dotted path in a script (`Root.Body.x`, or a lone name).
+#[derive(Debug, PartialEq)]
+pub struct PathAt<'a> {
+    pub names: Vec<&'a str>,
+    /// 1-based line and column (in characters) of its first name.
+    pub line: usize,
+    pub column: usize,
+    /// Byte offsets of its first character and just after its last name.
+    pub start: usize,
+    pub end: usize,
+    /// Whether it begins a statement (first in the text, or after `;`, `{` or `}`).
+    pub at_statement: bool,
+}
+
+/// The dotted paths of `code`, outside strings and comments, in order. A name followed by `(`
+/// (a call) is not part of a path, nor is a path that follows a `.` (`x[0].a.b`, `f().a`).
+pub fn dotted_paths(code: &str) -> Vec<PathAt<'_>> {
+    let b = code.as_bytes();
+    let ident = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
+    let mut out = Vec::new();
     let (mut line, mut line_start) = (1, 0);
-    // Whether the next token starts a statement.
     let mut at_statement = true;
     let mut i = 0;
     while i < b.len() {
@@ -131,43 +179,35 @@ pub fn rewrite(code: &str) -> Rewritten {
                 at_statement = true;
                 i += 1;
             }
-            c if ident(c) && !c.is_ascii_digit() => {
+            c if ident(c) && !c.is_ascii_digit() && (i == 0 || b[i - 1] != b'.') => {
                 let start = i;
                 let mut names = Vec::new();
+                let mut end = i;
                 loop {
                     let s = i;
                     while i < b.len() && ident(b[i]) {
                         i += 1;
                     }
+                    if b.get(i) == Some(&b'(') {
+                        break;
+                    }
                     names.push(&code[s..i]);
+                    end = i;
                     if b.get(i) == Some(&b'.') && b.get(i + 1).is_some_and(|&c| ident(c)) {
                         i += 1;
                     } else {
                         break;
                     }
                 }
-                let mut j = i;
-                while j < b.len() && (b[j] == b' ' || b[j] == b'\t') {
-                    j += 1;
-                }
-                let assigns = b.get(j) == Some(&b'=') && b.get(j + 1) != Some(&b'=');
-                let parents = &names[..names.len().saturating_sub(1)];
-                if at_statement
-                    && assigns
-                    && names.len() >= 3
-                    && !ALWAYS_THERE.contains(&parents)
-                    && names[0] != "ExceptionList"
-                {
-                    let call = format!(
-                        "{}.{PARENTS_FN}(\"{}\"); ",
-                        names[0],
-                        names[1..names.len() - 1].join(".")
-                    );
-                    let column = code[line_start..start].chars().count() + 1;
-                    out.inserts.push((line, column, call.len()));
-                    text.push_str(&code[copied..start]);
-                    text.push_str(&call);
-                    copied = start;
+                if !names.is_empty() {
+                    out.push(PathAt {
+                        names,
+                        line,
+                        column: code[line_start..start].chars().count() + 1,
+                        start,
+                        end,
+                        at_statement,
+                    });
                 }
                 at_statement = false;
             }
@@ -177,8 +217,6 @@ pub fn rewrite(code: &str) -> Rewritten {
             }
         }
     }
-    text.push_str(&code[copied..]);
-    out.text = text;
     out
 }
 
