@@ -5,6 +5,8 @@
 //! - [`mqtt_subscribe`], [`mqtt_publish`]: the MQTT nodes, sharing [`mqtt_client`] (one paho
 //!   client per node, the reconnect supervisor, activity-log events and statistics) and
 //!   [`mqtt_limits`] (what MQTT can carry, checked before paho sees a value).
+//! - [`input_journal`]: an append-only journal on disk of the messages a subscriber received
+//!   and has not finished with, so that a SIGKILL loses none of them (not yet used by a node).
 //! - [`doctor`]: `flowbus doctor`, which probes every server the flows use.
 //! - [`qos_policy`]: QoS policy alignment (server `max_qos`, per-topic rules, broker limits).
 //! - [`trace`], [`trycatch`], [`throw`], [`timer`]: flow plumbing and a broker-less input.
@@ -14,6 +16,7 @@
 pub mod compute;
 pub mod doctor;
 pub mod filter;
+pub mod input_journal;
 pub mod mqtt_client;
 pub mod mqtt_limits;
 pub mod mqtt_publish;

@@ -695,8 +695,8 @@ impl Inner {
 /// millisecond for a 1 MiB log — and `put` runs under Paho's lock, which every publication of
 /// the client waits for. The old mapping is not read or written again; if the thread cannot be
 /// had, it is unmapped here. At most eight wait for the thread (one per MiB of records, per
-/// client): beyond that the caller waits.
-fn unmap_later(old: MmapMut) {
+/// client): beyond that the caller waits. The input journal hands it its full segments too.
+pub(crate) fn unmap_later(old: MmapMut) {
     static UNMAPPER: Mutex<Option<std::sync::mpsc::SyncSender<MmapMut>>> = Mutex::new(None);
     let mut tx = UNMAPPER.lock().unwrap_or_else(|e| e.into_inner());
     if tx.is_none() {
@@ -718,7 +718,7 @@ fn unmap_later(old: MmapMut) {
 /// Gives the file `size` bytes of disk now. A store into a shared mapping of a file that has
 /// no room on disk kills the process (SIGBUS); allocating up front turns a full disk into an
 /// error here instead, which fails the publication that needed the space, visibly.
-fn allocate(f: &std::fs::File, size: usize) -> std::io::Result<()> {
+pub(crate) fn allocate(f: &std::fs::File, size: usize) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     // SAFETY: a plain system call on a file descriptor we own for its duration.
     let rc = unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, size as libc::off_t) };
