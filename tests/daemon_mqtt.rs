@@ -218,8 +218,10 @@ async fn sigterm_mid_stream(qos: u8) {
     let stats = daemon.exit_stats();
     let received = stat(&stats, &a, "MessagesReceived");
     let sent = stat(&stats, &b, "MessagesSent");
+    // The subscriber takes the burst at the client library's speed (issue 19), so it may have
+    // received all of it; the flow, 2,000 iterations a message, had not processed it.
     assert!(
-        received > 0 && received < 20_000,
+        received > 0 && received <= 20_000,
         "stopped mid-stream: received {received}"
     );
     // Redeliveries after a pause are counted as received and skipped, not processed twice.

@@ -386,7 +386,7 @@ async fn a_burst_of_large_messages_stays_within_queue_high_bytes_and_nothing_is_
     );
     assert!(
         d.stderr()
-            .contains("payload bytes held (queue_high_bytes 8388608); pausing receipt"),
+            .contains("bytes held (queue_high_bytes 8388608; input journal"),
         "the byte mark paused receipt:\n{}",
         d.stderr()
     );

@@ -1,7 +1,10 @@
 //! `flowbus doctor`: for every server the flows use, connect once, learn what the broker
 //! allows (MQTT v5 CONNACK `Maximum QoS`, a probe subscription at QoS 2 on a private topic),
-//! and report the TLS handshake and authentication results; then, for every MQTT node and
-//! topic, the QoS it asks for, the limit, the verdict and the fix.
+//! and report the TLS handshake and authentication results and how many messages the broker
+//! says it has dropped (mosquitto's `$SYS/broker/publish/messages/dropped`); then, for every
+//! MQTT node and topic, the QoS it asks for, the limit, the verdict and the fix; and, for
+//! every subscriber, whether the broker keeps what a burst beyond the node's queue budget
+//! leaves with it.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,6 +39,9 @@ pub struct ServerReport {
     pub max_qos_source: String,
     /// The connection error, if any.
     pub error: Option<String>,
+    /// Messages the broker has dropped since it started (`$SYS/broker/publish/messages/dropped`,
+    /// where it publishes it and lets us read it).
+    pub dropped_messages: Option<u64>,
 }
 
 /// One row per MQTT node and topic.
@@ -74,6 +80,9 @@ pub struct Report {
     /// What others on this machine could do with the daemon's files or API (see
     /// [`security`]).
     pub security: Vec<Finding>,
+    /// Whether brokers keep what subscribers leave with them when a burst outlasts their
+    /// queue budget (see [`backlog`]).
+    pub backlog: Vec<Finding>,
     /// No mismatch, every server reachable, no security problem.
     pub ok: bool,
 }
@@ -81,7 +90,7 @@ pub struct Report {
 /// One thing `doctor` found about the daemon's files or admin API.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Finding {
-    /// `problem` (doctor fails) or `note`.
+    /// `problem` (doctor fails), `warning` or `note`.
     pub level: &'static str,
     /// What is wrong and what to do.
     pub text: String,
@@ -192,6 +201,7 @@ async fn probe_server(ep: &Endpoint, config: &Config, timeout: Duration) -> Serv
         max_qos: None,
         max_qos_source: "unknown".into(),
         error: None,
+        dropped_messages: None,
     };
     let conn = match Conn::new(ConnSpec {
         endpoint: ep,
@@ -248,10 +258,109 @@ async fn probe_server(ep: &Endpoint, config: &Config, timeout: Duration) -> Serv
                 }
                 None => {}
             }
+            report.dropped_messages = sys_dropped(&conn, timeout.min(Duration::from_secs(2))).await;
             let _ = tokio::time::timeout(timeout, conn.client.disconnect(None)).await;
         }
     }
     report
+}
+
+/// Reads mosquitto's count of dropped messages (retained, republished every `sys_interval`):
+/// `None` when the broker does not publish it or does not let this client read it.
+async fn sys_dropped(conn: &Conn, wait: Duration) -> Option<u64> {
+    const TOPIC: &str = "$SYS/broker/publish/messages/dropped";
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    conn.client.set_message_callback(move |_, m| {
+        if let Some(n) = m.and_then(|m| m.payload_str().trim().parse().ok()) {
+            let _ = tx.send(n);
+        }
+    });
+    let subscribed = tokio::time::timeout(wait, conn.client.subscribe(TOPIC, 0)).await;
+    let n = match subscribed {
+        Ok(Ok(_)) => tokio::time::timeout(wait, rx.recv()).await.ok().flatten(),
+        _ => None,
+    };
+    conn.client.remove_message_callback();
+    n
+}
+
+/// What a subscriber's burst beyond its queue budget leaves at the broker: the node pauses
+/// (disconnects) and the broker must keep what arrives meanwhile. A subscriber at QoS 0 or
+/// with a clean session loses it; a persistent one loses what exceeds the broker's queue
+/// limit, when that is below what the node itself takes before pausing.
+pub fn backlog(
+    config: &Config,
+    subscribers: &[(String, flowbus_runtime::node::NodeDecl, Endpoint)],
+    servers: &[ServerReport],
+) -> Vec<Finding> {
+    use crate::mqtt_subscribe::{DEFAULT_HIGH, MESSAGE_OVERHEAD};
+    let mut out = Vec::new();
+    for s in servers
+        .iter()
+        .filter(|s| s.dropped_messages.unwrap_or(0) > 0)
+    {
+        out.push(Finding {
+            level: "warning",
+            text: format!(
+                "the broker at {} has dropped {} message(s) since it started ($SYS/broker/publish/messages/dropped): its queues or in-flight limits were full; see docs/operations.md, \"What the broker must keep\"",
+                s.url,
+                s.dropped_messages.unwrap_or(0)
+            ),
+        });
+    }
+    for (flow, decl, ep) in subscribers {
+        let any_qos = topics(decl).iter().any(|t| {
+            decl.int("qos")
+                .map(|q| q as u8)
+                .or(ep.policy.rule_for(t).map(|r| r.qos))
+                .unwrap_or(0)
+                > 0
+        });
+        let clean = decl.bool("clean_session").unwrap_or(!any_qos);
+        let who = format!("{flow}/{}", decl.id);
+        if !any_qos || clean {
+            out.push(Finding {
+                level: "note",
+                text: format!(
+                    "{who} subscribes {}: if a burst outlasts its queue budget it pauses, and what is published meanwhile is not kept by the broker; subscribe at QoS 1 with a persistent session (the default at QoS 1/2) to have it kept",
+                    if any_qos { "with a clean session" } else { "at QoS 0" }
+                ),
+            });
+            continue;
+        }
+        let bytes = decl
+            .size("queue_high_bytes")
+            .unwrap_or(crate::mqtt_limits::DEFAULT_QUEUE_HIGH_BYTES);
+        let budget = decl
+            .int("queue_high")
+            .map_or(DEFAULT_HIGH as u64, |n| n as u64)
+            .min(bytes / MESSAGE_OVERHEAD as u64);
+        let limit = ep
+            .server
+            .as_ref()
+            .and_then(|n| config.servers.get(n))
+            .and_then(|s| s.broker_queue_limit)
+            .or(config.mqtt.broker_queue_limit);
+        match limit {
+            Some(0) => {}
+            Some(n) if n < budget => out.push(Finding {
+                level: "warning",
+                text: format!(
+                    "{who}: the broker at {} keeps at most {n} messages for a disconnected client (broker_queue_limit), fewer than the node's queue budget ({budget} messages: queue_high, queue_high_bytes); if a burst outlasts the budget the node pauses and the broker drops what exceeds {n}. Raise the broker's limit (mosquitto max_queued_messages, EMQX mqueue.max_mqueue_len, HiveMQ max-queue-size; docs/operations.md) to at least {budget}, and broker_queue_limit with it",
+                    ep.url
+                ),
+            }),
+            Some(_) => {}
+            None => out.push(Finding {
+                level: "note",
+                text: format!(
+                    "{who}: how many messages the broker at {} keeps for a disconnected client is not configured (broker_queue_limit); mosquitto keeps 1000 by default and drops the rest, which a burst beyond the node's queue budget ({budget} messages) would exceed",
+                    ep.url
+                ),
+            }),
+        }
+    }
+    out
 }
 
 /// Runs the checks for the MQTT nodes of `flows`.
@@ -359,6 +468,12 @@ format!("runs at QoS {allowed} (on_qos_mismatch = \"downgrade\"); for QoS {reque
     }
     let servers: Vec<ServerReport> = servers.into_values().collect();
     let security = security(config);
+    let subscribers: Vec<_> = nodes
+        .iter()
+        .filter(|(_, d, _)| d.type_name == "MQTTSubscribe")
+        .cloned()
+        .collect();
+    let backlog = backlog(config, &subscribers, &servers);
     let ok = servers.iter().all(|s| s.reachable)
         && rows.iter().all(|r| r.verdict == "ok")
         && security.iter().all(|f| f.level != "problem");
@@ -366,6 +481,7 @@ format!("runs at QoS {allowed} (on_qos_mismatch = \"downgrade\"); for QoS {reque
         servers,
         nodes: rows,
         security,
+        backlog,
         ok,
     })
 }
@@ -465,7 +581,10 @@ pub fn render(r: &Report) -> String {
     for f in &r.security {
         out.push_str(&format!("security {}: {}\n", f.level, f.text));
     }
-    if !r.security.is_empty() {
+    for f in &r.backlog {
+        out.push_str(&format!("backlog {}: {}\n", f.level, f.text));
+    }
+    if !r.security.is_empty() || !r.backlog.is_empty() {
         out.push('\n');
     }
     out.push_str(if r.ok {
@@ -544,5 +663,82 @@ mod security_tests {
         assert_eq!(notes.len(), 2);
         assert!(notes.iter().all(|f| f.level == "note"));
         let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
+#[cfg(test)]
+mod backlog_tests {
+    use super::*;
+    use flowbus_runtime::node::NodeDecl;
+    use serde_json::json;
+
+    fn subscriber(props: serde_json::Value) -> (String, NodeDecl, Endpoint) {
+        let decl = NodeDecl {
+            id: "in".into(),
+            type_name: "MQTTSubscribe".into(),
+            props: props.as_object().cloned().unwrap_or_default(),
+            pointer: "/nodes/0".into(),
+        };
+        let ep = Endpoint::inline("tcp://127.0.0.1:1883", 3);
+        ("f".into(), decl, ep)
+    }
+
+    fn levels(found: &[Finding]) -> Vec<&str> {
+        found.iter().map(|f| f.level).collect()
+    }
+
+    #[test]
+    fn a_broker_queue_below_the_nodes_budget_is_a_warning() {
+        let mut config = Config::default();
+        let qos1 = subscriber(json!({"topic": "a", "qos": 1}));
+        // Unknown: a note that says what mosquitto does by default.
+        let found = backlog(&config, std::slice::from_ref(&qos1), &[]);
+        assert_eq!(levels(&found), ["note"]);
+        assert!(
+            found[0].text.contains("mosquitto keeps 1000 by default"),
+            "{}",
+            found[0].text
+        );
+        // mosquitto's default, against the default budget (64 MiB / 256 bytes = 262,144).
+        config.mqtt.broker_queue_limit = Some(1000);
+        let found = backlog(&config, std::slice::from_ref(&qos1), &[]);
+        assert_eq!(levels(&found), ["warning"]);
+        assert!(
+            found[0].text.contains("at most 1000 messages")
+                && found[0].text.contains("(262144 messages"),
+            "{}",
+            found[0].text
+        );
+        // A node whose budget the broker can hold, and a broker without a limit: nothing.
+        let small = subscriber(json!({"topic": "a", "qos": 1, "queue_high": 500}));
+        assert!(backlog(&config, &[small], &[]).is_empty());
+        config.mqtt.broker_queue_limit = Some(0);
+        assert!(backlog(&config, std::slice::from_ref(&qos1), &[]).is_empty());
+        // QoS 0 or a clean session: the broker keeps nothing whatever its limit.
+        let qos0 = subscriber(json!({"topic": "a"}));
+        let clean = subscriber(json!({"topic": "a", "qos": 1, "clean_session": true}));
+        let found = backlog(&config, &[qos0, clean], &[]);
+        assert_eq!(levels(&found), ["note", "note"]);
+        assert!(found[0].text.contains("at QoS 0"));
+        assert!(found[1].text.contains("clean session"));
+    }
+
+    #[test]
+    fn a_broker_that_dropped_messages_is_a_warning() {
+        let server = ServerReport {
+            server: "s".into(),
+            url: "tcp://b:1883".into(),
+            version: "3.1.1".into(),
+            reachable: true,
+            tls: "-".into(),
+            auth: "anonymous".into(),
+            max_qos: None,
+            max_qos_source: "unknown".into(),
+            error: None,
+            dropped_messages: Some(41),
+        };
+        let found = backlog(&Config::default(), &[], &[server]);
+        assert_eq!(levels(&found), ["warning"]);
+        assert!(found[0].text.contains("dropped 41 message(s)"));
     }
 }

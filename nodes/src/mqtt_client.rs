@@ -79,6 +79,11 @@ pub mod bip {
     pub const SESSION_LOST: u32 = 12118;
     /// A payload over the node's `max_payload` (received: not parsed; to publish: refused).
     pub const PAYLOAD_TOO_LARGE: u32 = 12119;
+    /// A subscriber found messages in its input journal that a previous run received and did
+    /// not finish: processing them first.
+    pub const JOURNAL_REPLAY: u32 = 12120;
+    /// A subscriber's input journal could not be opened or written, or was damaged.
+    pub const JOURNAL_ERROR: u32 = 12121;
 }
 
 /// Properties both MQTT nodes have.
@@ -1884,48 +1889,88 @@ fn wire_info_text(m: &paho::Message) -> (bool, i32) {
     f.found.unwrap_or((false, 0))
 }
 
-/// Remembers the last messages received (packet id, topic and payload hash), so that QoS 1
-/// messages the broker sends again after a reconnect — it resends what it had not yet seen
-/// acknowledged, with the `Duplicate` flag — are recognised and not processed twice.
+/// Recognises the QoS 1 messages a broker sends again after a reconnect — what it had sent
+/// and not seen acknowledged when the connection closed, flagged `Duplicate` — that were in
+/// fact received, so they are not processed twice.
+///
+/// A broker cannot reuse a packet id until the message that had it is acknowledged, so a
+/// resent message with id `n` is either the last message received with id `n` or one that
+/// never arrived. The filter therefore keeps, per packet id, a digest (topic and payload) of
+/// the last message received with it: one entry per id the broker actually used, so it covers
+/// whatever the broker had in flight — up to the 65,535 ids MQTT has — at 8 bytes an id, and
+/// forgets nothing it may still need. A broker resends in order, so the resends of messages
+/// that arrived come first: the first message of a connection that is not one of them ends
+/// the recognition for that connection, and a later `Duplicate` with a repeated id, topic and
+/// payload (a sensor sending the same value) is taken as new.
 pub struct Redeliveries {
-    order: std::collections::VecDeque<(i32, u64)>,
-    seen: crate::quick_hash::QuickMap<(i32, u64), u32>,
-    capacity: usize,
+    /// Digest + 1 of the last message received with each packet id (0: none yet).
+    last: Vec<u64>,
+    /// The connection the previous message came on.
+    connection: u64,
+    /// Whether the messages of this connection so far were all recognised resends.
+    resending: bool,
+}
+
+impl Default for Redeliveries {
+    fn default() -> Self {
+        Redeliveries::new()
+    }
 }
 
 impl Redeliveries {
-    /// Remembers up to `capacity` messages.
-    pub fn new(capacity: usize) -> Redeliveries {
+    /// An empty filter.
+    pub fn new() -> Redeliveries {
         Redeliveries {
-            order: std::collections::VecDeque::with_capacity(capacity.min(4096)),
-            seen: Default::default(),
-            capacity: capacity.max(1),
+            last: Vec::new(),
+            connection: 0,
+            resending: false,
         }
     }
 
-    /// Records a received message; returns true when it is a redelivery of one already
-    /// received (flagged `Duplicate`, with the same packet id, topic and payload).
-    pub fn is_redelivery(&mut self, dup: bool, msgid: i32, topic: &str, payload: &[u8]) -> bool {
+    fn key(topic: &str, payload: &[u8]) -> u64 {
         // Seeded per process: a publisher cannot prepare a payload with another's digest.
-        let key = (
-            msgid,
-            crate::quick_hash::digest(&[topic.as_bytes(), payload]),
-        );
-        if dup && self.seen.contains_key(&key) {
+        crate::quick_hash::digest(&[topic.as_bytes(), payload]).wrapping_add(1)
+    }
+
+    /// Remembers a message received before this run without checking it (a message replayed
+    /// from the input journal): the broker may send it again, not knowing it arrived.
+    pub fn remember(&mut self, msgid: u16, topic: &str, payload: &[u8]) {
+        self.set(msgid, Self::key(topic, payload));
+    }
+
+    fn set(&mut self, msgid: u16, key: u64) {
+        let i = usize::from(msgid);
+        if i >= self.last.len() {
+            // Grows with the ids the broker uses (mosquitto counts up through all of them).
+            self.last.resize(
+                (i + 1).next_power_of_two().min(usize::from(u16::MAX) + 1),
+                0,
+            );
+        }
+        self.last[i] = key;
+    }
+
+    /// Records a QoS 1/2 message received on connection number `connection` (counted up at
+    /// each connect); returns true when it is a resend of one already received.
+    pub fn is_redelivery(
+        &mut self,
+        connection: u64,
+        dup: bool,
+        msgid: u16,
+        topic: &str,
+        payload: &[u8],
+    ) -> bool {
+        if connection != self.connection {
+            self.connection = connection;
+            self.resending = true;
+        }
+        let key = Self::key(topic, payload);
+        let seen = self.last.get(usize::from(msgid)) == Some(&key);
+        if dup && seen && self.resending {
             return true;
         }
-        if self.order.len() == self.capacity {
-            if let Some(old) = self.order.pop_front() {
-                if let Some(n) = self.seen.get_mut(&old) {
-                    *n -= 1;
-                    if *n == 0 {
-                        self.seen.remove(&old);
-                    }
-                }
-            }
-        }
-        self.order.push_back(key);
-        *self.seen.entry(key).or_insert(0) += 1;
+        self.resending = false;
+        self.set(msgid, key);
         false
     }
 }
@@ -2203,20 +2248,44 @@ mod tests {
 
     #[test]
     fn redeliveries_are_recognised_by_id_and_content() {
-        let mut r = Redeliveries::new(3);
-        assert!(!r.is_redelivery(false, 1, "t", b"a"));
-        assert!(!r.is_redelivery(false, 2, "t", b"a"));
-        // Same id and content, flagged as a resend: skip.
-        assert!(r.is_redelivery(true, 1, "t", b"a"));
-        // Same content, new id: a new message.
-        assert!(!r.is_redelivery(true, 3, "t", b"a"));
+        let mut r = Redeliveries::new();
+        assert!(!r.is_redelivery(1, false, 1, "t", b"a"));
+        assert!(!r.is_redelivery(1, false, 2, "t", b"b"));
+        // Reconnected: the broker resends what it had not seen acknowledged.
+        assert!(r.is_redelivery(2, true, 1, "t", b"a"));
+        assert!(r.is_redelivery(2, true, 2, "t", b"b"));
+        // Then one that never arrived (same id as an old one, other content): new.
+        assert!(!r.is_redelivery(2, true, 3, "t", b"c"));
         // Not flagged: always new (a reused id).
-        assert!(!r.is_redelivery(false, 1, "t", b"a"));
-        // Forgotten after `capacity` newer messages.
-        assert!(!r.is_redelivery(false, 4, "t", b"b"));
-        assert!(!r.is_redelivery(false, 5, "t", b"c"));
-        assert!(!r.is_redelivery(false, 6, "t", b"d"));
-        assert!(!r.is_redelivery(true, 2, "t", b"a"));
+        assert!(!r.is_redelivery(2, false, 1, "t", b"a"));
+        // Flagged, with the id and content of the last message with that id, but after a
+        // message that was not a resend: the resends are over (a repeated value), new.
+        assert!(!r.is_redelivery(2, true, 2, "t", b"b"));
+        // Same content, other id: new.
+        assert!(!r.is_redelivery(3, true, 9, "t", b"a"));
+    }
+
+    /// Whatever the broker's in-flight window, a resend is recognised: the filter keeps the
+    /// last message of every packet id, not the last N messages.
+    #[test]
+    fn redeliveries_are_recognised_across_the_whole_packet_id_space() {
+        let mut r = Redeliveries::new();
+        // 200,000 messages: ids 1..=65,535 three times over and then some.
+        let id = |n: u32| (n % 65_535 + 1) as u16;
+        for n in 0..200_000u32 {
+            assert!(!r.is_redelivery(1, false, id(n), "t", &n.to_le_bytes()));
+        }
+        // The broker had the last 60,000 in flight when the connection closed.
+        for n in 140_000..200_000u32 {
+            assert!(
+                r.is_redelivery(2, true, id(n), "t", &n.to_le_bytes()),
+                "{n}"
+            );
+        }
+        // A message replayed from the journal is known too.
+        r.remember(7, "j", b"x");
+        assert!(r.is_redelivery(3, true, 7, "j", b"x"));
+        assert!(r.last.len() <= 65_536);
     }
 
     #[test]

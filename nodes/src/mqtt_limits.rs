@@ -16,7 +16,8 @@ pub const MAX_STRING: usize = 65_535;
 pub const MAX_REMAINING_LENGTH: usize = 268_435_455;
 
 /// The default byte mark of a subscriber's queue (`queue_high_bytes`): four payloads of the
-/// default `max_payload`, far above what a normal burst holds.
+/// default `max_payload`, or a burst of about 140,000 messages of 200 bytes (each counted with
+/// its topic and 256 bytes of overhead) taken without pausing.
 pub const DEFAULT_QUEUE_HIGH_BYTES: u64 = 64 * 1024 * 1024;
 
 /// A value MQTT cannot carry, or a flow may not send.

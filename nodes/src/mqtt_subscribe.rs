@@ -3,39 +3,43 @@
 //! Duplicate, Retained, UserProperties}`. A payload that does not parse in the node's domain
 //! goes to `Failure` (as a BLOB, with a ParserException).
 //!
-//! Back-pressure: the paho callback runs on the Paho C library's single thread, shared by
-//! every client in the process, so it must never block. It only appends to an unbounded
-//! channel and counts the queue depth and the payload bytes the node holds (queued, or in the
-//! flow until their propagation ends). When the depth reaches `queue_high` or the bytes
-//! `queue_high_bytes`, the node pauses: it disconnects, keeping its persistent session, so
-//! the broker holds the backlog; when the flow has worked both down (to `queue_low` and a
-//! quarter of `queue_high_bytes`), it reconnects and the broker resumes. What the node holds
-//! is therefore bounded by the marks plus what was already on the wire (the broker's
-//! in-flight window and socket buffers); receipt never blocks the library thread, and nothing
-//! is dropped here.
+//! Receipt and bursts: the paho callback runs on the Paho C library's single thread, shared
+//! by every client in the process, so it must never block. It appends each QoS 1/2 message to
+//! the node's input journal (before it returns, i.e. before paho acknowledges the message to
+//! the broker), then to an unbounded channel, and counts what the node holds: messages queued,
+//! and bytes of messages received and not yet done with (queued, or in the flow until their
+//! propagation ends), against the node's budget (`queue_high`, `queue_high_bytes`, the
+//! journal's files) and the daemon's (`[mqtt] input_budget`). A burst within the budget is
+//! taken at the client library's speed while the flow works through the queue. Only when a
+//! budget is spent does the node pause — it disconnects, keeping its persistent session, so
+//! the broker holds the backlog — saying so in the activity log with what the broker can keep;
+//! when the flow has worked it down (to `queue_low` and a quarter of the bytes) it reconnects.
+//! Nothing is dropped here, and what the journal holds is processed at the next start if the
+//! daemon dies first.
 //!
 //! A payload over `max_payload` is not parsed (a JSON payload becomes several times its size
 //! in trees): it goes to `Failure` with an empty body and exception BIP12119.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flowbus_runtime::activity::Severity;
 use flowbus_runtime::config::Config;
-use flowbus_runtime::engine::{Dispatcher, InputCtx};
+use flowbus_runtime::engine::{Dispatcher, Hold, InputCtx};
 use flowbus_runtime::flow::FlowErrorKind;
 use flowbus_runtime::message::{Body, Domain, Message};
 use flowbus_runtime::node::{
     BoxFut, BuildCtx, BuiltNode, InputNode, NodeDecl, NodeKind, NodeSpec, Problem, PropKind,
     PropSpec, ValidateCtx,
 };
-use flowbus_runtime::services::Services;
+use flowbus_runtime::services::{InputBudget, Services};
 use flowbus_runtime::stats::{add, inc};
 use paho_mqtt as paho;
 use serde_json::Value;
 use tokio::sync::{mpsc, Notify};
 
+use crate::input_journal::{Incoming, Journal, Received};
 use crate::mqtt_client::{
     bip, check_common, check_topic, client_id, instance_id, max_payload, resolve_endpoint, topics,
     user_properties, wire_info, Backoff, Conn, ConnSpec, Endpoint, LogCtx, OnConnected, PolicyGate,
@@ -74,6 +78,7 @@ static SPEC: NodeSpec = NodeSpec {
             },
         ),
         PropSpec::opt("queue_high_bytes", PropKind::Size { max: 1 << 40 }),
+        PropSpec::opt("journal", PropKind::Bool),
         MAX_PAYLOAD_PROP,
     ],
 };
@@ -142,15 +147,21 @@ impl NodeKind for SubscribeKind {
             in_flight: node
                 .int("in_flight")
                 .map_or(DEFAULT_IN_FLIGHT, |n| n as usize),
-            marks: Marks {
+            marks: Marks::new(
                 high,
-                low: node.int("queue_low").map_or(high / 4, |n| n as usize),
+                node.int("queue_low").map_or(high / 4, |n| n as usize),
                 high_bytes,
-                low_bytes: high_bytes / 4,
-            },
+            ),
             max_payload: max_payload(node, &ctx.config),
             // Persistent sessions for QoS 1/2, so a pause (or a reconnect) loses nothing.
             clean_session: node.bool("clean_session").unwrap_or(!any_qos),
+            any_qos,
+            journal: node.bool("journal").unwrap_or(true),
+            broker_queue_limit: node
+                .str("server")
+                .and_then(|n| ctx.config.servers.get(n))
+                .and_then(|s| s.broker_queue_limit)
+                .or(ctx.config.mqtt.broker_queue_limit),
             client_id: node.str("client_id").map(str::to_string),
             config: ctx.config.clone(),
             services: ctx.services.clone(),
@@ -160,7 +171,22 @@ impl NodeKind for SubscribeKind {
     }
 }
 
-const DEFAULT_HIGH: usize = 1000;
+/// The default `queue_high`: as many messages as the PropSpec allows. The byte budget is the
+/// real bound (every message costs at least [`MESSAGE_OVERHEAD`], so the default 64 MiB holds at
+/// most about 260,000); the count is there for an operator who wants a smaller queue.
+pub const DEFAULT_HIGH: usize = 1_000_000;
+
+/// What a received message costs beyond its payload and topic while the node holds it:
+/// paho's message and its properties, the channel's slot, the journal's record header and
+/// the allocator's headers. Measured: a burst of 100,000 200-byte messages held in the queue
+/// raised the daemon's RSS by about 43 MiB, 450 bytes a message (docs/PERFORMANCE.md,
+/// "Bursts"), i.e. 200 + topic + about 240.
+pub const MESSAGE_OVERHEAD: usize = 256;
+
+/// What a received message counts against the budgets.
+pub fn message_cost(topic: &str, payload: &[u8]) -> usize {
+    payload.len() + topic.len() + MESSAGE_OVERHEAD
+}
 
 /// Whether receipt is paused, changed together with the connection's wish, and decided on the
 /// counts as they are when the lock is held: a pause decided on paho's thread (the message
@@ -190,11 +216,11 @@ impl Receipt {
         *self.lock()
     }
 
-    /// Pauses receipt if the counts are over a mark now; false if it did not (not over, or
-    /// already paused).
-    fn pause_if_over(&self, marks: &Marks, depth: &AtomicUsize, bytes: &AtomicUsize) -> bool {
+    /// Pauses receipt if a budget is spent now; false if it did not (none spent, or already
+    /// paused).
+    fn pause_if_over(&self, marks: &Marks, load: &Load) -> bool {
         let mut p = self.lock();
-        if *p || !marks.over(depth.load(Ordering::SeqCst), bytes.load(Ordering::SeqCst)) {
+        if *p || !load.over(marks) {
             return false;
         }
         *p = true;
@@ -202,41 +228,54 @@ impl Receipt {
         true
     }
 
-    /// Resumes receipt if it is paused and the counts are down to the low marks now; returns
-    /// them if it did.
-    fn resume_if_under(
-        &self,
-        marks: &Marks,
-        depth: &AtomicUsize,
-        bytes: &AtomicUsize,
-    ) -> Option<(usize, usize)> {
+    /// Resumes receipt if it is paused and what the node holds is down to the low marks now
+    /// (and the daemon's budget has room again); returns the counts if it did.
+    fn resume_if_under(&self, marks: &Marks, load: &Load) -> Option<(usize, usize)> {
         let mut p = self.lock();
-        let counts = (depth.load(Ordering::SeqCst), bytes.load(Ordering::SeqCst));
-        if !*p || !marks.under(counts.0, counts.1) {
+        if !*p || !load.under(marks) {
             return None;
         }
         *p = false;
         self.want.send_replace(Want::Up);
-        Some(counts)
+        Some((load.queued(), load.bytes()))
     }
 }
 
 /// When a subscriber pauses receipt and when it resumes: messages queued (received, not yet
-/// handed to the flow) and payload bytes held (queued, or in the flow until their propagation
-/// ends: a message waiting for an ack still holds its trees).
+/// handed to the flow) and bytes held (queued, or in the flow until their propagation ends:
+/// a message waiting for an ack still holds its trees; or in the input journal's files).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Marks {
     /// Pause at this many queued messages (`queue_high`).
     high: usize,
     /// Resume at this many (`queue_low`).
     low: usize,
-    /// Pause at this many payload bytes held (`queue_high_bytes`).
+    /// Pause at this many bytes held (`queue_high_bytes`).
     high_bytes: usize,
     /// Resume at this many (a quarter of `queue_high_bytes`).
     low_bytes: usize,
+    /// Pause when the journal's files take this many bytes: `queue_high_bytes`, but at least
+    /// eight segments (the journal frees its files a segment at a time, and the newest one
+    /// stays).
+    journal_high: u64,
+    /// Resume at this many (a quarter: at least two segments).
+    journal_low: u64,
 }
 
 impl Marks {
+    /// The marks for `queue_high` messages and `queue_high_bytes` bytes.
+    fn new(high: usize, low: usize, high_bytes: usize) -> Marks {
+        let journal_high = (high_bytes as u64).max(8 * crate::input_journal::SEGMENT_SIZE as u64);
+        Marks {
+            high,
+            low,
+            high_bytes,
+            low_bytes: high_bytes / 4,
+            journal_high,
+            journal_low: journal_high / 4,
+        }
+    }
+
     /// Whether receipt should pause: either mark reached.
     fn over(&self, queued: usize, bytes: usize) -> bool {
         queued >= self.high || bytes >= self.high_bytes
@@ -248,16 +287,184 @@ impl Marks {
     }
 }
 
-/// Payload bytes a received message holds, given back when it is dropped: at the end of its
-/// propagation, or at once for one the node skips.
+/// What a subscriber holds now, shared by paho's callback and the node's task.
+struct Load {
+    /// Messages received and not yet handed to the flow.
+    depth: AtomicUsize,
+    /// Of those, the ones in the journal (processed at the next start if the daemon dies).
+    journaled: AtomicUsize,
+    /// Bytes ([`message_cost`]) of messages received and not done with.
+    bytes: AtomicUsize,
+    /// Bytes of the input journal's files.
+    journal_bytes: AtomicU64,
+    /// The daemon's budget, which every subscriber's bytes also count against.
+    shared: Arc<InputBudget>,
+}
+
+impl Load {
+    fn new(shared: Arc<InputBudget>) -> Load {
+        Load {
+            depth: AtomicUsize::new(0),
+            journaled: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            journal_bytes: AtomicU64::new(0),
+            shared,
+        }
+    }
+
+    fn queued(&self) -> usize {
+        self.depth.load(Ordering::SeqCst)
+    }
+
+    /// Bytes held in memory.
+    fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::SeqCst)
+    }
+
+    fn journal(&self) -> u64 {
+        self.journal_bytes.load(Ordering::SeqCst)
+    }
+
+    fn over(&self, marks: &Marks) -> bool {
+        marks.over(self.queued(), self.bytes())
+            || self.journal() >= marks.journal_high
+            || self.shared.spent()
+    }
+
+    fn under(&self, marks: &Marks) -> bool {
+        marks.under(self.queued(), self.bytes())
+            && self.journal() <= marks.journal_low
+            && self.shared.has_room()
+    }
+
+    /// Counts a received message in; returns the queue's depth and the bytes held now.
+    fn take(&self, cost: usize, journaled: bool) -> (usize, usize) {
+        self.shared.take(cost);
+        if journaled {
+            self.journaled.fetch_add(1, Ordering::SeqCst);
+        }
+        let b = self.bytes.fetch_add(cost, Ordering::SeqCst) + cost;
+        (self.depth.fetch_add(1, Ordering::SeqCst) + 1, b)
+    }
+
+    /// A queued message was handed on (to the flow, or skipped).
+    fn dequeued(&self, journaled: bool) {
+        self.depth.fetch_sub(1, Ordering::SeqCst);
+        if journaled {
+            self.journaled.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A message is done with: its bytes are free.
+    fn give(&self, cost: usize) {
+        self.bytes.fetch_sub(cost, Ordering::SeqCst);
+        self.shared.give(cost);
+    }
+}
+
+/// A received message on its way from paho's callback (or the journal) to the node's task.
+struct Inbound {
+    source: Source,
+    /// Its record in the input journal.
+    seq: Option<u64>,
+    /// What it counts against the budgets ([`message_cost`]).
+    cost: usize,
+    /// The connection it came on (counted up at each connect; 0 for a replayed one).
+    connection: u64,
+}
+
+enum Source {
+    Live(paho::Message),
+    /// Received by an earlier run and not finished then.
+    Replayed(Received),
+}
+
+impl Source {
+    fn topic(&self) -> &str {
+        match self {
+            Source::Live(m) => m.topic(),
+            Source::Replayed(r) => &r.topic,
+        }
+    }
+
+    fn payload(&self) -> &[u8] {
+        match self {
+            Source::Live(m) => m.payload(),
+            Source::Replayed(r) => &r.payload,
+        }
+    }
+
+    fn qos(&self) -> i32 {
+        match self {
+            Source::Live(m) => m.qos() as i32,
+            Source::Replayed(r) => i32::from(r.qos),
+        }
+    }
+
+    fn retained(&self) -> bool {
+        match self {
+            Source::Live(m) => m.retained(),
+            Source::Replayed(r) => r.retained,
+        }
+    }
+
+    /// The `Duplicate` flag and the packet id. A replayed message is flagged: the flow may
+    /// have seen it before the daemon stopped.
+    fn wire(&self) -> (bool, u16) {
+        match self {
+            Source::Live(m) if m.qos() as i32 > 0 => {
+                let (dup, id) = wire_info(m);
+                (dup, id as u16)
+            }
+            Source::Live(_) => (false, 0),
+            Source::Replayed(r) => (true, r.msgid),
+        }
+    }
+
+    fn user_properties(&self) -> Option<Value> {
+        match self {
+            Source::Live(m) => user_properties(m.properties()),
+            Source::Replayed(r) if r.user_properties.is_empty() => None,
+            Source::Replayed(r) => Some(Value::Object(
+                r.user_properties
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect(),
+            )),
+        }
+    }
+}
+
+/// A message the node holds until its propagation ends: then its journal record is marked
+/// done and its bytes given back. Dropped without finishing (the task aborted at a stop
+/// deadline), it gives back its bytes but leaves the record, to be processed at the next
+/// start.
 struct Held {
-    bytes: Arc<AtomicUsize>,
-    n: usize,
+    load: Arc<Load>,
+    journal: Option<Arc<Journal>>,
+    seq: Option<u64>,
+    cost: usize,
+}
+
+impl Held {
+    /// The message is done with (processed, or skipped as a redelivery).
+    fn done(mut self) {
+        if let (Some(j), Some(seq)) = (&self.journal, self.seq.take()) {
+            j.done(seq);
+            self.load.journal_bytes.store(j.bytes(), Ordering::SeqCst);
+        }
+    }
+}
+
+impl Hold for Held {
+    fn finished(self) {
+        self.done();
+    }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        self.bytes.fetch_sub(self.n, Ordering::SeqCst);
+        self.load.give(self.cost);
     }
 }
 
@@ -276,6 +483,12 @@ struct Subscribe {
     /// The largest payload the node parses; a larger one goes to `Failure` unparsed.
     max_payload: usize,
     clean_session: bool,
+    /// Whether any topic is subscribed at QoS 1 or 2.
+    any_qos: bool,
+    /// Whether QoS 1/2 messages go to the input journal.
+    journal: bool,
+    /// What the broker queues for a disconnected session, when known (0: no limit).
+    broker_queue_limit: Option<u64>,
     client_id: Option<String>,
     config: Arc<Config>,
     services: Arc<Services>,
@@ -293,6 +506,7 @@ impl InputNode for Subscribe {
     /// next uses the client id. So it is ended; a clean session ended with its connection.
     fn retire(&self, deadline: Duration) -> BoxFut<'_, ()> {
         Box::pin(async move {
+            self.retire_journal();
             if self.clean_session {
                 return;
             }
@@ -332,22 +546,61 @@ impl InputNode for Subscribe {
                 ),
             };
             self.services.activity.record(
-                flowbus_runtime::activity::NewEntry::new(
-                    severity,
-                    bip::RETIRED,
-                    "MQTT",
-                    &self.flow,
-                    &self.node,
-                    message,
-                )
-                .tag("url", self.endpoint.url.clone())
-                .tag("client_id", cid),
+                self.entry(severity, bip::RETIRED, message)
+                    .tag("url", self.endpoint.url.clone())
+                    .tag("client_id", cid),
             );
         })
     }
 }
 
 impl Subscribe {
+    /// An activity-log entry of this node, before it has a connection to tag it with.
+    fn entry(
+        &self,
+        severity: Severity,
+        number: u32,
+        message: String,
+    ) -> flowbus_runtime::activity::NewEntry {
+        flowbus_runtime::activity::NewEntry::new(
+            severity, number, "MQTT", &self.flow, &self.node, message,
+        )
+    }
+
+    /// The flow is removed: its input journal goes with it, saying what it still held.
+    fn retire_journal(&self) {
+        let cid = self.client_id();
+        let dir = journal_dir(&self.config.data_dir, &cid);
+        if !dir.exists() {
+            return;
+        }
+        let (severity, message) = match Journal::open(&dir) {
+            Ok(o) => {
+                let n = o.unfinished.len();
+                match o.journal.destroy() {
+                    Ok(()) if n == 0 => return,
+                    Ok(()) => (
+                        Severity::Warning,
+                        format!("The flow was removed with {n} received message(s) in its input journal {} not processed: deleted with it", dir.display()),
+                    ),
+                    Err(e) => (
+                        Severity::Error,
+                        format!("The flow was removed; its input journal {} could not be deleted: {e}", dir.display()),
+                    ),
+                }
+            }
+            Err(e) => (
+                Severity::Error,
+                format!("The flow was removed; its input journal {} could not be opened to delete it: {e}", dir.display()),
+            ),
+        };
+        self.services.activity.record(
+            self.entry(severity, bip::JOURNAL_ERROR, message)
+                .tag("client_id", cid)
+                .tag("dir", dir.display().to_string()),
+        );
+    }
+
     /// The node's client id: as given, else made from the installation, flow and node.
     fn client_id(&self) -> String {
         self.client_id.clone().unwrap_or_else(|| {
@@ -378,16 +631,11 @@ impl Subscribe {
         }) {
             Ok(c) => c,
             Err(m) => {
-                self.services
-                    .activity
-                    .record(flowbus_runtime::activity::NewEntry::new(
-                        Severity::Error,
-                        bip::CONNECTION_FAILURE,
-                        "MQTT",
-                        &self.flow,
-                        &self.node,
-                        m.clone(),
-                    ));
+                self.services.activity.record(self.entry(
+                    Severity::Error,
+                    bip::CONNECTION_FAILURE,
+                    m.clone(),
+                ));
                 ctx.fail_flow(m);
                 return;
             }
@@ -397,41 +645,66 @@ impl Subscribe {
         // stay subscribed behind it.
         let _abandon = crate::mqtt_client::AbandonOnDrop(conn.clone());
 
-        let (tx, mut rx) = mpsc::unbounded_channel::<paho::Message>();
-        let depth = Arc::new(AtomicUsize::new(0));
-        let bytes = Arc::new(AtomicUsize::new(0));
+        let (tx, mut rx) = mpsc::unbounded_channel::<Inbound>();
+        let load = Arc::new(Load::new(self.services.input.clone()));
         let _queued = QueuedAtAbort {
-            depth: depth.clone(),
+            load: load.clone(),
             log: log.clone(),
         };
+        let mut redeliveries = Redeliveries::new();
+        let journal = self.open_journal(&log, &tx, &load, &mut redeliveries);
         let high_water = Arc::new(Notify::new());
         // Paused by the callback at a mark; resumed by the loop.
         let paused = Arc::new(Receipt::new(conn.want_handle()));
+        // Counted up at each connect, on paho's thread before the connection's first message:
+        // a broker's resends come first on a new connection.
+        let connection = Arc::new(AtomicU64::new(0));
         {
-            let depth = depth.clone();
-            let bytes = bytes.clone();
+            let connection = connection.clone();
+            conn.client.set_connected_callback(move |_| {
+                connection.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        {
+            let load = load.clone();
             let high_water = high_water.clone();
             let paused = paused.clone();
             let stats = log.stats.clone();
             let marks = self.marks;
+            let journal = journal.clone();
+            let log = log.clone();
+            let journal_failed = std::sync::atomic::AtomicBool::new(false);
             // Runs on the Paho library thread: never block here.
             conn.client.set_message_callback(move |_, m| {
-                if let Some(m) = m {
-                    let len = m.payload().len();
-                    inc(&stats.messages_received);
-                    add(&stats.bytes_received, len as u64);
-                    let d = depth.fetch_add(1, Ordering::SeqCst) + 1;
-                    let b = bytes.fetch_add(len, Ordering::SeqCst) + len;
-                    let _ = tx.send(m);
-                    // Paused from here, not by the node's task: that task may be inside a
-                    // slow propagation, and the client acknowledges on receipt, so the broker
-                    // streams on until the connection closes (a burst of 1 MiB messages was
-                    // 30 MiB past a 4 MiB mark when the task got to it). The task logs it.
-                    // The counts just made are a cheap first look; the decision takes them as
-                    // they are under the lock.
-                    if marks.over(d, b) && paused.pause_if_over(&marks, &depth, &bytes) {
-                        high_water.notify_one();
+                let Some(m) = m else { return };
+                let len = m.payload().len();
+                inc(&stats.messages_received);
+                add(&stats.bytes_received, len as u64);
+                let cost = message_cost(m.topic(), m.payload());
+                // Written before this returns, so before paho acknowledges the message: the
+                // broker forgets it only once the journal has it.
+                let seq = match (&journal, m.qos()) {
+                    (Some(j), q) if q as i32 > 0 => {
+                        journal_append(j, &m, &load, &log, &journal_failed)
                     }
+                    _ => None,
+                };
+                let (d, b) = load.take(cost, seq.is_some());
+                let _ = tx.send(Inbound {
+                    source: Source::Live(m),
+                    seq,
+                    cost,
+                    connection: connection.load(Ordering::SeqCst),
+                });
+                // Paused from here, not by the node's task: that task may be inside a slow
+                // propagation, and the client acknowledges on receipt, so the broker streams
+                // on until the connection closes (a burst of 1 MiB messages was 30 MiB past a
+                // 4 MiB mark when the task got to it). The task logs it. The counts just made
+                // are a cheap first look; the decision takes them as they are under the lock.
+                let first_look =
+                    marks.over(d, b) || load.shared.spent() || load.journal() >= marks.journal_high;
+                if first_look && paused.pause_if_over(&marks, &load) {
+                    high_water.notify_one();
                 }
             });
         }
@@ -446,12 +719,12 @@ impl Subscribe {
         let fatal = conn.fatal();
         tokio::pin!(fatal);
         let sampler = Sampler::new(10);
-        let mut redeliveries = Redeliveries::new((self.marks.high * 8).max(8192));
         let mut dispatcher = Dispatcher::new(ctx.clone(), self.instances, self.in_flight);
         // Summaries of sampled "Received" entries are due once a second, even when no further
-        // message comes to trigger one.
+        // message comes to trigger one; a pause for the daemon's budget is looked at as often.
         let mut summaries = tokio::time::interval(Duration::from_secs(1));
         summaries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let rx_ref = &mut rx;
         loop {
             tokio::select! {
                 biased;
@@ -463,39 +736,26 @@ impl Subscribe {
                 _ = high_water.notified() => {
                     // The callback paused receipt; say so (unless the flow caught up and
                     // resumed in the meantime).
-                    if !paused.is_paused() {
-                        continue;
+                    if paused.is_paused() {
+                        inc(&log.stats.receipt_pauses);
+                        log.record(self.pause_entry(&log, &load));
                     }
-                    let (queued, held) = (depth.load(Ordering::SeqCst), bytes.load(Ordering::SeqCst));
-                    let m = &self.marks;
-                    let mut msg = format!(
-                        "The flow is behind: {queued} messages queued (queue_high {}), {held} payload bytes held (queue_high_bytes {}); pausing receipt until they are down to {} and {}",
-                        m.high, m.high_bytes, m.low, m.low_bytes
-                    );
-                    if self.clean_session {
-                        msg.push_str("; this subscriber uses a clean session, so messages published while it is paused are not kept by the broker");
-                    }
-                    log.record(log.entry(if self.clean_session { Severity::Warning } else { Severity::Info }, bip::FLOW_CONTROL, msg));
                 }
-                m = rx.recv() => {
+                m = rx_ref.recv() => {
                     let Some(m) = m else { break };
-                    // Not counted here once `deliver` has it: nothing awaits before it is in
-                    // the dispatcher (which counts it until it is done). Its bytes stay
-                    // counted until its propagation ends.
-                    depth.fetch_sub(1, Ordering::SeqCst);
-                    let held = Held { bytes: bytes.clone(), n: m.payload().len() };
-                    self.deliver(&m, held, &log, &sampler, &mut redeliveries, &mut dispatcher).await;
-                    self.resume_if_caught_up(&paused, &depth, &bytes, &log);
+                    self.deliver(m, &load, &journal, &log, &sampler, &mut redeliveries, &mut dispatcher).await;
+                    self.resume_if_caught_up(&paused, &load, &log);
                 }
                 // A propagation that ends gives back its bytes: that may be what lets a pause
                 // end (the queue may have been empty for a while).
                 _ = dispatcher.progress() => {
-                    self.resume_if_caught_up(&paused, &depth, &bytes, &log);
+                    self.resume_if_caught_up(&paused, &load, &log);
                 }
                 _ = summaries.tick() => {
                     if let Some(n) = sampler.overdue() {
                         received_summary(&log, n);
                     }
+                    self.resume_if_caught_up(&paused, &load, &log);
                 }
             }
         }
@@ -535,14 +795,18 @@ impl Subscribe {
         }
         conn.shutdown(deadline).await;
         conn.client.remove_message_callback();
+        conn.client.remove_connected_callback();
         while let Ok(m) = rx.try_recv() {
-            depth.fetch_sub(1, Ordering::SeqCst);
-            let held = Held {
-                bytes: bytes.clone(),
-                n: m.payload().len(),
-            };
-            self.deliver(&m, held, &log, &sampler, &mut redeliveries, &mut dispatcher)
-                .await;
+            self.deliver(
+                m,
+                &load,
+                &journal,
+                &log,
+                &sampler,
+                &mut redeliveries,
+                &mut dispatcher,
+            )
+            .await;
         }
         dispatcher.drain().await;
         if let Some(n) = sampler.flush() {
@@ -550,40 +814,171 @@ impl Subscribe {
         }
     }
 
-    /// Ends a pause once the flow has worked what the node holds down to the low marks.
-    fn resume_if_caught_up(
+    /// Opens the node's input journal (unless it is off, or the node receives at QoS 0 only)
+    /// and queues what an earlier run received and did not finish, first, in order.
+    fn open_journal(
         &self,
-        paused: &Receipt,
-        depth: &AtomicUsize,
-        bytes: &AtomicUsize,
         log: &LogCtx,
-    ) {
-        if let Some((queued, held)) = paused.resume_if_under(&self.marks, depth, bytes) {
+        tx: &mpsc::UnboundedSender<Inbound>,
+        load: &Arc<Load>,
+        redeliveries: &mut Redeliveries,
+    ) -> Option<Arc<Journal>> {
+        if !self.journal || !self.any_qos {
+            return None;
+        }
+        let dir = journal_dir(&self.config.data_dir, &log.client_id);
+        let opened = match Journal::open(&dir) {
+            Ok(o) => o,
+            Err(e) => {
+                log.record(
+                    log.entry(
+                        Severity::Error,
+                        bip::JOURNAL_ERROR,
+                        format!(
+                            "Cannot open the input journal {}: {e}. Receiving without it: a QoS 1/2 message is acknowledged to the broker on receipt, so what the daemon holds is lost if it dies before processing it",
+                            dir.display()
+                        ),
+                    )
+                    .tag("dir", dir.display().to_string()),
+                );
+                return None;
+            }
+        };
+        for d in &opened.damage {
+            log.record(
+                log.entry(Severity::Error, bip::JOURNAL_ERROR, format!("The input journal is damaged: {d}; the records before the damage are processed"))
+                    .tag("dir", dir.display().to_string()),
+            );
+        }
+        let journal = Arc::new(opened.journal);
+        let n = opened.unfinished.len();
+        if n > 0 {
+            log.record(
+                log.entry(
+                    Severity::Warning,
+                    bip::JOURNAL_REPLAY,
+                    format!(
+                        "{n} message(s) received before the daemon last stopped were not finished; processing them first, in the order received, flagged Duplicate (the flow may have handled some of them already)"
+                    ),
+                )
+                .tag("count", n)
+                .tag("dir", dir.display().to_string()),
+            );
+        }
+        for (seq, r) in opened.unfinished {
+            let cost = message_cost(&r.topic, &r.payload);
+            // The broker may send it again too, if the acknowledgement did not get out.
+            redeliveries.remember(r.msgid, &r.topic, &r.payload);
+            load.take(cost, true);
+            let _ = tx.send(Inbound {
+                source: Source::Replayed(r),
+                seq: Some(seq),
+                cost,
+                connection: 0,
+            });
+        }
+        load.journal_bytes.store(journal.bytes(), Ordering::SeqCst);
+        Some(journal)
+    }
+
+    /// The BIP12101 warning for a pause: what is held against which budget, and what the
+    /// broker will do with the backlog.
+    fn pause_entry(&self, log: &LogCtx, load: &Load) -> flowbus_runtime::activity::NewEntry {
+        let m = &self.marks;
+        let (queued, held) = (load.queued(), load.bytes());
+        let shared = &load.shared;
+        let mut msg = format!(
+            "The flow is behind: {queued} messages queued (queue_high {}), {held} bytes held (queue_high_bytes {}; input journal {} of {}; all subscribers {} of [mqtt] input_budget {}); pausing receipt until they are down to {} and {}",
+            m.high,
+            m.high_bytes,
+            load.journal(),
+            m.journal_high,
+            shared.held(),
+            shared.limit(),
+            m.low,
+            m.low_bytes
+        );
+        let qos0 = !self.any_qos;
+        if self.clean_session || qos0 {
+            msg.push_str(if qos0 {
+                ". It subscribes at QoS 0, so messages published while it is paused are not kept by the broker: they are lost"
+            } else {
+                ". It uses a clean session, so messages published while it is paused are not kept by the broker: they are lost"
+            });
+        } else {
+            match self.broker_queue_limit {
+                Some(0) => msg.push_str(&format!(
+                    ". The broker at {} keeps what arrives meanwhile for client id '{}' (broker_queue_limit 0: no limit)",
+                    log.url, log.client_id
+                )),
+                Some(n) => msg.push_str(&format!(
+                    ". The broker at {} keeps what arrives meanwhile for client id '{}' up to {n} messages (broker_queue_limit) and drops the rest: raise its limit (mosquitto: max_queued_messages) or this node's queue_high_bytes",
+                    log.url, log.client_id
+                )),
+                None => msg.push_str(&format!(
+                    ". The broker at {} keeps what arrives meanwhile for client id '{}' up to its own limit and drops the rest (mosquitto keeps 1000 by default: max_queued_messages); set broker_queue_limit for this server to have flowbus doctor check it",
+                    log.url, log.client_id
+                )),
+            }
+        }
+        let mut e = log
+            .entry(Severity::Warning, bip::FLOW_CONTROL, msg)
+            .tag("queued", queued)
+            .tag("held_bytes", held);
+        if let Some(n) = self.broker_queue_limit {
+            e = e.tag("broker_queue_limit", n);
+        }
+        e
+    }
+
+    /// Ends a pause once the flow has worked what the node holds down to the low marks.
+    fn resume_if_caught_up(&self, paused: &Receipt, load: &Load, log: &LogCtx) {
+        if let Some((queued, held)) = paused.resume_if_under(&self.marks, load) {
             log.record(log.entry(
                 Severity::Info,
                 bip::FLOW_CONTROL,
-                format!("The flow caught up ({queued} queued, {held} payload bytes held); resuming receipt"),
+                format!(
+                    "The flow caught up ({queued} queued, {held} bytes held); resuming receipt"
+                ),
             ));
         }
     }
 
-    /// Hands one received message to the flow; `held` counts its payload bytes until its
-    /// propagation ends.
+    /// Hands one received message to the flow; what the node holds of it is given back when
+    /// its propagation ends.
+    #[allow(clippy::too_many_arguments)]
     async fn deliver(
         &self,
-        m: &paho::Message,
-        held: Held,
+        m: Inbound,
+        load: &Arc<Load>,
+        journal: &Option<Arc<Journal>>,
         log: &LogCtx,
         sampler: &Sampler,
         redeliveries: &mut Redeliveries,
         dispatcher: &mut Dispatcher,
     ) {
-        let qos = m.qos() as i32;
-        let (dup, msgid) = if qos > 0 { wire_info(m) } else { (false, 0) };
-        if qos > 0 && redeliveries.is_redelivery(dup, msgid, m.topic(), m.payload()) {
-            // Already received and processed before a pause or reconnect: the broker sent it
-            // again because our acknowledgement had not reached it.
+        // Not counted as queued once here: nothing awaits before it is in the dispatcher
+        // (which counts it until it is done). Its bytes stay counted until its propagation
+        // ends.
+        load.dequeued(m.seq.is_some());
+        let held = Held {
+            load: load.clone(),
+            journal: journal.clone(),
+            seq: m.seq,
+            cost: m.cost,
+        };
+        let src = &m.source;
+        let qos = src.qos();
+        let (dup, msgid) = src.wire();
+        let replayed = matches!(src, Source::Replayed(_));
+        if qos > 0
+            && !replayed
+            && redeliveries.is_redelivery(m.connection, dup, msgid, src.topic(), src.payload())
+        {
+            // Already received before a pause or reconnect: the broker sent it again because
+            // our acknowledgement had not reached it.
             inc(&log.stats.redeliveries_skipped);
+            held.done();
             return;
         }
         let (admit, summary) = sampler.admit();
@@ -597,47 +992,104 @@ impl Subscribe {
                     bip::RECEIVED,
                     format!(
                         "Received a message on '{}' (QoS {qos}, {} bytes)",
-                        m.topic(),
-                        m.payload().len()
+                        src.topic(),
+                        src.payload().len()
                     ),
                 )
-                .tag("topic", m.topic())
+                .tag("topic", src.topic())
                 .tag("qos", qos),
             );
         }
         if let Err(e) =
-            mqtt_limits::check_payload("the payload", m.payload().len(), self.max_payload)
+            mqtt_limits::check_payload("the payload", src.payload().len(), self.max_payload)
         {
             // Not parsed: a JSON payload becomes many times its size in trees. The body is
-            // left empty, so the Failure path holds nothing of it (and `held` is given back
-            // when this returns, the payload with it).
+            // left empty, so the Failure path holds nothing of it.
             let msg = received_message(
                 Body::Blob(Vec::new()),
-                m.topic(),
+                src.topic(),
                 qos,
                 dup,
-                m.retained(),
-                user_properties(m.properties()),
+                src.retained(),
+                src.user_properties(),
             );
-            dispatcher
-                .submit_holding(msg, Some(oversized(&e, m.topic())), ())
-                .await;
+            let x = oversized(&e, src.topic());
+            drop(m);
+            dispatcher.submit_holding(msg, Some(x), held).await;
             return;
         }
-        let (body, error) = match Body::parse(self.domain, m.payload()) {
+        let (body, error) = match Body::parse(self.domain, src.payload()) {
             Ok(b) => (b, None),
-            Err(e) => (Body::Blob(m.payload().to_vec()), Some(*e)),
+            Err(e) => (Body::Blob(src.payload().to_vec()), Some(*e)),
         };
         let msg = received_message(
             body,
-            m.topic(),
+            src.topic(),
             qos,
             dup,
-            m.retained(),
-            user_properties(m.properties()),
+            src.retained(),
+            src.user_properties(),
         );
+        drop(m);
         dispatcher.submit_holding(msg, error, held).await;
     }
+}
+
+/// Appends a received QoS 1/2 message to the journal; on failure says so once (until it works
+/// again) and lets the message go on unjournaled.
+fn journal_append(
+    j: &Journal,
+    m: &paho::Message,
+    load: &Load,
+    log: &LogCtx,
+    failed: &std::sync::atomic::AtomicBool,
+) -> Option<u64> {
+    let props: Vec<(String, String)> = if m.properties().is_empty() {
+        Vec::new()
+    } else {
+        m.properties().user_iter().collect()
+    };
+    let (dup, msgid) = wire_info(m);
+    let r = j.append(&Incoming {
+        topic: m.topic(),
+        payload: m.payload(),
+        qos: m.qos() as u8,
+        retained: m.retained(),
+        dup,
+        msgid: msgid as u16,
+        user_properties: &props,
+    });
+    match r {
+        Ok(seq) => {
+            load.journal_bytes.store(j.bytes(), Ordering::SeqCst);
+            if failed.swap(false, Ordering::SeqCst) {
+                log.record(log.entry(
+                    Severity::Info,
+                    bip::JOURNAL_ERROR,
+                    "The input journal is written again".to_string(),
+                ));
+            }
+            Some(seq)
+        }
+        Err(e) => {
+            if !failed.swap(true, Ordering::SeqCst) {
+                log.record(log.entry(
+                    Severity::Error,
+                    bip::JOURNAL_ERROR,
+                    format!(
+                        "Cannot write the input journal: {e}. Received messages are held in memory only until it can be written again (free disk space under the data directory): what is held is lost if the daemon dies"
+                    ),
+                ));
+            }
+            None
+        }
+    }
+}
+
+/// Where a subscriber's input journal lives: `<data_dir>/input/<client id>` (client ids are
+/// checked to make a file name: see `check_common`).
+pub fn journal_dir(data_dir: &std::path::Path, client_id: &str) -> std::path::PathBuf {
+    data_dir.join("input").join(client_id)
 }
 
 /// The exception for a received payload over `max_payload` (BIP12119): its size, the limit
@@ -805,28 +1257,43 @@ fn subscriber(
 }
 
 /// Received messages not yet handed to the flow when the node's task is dropped: it was
-/// aborted at a stop deadline. Paho acknowledged them to the broker on receipt, so they are
-/// lost; the activity log says how many (the flow's dispatcher reports those it had started).
+/// aborted at a stop deadline. Paho acknowledged them to the broker on receipt: those in the
+/// journal are processed at the next start, the others (QoS 0, or no journal) are lost; the
+/// activity log says how many (the flow's dispatcher reports those it had started).
 struct QueuedAtAbort {
-    depth: Arc<AtomicUsize>,
+    load: Arc<Load>,
     log: LogCtx,
 }
 
 impl Drop for QueuedAtAbort {
     fn drop(&mut self) {
-        let n = self.depth.load(Ordering::SeqCst);
-        if n > 0 {
-            let log = &self.log;
+        let n = self.load.queued();
+        let journaled = self.load.journaled.load(Ordering::SeqCst).min(n);
+        let lost = n - journaled;
+        let log = &self.log;
+        if lost > 0 {
             log.record(
                 log.entry(
                     Severity::Error,
                     flowbus_runtime::daemon::bip::ABANDONED_AT_STOP,
                     format!(
-                        "{n} received message(s) were still queued when the flow was stopped at its deadline; the MQTT client had acknowledged them to {}, so they are lost. Raise [daemon] shutdown_timeout if the flow needs longer to finish what it received",
+                        "{lost} received message(s) were still queued when the flow was stopped at its deadline and are not in the input journal (QoS 0, or no journal); the MQTT client had acknowledged them to {}, so they are lost. Raise [daemon] shutdown_timeout if the flow needs longer to finish what it received",
                         log.url
                     ),
                 )
-                .tag("count", n),
+                .tag("count", lost),
+            );
+        }
+        if journaled > 0 {
+            log.record(
+                log.entry(
+                    Severity::Warning,
+                    flowbus_runtime::daemon::bip::ABANDONED_AT_STOP,
+                    format!(
+                        "{journaled} received message(s) were still queued when the flow was stopped at its deadline; they are in the input journal and are processed when the flow starts again"
+                    ),
+                )
+                .tag("count", journaled),
             );
         }
     }
@@ -885,7 +1352,16 @@ mod tests {
             low: 2,
             high_bytes: 1000,
             low_bytes: 250,
+            journal_high: 4000,
+            journal_low: 1000,
         }
+    }
+
+    fn load(queued: usize, bytes: usize) -> Load {
+        let l = Load::new(Arc::new(InputBudget::new(1 << 30)));
+        l.depth.store(queued, Ordering::SeqCst);
+        l.bytes.store(bytes, Ordering::SeqCst);
+        l
     }
 
     /// The callback pauses on paho's thread while the node's task resumes: whatever the
@@ -902,12 +1378,12 @@ mod tests {
             let calls = Arc::new(AtomicUsize::new(0));
             let counted = calls.clone();
             let t = std::thread::spawn(move || {
-                let (depth, bytes) = (AtomicUsize::new(queued), AtomicUsize::new(0));
+                let l = load(queued, 0);
                 for _ in 0..20_000 {
                     if pause {
-                        let _ = r.pause_if_over(&marks(), &depth, &bytes);
+                        let _ = r.pause_if_over(&marks(), &l);
                     } else {
-                        let _ = r.resume_if_under(&marks(), &depth, &bytes);
+                        let _ = r.resume_if_under(&marks(), &l);
                     }
                     counted.fetch_add(1, Ordering::Relaxed);
                 }
@@ -933,22 +1409,61 @@ mod tests {
     fn a_pause_is_decided_on_the_counts_as_they_are_not_as_they_were() {
         let (tx, rx) = tokio::sync::watch::channel(Want::Up);
         let r = Receipt::new(tx);
-        let (depth, bytes) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let l = load(0, 0);
         // The callback saw 11 queued; the task has taken them all since.
         assert!(marks().over(11, 0));
-        assert!(!r.pause_if_over(&marks(), &depth, &bytes));
+        assert!(!r.pause_if_over(&marks(), &l));
         assert_eq!(*rx.borrow(), Want::Up);
         // Over now: paused; a second pause does nothing; resumed once down to the low marks.
-        depth.store(11, Ordering::SeqCst);
-        assert!(r.pause_if_over(&marks(), &depth, &bytes));
-        assert!(!r.pause_if_over(&marks(), &depth, &bytes));
+        l.depth.store(11, Ordering::SeqCst);
+        assert!(r.pause_if_over(&marks(), &l));
+        assert!(!r.pause_if_over(&marks(), &l));
         assert_eq!(*rx.borrow(), Want::Paused);
-        depth.store(3, Ordering::SeqCst);
-        assert_eq!(r.resume_if_under(&marks(), &depth, &bytes), None);
-        depth.store(2, Ordering::SeqCst);
-        assert_eq!(r.resume_if_under(&marks(), &depth, &bytes), Some((2, 0)));
+        l.depth.store(3, Ordering::SeqCst);
+        assert_eq!(r.resume_if_under(&marks(), &l), None);
+        l.depth.store(2, Ordering::SeqCst);
+        assert_eq!(r.resume_if_under(&marks(), &l), Some((2, 0)));
         assert_eq!(*rx.borrow(), Want::Up);
         assert!(!r.is_paused());
+    }
+
+    /// The journal's files count as held bytes, and the daemon's budget pauses a node that is
+    /// itself within its own; it resumes once both have room.
+    #[test]
+    fn the_journal_and_the_daemons_budget_pause_receipt_too() {
+        let (tx, rx) = tokio::sync::watch::channel(Want::Up);
+        let r = Receipt::new(tx);
+        let l = load(0, 100);
+        l.journal_bytes.store(3999, Ordering::SeqCst);
+        assert!(!r.pause_if_over(&marks(), &l));
+        l.journal_bytes.store(4000, Ordering::SeqCst);
+        assert!(r.pause_if_over(&marks(), &l));
+        l.journal_bytes.store(1001, Ordering::SeqCst);
+        assert_eq!(r.resume_if_under(&marks(), &l), None);
+        l.journal_bytes.store(1000, Ordering::SeqCst);
+        assert_eq!(r.resume_if_under(&marks(), &l), Some((0, 100)));
+        // The journal frees its files a segment at a time and keeps the newest: its marks are
+        // never below eight and two segments, whatever queue_high_bytes says.
+        let m = Marks::new(10, 2, 256 << 10);
+        let seg = crate::input_journal::SEGMENT_SIZE as u64;
+        assert_eq!((m.journal_high, m.journal_low), (8 * seg, 2 * seg));
+        assert_eq!(Marks::new(10, 2, 1 << 30).journal_high, 1 << 30);
+        // Another subscriber spent the daemon's budget.
+        let shared = Arc::new(InputBudget::new(1000));
+        let l = Load::new(shared.clone());
+        shared.take(1000);
+        assert!(r.pause_if_over(&marks(), &l));
+        assert_eq!(*rx.borrow(), Want::Paused);
+        shared.give(400);
+        assert_eq!(r.resume_if_under(&marks(), &l), None, "not below half yet");
+        shared.give(100);
+        assert_eq!(r.resume_if_under(&marks(), &l), Some((0, 0)));
+        // A message counts against both, and is given back to both.
+        l.take(300, true);
+        assert_eq!((l.queued(), l.bytes(), shared.held()), (1, 300, 800));
+        l.dequeued(true);
+        l.give(300);
+        assert_eq!((l.queued(), l.bytes(), shared.held()), (0, 0, 500));
     }
 
     #[test]
@@ -963,12 +1478,7 @@ mod tests {
 
     #[test]
     fn receipt_pauses_at_either_mark_and_resumes_below_both() {
-        let m = Marks {
-            high: 100,
-            low: 25,
-            high_bytes: 4096,
-            low_bytes: 1024,
-        };
+        let m = Marks::new(100, 25, 4096);
         assert!(!m.over(99, 4095));
         // A burst of large messages reaches the byte mark long before the message mark.
         assert!(m.over(3, 4096));
@@ -981,14 +1491,19 @@ mod tests {
 
     #[test]
     fn held_bytes_are_given_back_when_the_message_is_dropped() {
-        let bytes = Arc::new(AtomicUsize::new(300));
+        let l = Arc::new(load(0, 0));
+        l.take(200, false);
+        l.dequeued(false);
         let held = Held {
-            bytes: bytes.clone(),
-            n: 200,
+            load: l.clone(),
+            journal: None,
+            seq: None,
+            cost: 200,
         };
-        assert_eq!(bytes.load(Ordering::SeqCst), 300);
+        assert_eq!(l.bytes(), 200);
         drop(held);
-        assert_eq!(bytes.load(Ordering::SeqCst), 100);
+        assert_eq!(l.bytes(), 0);
+        assert_eq!(l.shared.held(), 0);
     }
 
     #[test]

@@ -240,7 +240,19 @@ pub struct MqttConfig {
     /// How long a connection an MQTTPublish node made for a per-message `URL` override stays
     /// open without a message for it.
     pub override_idle: Dur,
+    /// What all MQTTSubscribe nodes of the daemon together may hold of received messages
+    /// (queued, or in their flows) before each pauses receipt: the daemon-wide cap next to
+    /// each node's `queue_high_bytes`.
+    pub input_budget: Size,
+    /// How many messages a broker queues for a disconnected persistent session before it
+    /// drops them (mosquitto's `max_queued_messages`, 1000 by default), when known: a
+    /// subscriber that pauses says how much of its backlog the broker can keep, and `flowbus
+    /// doctor` warns when it is below a node's queue budget. `[servers.NAME]` may set its own.
+    pub broker_queue_limit: Option<u64>,
 }
+
+/// The default `[mqtt] input_budget`: four subscribers' default `queue_high_bytes`.
+pub const DEFAULT_INPUT_BUDGET: u64 = 256 * 1024 * 1024;
 
 /// The default `max_payload`: mosquitto takes up to 256 MiB, which a flow parsing JSON holds
 /// many times over; 16 MiB is far above what MQTT is used for and bounds that.
@@ -259,6 +271,8 @@ impl Default for MqttConfig {
             ack_timeout: Dur(Duration::from_secs(30)),
             max_payload: Size(DEFAULT_MAX_PAYLOAD),
             override_idle: Dur(Duration::from_secs(60)),
+            input_budget: Size(DEFAULT_INPUT_BUDGET),
+            broker_queue_limit: None,
         }
     }
 }
@@ -325,6 +339,10 @@ pub struct ServerConfig {
     /// max_payload`).
     #[serde(default)]
     pub max_payload: Option<Size>,
+    /// How many messages this broker queues for a disconnected session before it drops them
+    /// (default: `[mqtt] broker_queue_limit`); 0 means no limit.
+    #[serde(default)]
+    pub broker_queue_limit: Option<u64>,
 }
 
 /// `[servers.NAME.will]`.
@@ -543,6 +561,12 @@ impl Config {
             return fail(
                 "max_payload",
                 format!("mqtt.max_payload must be from 1 byte to {MQTT_MAX_PAYLOAD} bytes (MQTT's largest packet)"),
+            );
+        }
+        if self.mqtt.input_budget.0 < 1024 * 1024 {
+            return fail(
+                "input_budget",
+                "mqtt.input_budget must be at least 1MiB".into(),
             );
         }
         if self.mqtt.override_idle.0.is_zero() {

@@ -617,6 +617,18 @@ impl FlowInner {
     }
 }
 
+/// What an input node keeps with a message while the flow has it
+/// ([`Dispatcher::submit_holding`]).
+pub trait Hold: Send + 'static {
+    /// The message's propagation ended, whatever its disposition (delivered, routed to
+    /// Failure or Catch, rolled back and discarded). Not called when it was abandoned.
+    fn finished(self);
+}
+
+impl Hold for () {
+    fn finished(self) {}
+}
+
 /// Runs an input node's propagations: up to `window` at once in the caller's task, or on up
 /// to `instances` tasks. Submitting blocks (asynchronously) when the window is full — that is
 /// the back-pressure an input node passes on to its source.
@@ -654,11 +666,13 @@ impl Dispatcher {
     }
 
     /// Like [`submit`](Self::submit) (or [`submit_failure`](Self::submit_failure) with
-    /// `failure`), keeping `hold` until the message's propagation has finished (or is
-    /// abandoned). An input node that budgets what it holds — MQTTSubscribe counts payload
-    /// bytes — learns this way when a message stops costing memory; a propagation waiting
-    /// for an ack still holds its trees. Costs a second, small allocation per message.
-    pub async fn submit_holding<H: Send + 'static>(
+    /// `failure`), keeping `hold` until the message's propagation has finished — then
+    /// [`Hold::finished`] is called — or is abandoned (the task aborted at a stop deadline:
+    /// then it is only dropped). An input node that budgets what it holds — MQTTSubscribe
+    /// counts bytes — learns this way when a message stops costing memory (a propagation
+    /// waiting for an ack still holds its trees), and one that journals what it received
+    /// learns when a message is done with. Costs a second, small allocation per message.
+    pub async fn submit_holding<H: Hold>(
         &mut self,
         msg: Message,
         failure: Option<Exception>,
@@ -675,7 +689,7 @@ impl Dispatcher {
         };
         self.run(Box::pin(async move {
             let d = fut.await;
-            drop(hold);
+            hold.finished();
             d
         }))
         .await;

@@ -43,6 +43,8 @@ pub mod names {
     pub const NODE_PROCESSING_SECONDS: &str = "flowbus_node_processing_seconds";
     /// QoS 1 redeliveries recognised and skipped.
     pub const MQTT_REDELIVERIES_SKIPPED: &str = "flowbus_mqtt_redeliveries_skipped_total";
+    /// Pauses of a subscriber's receipt at its queue budget.
+    pub const MQTT_RECEIPT_PAUSES: &str = "flowbus_mqtt_receipt_pauses_total";
     /// Flows by state (`running`, `stopped`, `failed`).
     pub const FLOWS: &str = "flowbus_flows";
     /// Whether a flow is running (1) or not (0).
@@ -79,6 +81,9 @@ pub struct ServerStats {
     /// `RedeliveriesSkipped`: QoS 1 messages the broker sent again after a reconnect that had
     /// already been received and processed.
     pub redeliveries_skipped: AtomicU64,
+    /// `ReceiptPauses`: times a subscriber paused receipt because its queue budget was spent;
+    /// the broker holds (or, beyond its own limit, drops) what arrives meanwhile.
+    pub receipt_pauses: AtomicU64,
 }
 
 /// A snapshot of [`ServerStats`], with IIB's names.
@@ -105,6 +110,8 @@ pub struct ServerSnapshot {
     pub qos_mismatches: u64,
     /// Redeliveries recognised and skipped.
     pub redeliveries_skipped: u64,
+    /// Pauses of receipt at a full queue budget.
+    pub receipt_pauses: u64,
 }
 
 impl ServerStats {
@@ -122,6 +129,7 @@ impl ServerStats {
             qos_downgrades: r(&self.qos_downgrades),
             qos_mismatches: r(&self.qos_mismatches),
             redeliveries_skipped: r(&self.redeliveries_skipped),
+            receipt_pauses: r(&self.receipt_pauses),
         }
     }
 }
@@ -225,6 +233,12 @@ impl Stats {
                 "counter",
                 "QoS 1 redeliveries recognised and not processed again.",
                 |s| s.redeliveries_skipped as f64,
+            ),
+            family(
+                names::MQTT_RECEIPT_PAUSES,
+                "counter",
+                "Times a subscriber paused receipt at its queue budget (the broker holds the backlog meanwhile).",
+                |s| s.receipt_pauses as f64,
             ),
         ]
     }
