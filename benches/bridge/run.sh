@@ -350,7 +350,11 @@ measure() { # label nodelay limits system qos rep loadgen-args...
   echo "mosquitto: $(mosquitto -h 2>/dev/null | head -1)"
   echo "paho-mqtt: $(grep -A1 'name = "paho-mqtt"' "$HERE/Cargo.lock" | sed -n 2p | cut -d'"' -f2) (paho-mqtt-sys $(grep -A1 'name = "paho-mqtt-sys"' "$HERE/Cargo.lock" | sed -n 2p | cut -d'"' -f2))"
   echo "rustc: $(rustc --version)"
-  echo "flowbus: $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo unknown)"
+  if [[ -n "${FLOWBUS_ARG:-}" ]]; then
+    echo "flowbus: $FLOWBUS (--flowbus; benchmark tree $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo unknown))"
+  else
+    echo "flowbus: $(cd "$ROOT" && git describe --always --dirty 2>/dev/null || echo unknown)"
+  fi
   if [[ " $ALL_SYSTEMS " == *" nodered "* ]]; then
     echo "node-red: $(node -p "require('$NR_DIR/node_modules/node-red/package.json').version") on node $(node --version)"
   fi

@@ -22,7 +22,7 @@
 //! (a QoS 2 burst with 65,000 in flight ran at 4–5k msg/s, with 20 at about 20k); and
 //! against mosquitto's defaults more than 20 unreleased QoS 2 publishes are acknowledged and
 //! discarded by the broker. With 20 and 100, broker-only bursts (`--direct`) lose nothing in
-//! either broker configuration of `run.sh --burst`, at about 80k (QoS 0), 33k (QoS 1) and 20k
+//! either broker configuration of `run.sh --burst`, at 80–130k (QoS 0), 43k (QoS 1) and 22–26k
 //! (QoS 2) msg/s on two idle cores (less with a system sharing them).
 //!
 //! Each phase reports loss, duplicates and order violations (per input topic). With
