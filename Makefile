@@ -3,7 +3,7 @@
 
 CARGO ?= cargo
 
-.PHONY: test run check fmt setup build bench bench-nodered bench-quick bench-micro bench-count bench-profile bench-soak bench-lint soak-faults soak-session-loss
+.PHONY: test run check fmt setup build bench bench-nodered bench-burst bench-quick bench-micro bench-count bench-profile bench-soak bench-lint soak-faults soak-session-loss
 
 ## test: install what is missing, then run every test of the workspace
 test: setup
@@ -34,13 +34,18 @@ setup:
 # workspace member, so `test` and `check` never build it. See benches/bridge/README.md and
 # docs/PERFORMANCE.md.
 
-## bench: the end-to-end bridge benchmark, QoS 0/1/2, 3 repetitions, nodelay and default broker (~12 min)
+## bench: the end-to-end bridge benchmark, QoS 0/1/2, 3 repetitions, nodelay and default broker (~12 min),
+## then the open-loop burst pass against an unlimited and a default-limits broker (~9 min)
 bench: setup
-	benches/bridge/run.sh
+	benches/bridge/run.sh --with-burst
 
 ## bench-nodered: the same with Node-RED 4, installed from npm into target/bench-nodered
 bench-nodered: setup
-	benches/bridge/run.sh --nodered
+	benches/bridge/run.sh --nodered --with-burst
+
+## bench-burst: the open-loop burst pass alone (flowbus, both paho bridges; ~9 min)
+bench-burst: setup
+	benches/bridge/run.sh --burst
 
 ## bench-quick: one repetition, smaller runs, nodelay broker only (~4 min)
 bench-quick: setup

@@ -9,6 +9,22 @@
 //! 2. **Latency**: `--lat-n` messages at a fixed `--rate` (default 1,000 msg/s, open loop),
 //!    each timestamped just before it is handed to paho; latency = receive − send.
 //!
+//! Or, with `--burst N`, one open-loop phase instead of both: N messages handed to one paho
+//! client as fast as it takes them (no window: only paho's limits, `--max-inflight` (20)
+//! unacknowledged and `--max-buffered` (100) queued; a publish paho refuses for want of room
+//! is retried, never dropped), then a wait until nothing has arrived for `--quiet-secs` (or
+//! until `--secs` after the first send). It reports how many came out, lost, duplicated and
+//! out of order, the publish rate and the throughput (delivered / (last new delivery − first
+//! send)): what a system does when its input arrives faster than it can bridge.
+//!
+//! Why those limits and not higher: Paho C keeps queued and in-flight publishes in linked
+//! lists it searches for every new message id, so the more it holds the slower it publishes
+//! (a QoS 2 burst with 65,000 in flight ran at 4–5k msg/s, with 20 at about 20k); and
+//! against mosquitto's defaults more than 20 unreleased QoS 2 publishes are acknowledged and
+//! discarded by the broker. With 20 and 100, broker-only bursts (`--direct`) lose nothing in
+//! either broker configuration of `run.sh --burst`, at 80–130k (QoS 0), 43k (QoS 1) and 22–26k
+//! (QoS 2) msg/s on two idle cores (less with a system sharing them).
+//!
 //! Each phase reports loss, duplicates and order violations (per input topic). With
 //! `--pid`, the CPU seconds each phase cost that process and its peak RSS (`VmHWM`) are read
 //! from /proc. Output: one JSON line on stdout and one human line on stderr.
@@ -47,7 +63,14 @@ const USAGE: &str = "loadgen: measure an MQTT bridge from bench/in/# to bench/ou
   --max-inflight M     paho's in-flight limit for the producer (default 20: mosquitto's
                        max_inflight_messages; over it, mosquitto drops QoS 2 publishes of an
                        MQTT 3.1.1 client after acknowledging them)
-  --direct             broker only: publish straight to bench/out/<k> (no system in between)";
+  --direct             broker only: publish straight to bench/out/<k> (no system in between)
+
+Burst mode (open loop, replaces both phases):
+  --burst N            publish N messages as fast as one paho client takes them, then wait
+  --quiet-secs S       ... until nothing arrived for S seconds (default 3)
+  --secs S             ... or S seconds after the first send (default 120 in burst mode)
+  --max-buffered B     paho's queue of unwritten publishes (default 100 in burst mode:
+                       over it a publish is retried)";
 
 /// Microseconds on a monotonic clock shared by producer and consumer (one process).
 fn now_us() -> u64 {
@@ -166,15 +189,16 @@ impl Producer {
     }
 }
 
-fn connect(url: &str, id: &str, max_inflight: i32) -> paho::AsyncClient {
+fn connect(url: &str, id: &str, max_inflight: i32, max_buffered: i32) -> paho::AsyncClient {
     let cli = paho::AsyncClient::new(
         paho::CreateOptionsBuilder::new()
             .server_uri(url)
             .client_id(id)
             .persistence(paho::PersistenceType::None)
             // Paho refuses a publish while 100 (the default) are queued and not yet written,
-            // even when connected; our own bound (4096 tokens) is what limits the queue.
-            .max_buffered_messages(100_000)
+            // even when connected; our own bound (4096 tokens) is what limits the queue
+            // (in burst mode, this limit: the publish is retried).
+            .max_buffered_messages(max_buffered)
             .finalize(),
     )
     .unwrap_or_else(|e| fail(&format!("cannot create a client for {url}: {e}")));
@@ -285,6 +309,172 @@ fn wait_for(shared: &Shared, run: u64, target: u64, idle: Duration) {
     }
 }
 
+/// What the burst phase needs besides the clients.
+struct Burst {
+    n: u64,
+    quiet: Duration,
+    cap: Duration,
+    pid: Option<u32>,
+    broker_pid: Option<u32>,
+}
+
+/// Paho C return codes of a publish refused for want of room, not for a fault: too many
+/// messages in flight (MQTTASYNC_MAX_MESSAGES_INFLIGHT), no free message id
+/// (MQTTASYNC_NO_MORE_MSGIDS), too many buffered (MQTTASYNC_MAX_BUFFERED_MESSAGES). Retried.
+const PAHO_BUSY: [i32; 3] = [-4, -10, -12];
+
+/// The burst: `b.n` messages handed to paho as fast as it takes them, then a wait for quiet.
+/// Returns the JSON line without the labels.
+fn run_burst(b: &Burst, shared: &Shared, prod: &mut Producer, topics: usize) -> Value {
+    let cpu = || b.pid.and_then(procfs::cpu_seconds);
+    let bcpu = || b.broker_pid.and_then(procfs::cpu_seconds);
+    let own = || procfs::cpu_seconds(std::process::id());
+    let ctx = || b.pid.and_then(procfs::context_switches);
+    let (cpu0, bcpu0, own0, busy0, ctx0) =
+        (cpu(), bcpu(), own(), procfs::machine_busy_seconds(), ctx());
+    let run = shared.base + 1;
+    let first_send = now_us();
+    let give_up = Instant::now() + b.cap;
+    let mut tokens = Vec::with_capacity(b.n as usize);
+    let mut retries = 0u64;
+    let mut refused = 0u64;
+    for seq in 0..b.n {
+        let k = (seq % prod.topics.len() as u64) as u32;
+        let body = payload::build(run, seq, now_us(), k);
+        let mut m = paho::Message::new(prod.topics[k as usize].as_str(), body, prod.qos);
+        loop {
+            match prod.cli.try_publish(m) {
+                Ok(t) => {
+                    tokens.push(t);
+                    break;
+                }
+                Err(paho::Error::Publish(rc, back))
+                    if PAHO_BUSY.contains(&rc) && Instant::now() < give_up =>
+                {
+                    // Paho is full: let it write (and the broker acknowledge) some, then again.
+                    retries += 1;
+                    m = back;
+                    std::thread::sleep(Duration::from_micros(100));
+                }
+                Err(e) => {
+                    if refused == 0 {
+                        eprintln!("loadgen: publish refused: {e}");
+                    }
+                    refused += 1;
+                    break;
+                }
+            }
+        }
+    }
+    let handed = now_us();
+    // Every publish's outcome: written (QoS 0) or acknowledged by the broker (QoS 1/2).
+    for t in tokens {
+        let left = give_up.saturating_duration_since(Instant::now());
+        if let Err(e) = t.wait_for(left.max(Duration::from_millis(1))) {
+            if prod.errors == 0 {
+                eprintln!("loadgen: publish failed: {e}");
+            }
+            prod.errors += 1;
+        }
+    }
+    let published = now_us();
+    // Quiet: nothing arrived for `quiet` since the last publish completed; or the cap.
+    let mut capped = false;
+    loop {
+        let last = shared.last_recv.load(Ordering::Relaxed).max(published);
+        if now_us().saturating_sub(last) > b.quiet.as_micros() as u64 {
+            break;
+        }
+        if Instant::now() >= give_up {
+            capped = true;
+            break;
+        }
+        shared.wait_a_little(Duration::from_millis(50));
+    }
+    let end = now_us();
+    let (cpu1, bcpu1, own1, busy1, ctx1) =
+        (cpu(), bcpu(), own(), procfs::machine_busy_seconds(), ctx());
+    let events = std::mem::take(&mut *shared.events.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut r = analyse(&events, run, b.n, first_send, topics);
+    // In a burst most of the latency is queueing; the slowest by sequence number say little.
+    if let Some(o) = r.as_object_mut() {
+        o.remove("slower_than_p99");
+    }
+    let (first_recv, last_any) =
+        events
+            .iter()
+            .filter(|e| e.run == run)
+            .fold((None::<u64>, None::<u64>), |(f, l), e| {
+                (
+                    Some(f.map_or(e.recv, |f| f.min(e.recv))),
+                    Some(l.map_or(e.recv, |l| l.max(e.recv))),
+                )
+            });
+    let secs_since = |t: u64| round(t.saturating_sub(first_send) as f64 / 1e6, 4);
+    let publish_s = published.saturating_sub(first_send) as f64 / 1e6;
+    r["publish_refused"] = json!(refused);
+    r["publish_retries"] = json!(retries);
+    r["publish_errors"] = json!(prod.errors);
+    r["handed_s"] = json!(secs_since(handed));
+    r["publish_s"] = json!(round(publish_s, 4));
+    r["publish_rate"] = json!(if publish_s > 0.0 {
+        round(b.n as f64 / publish_s, 0)
+    } else {
+        0.0
+    });
+    r["first_recv_s"] = json!(first_recv.map(secs_since));
+    r["last_recv_any_s"] = json!(last_any.map(secs_since));
+    r["capped"] = json!(capped);
+    let diff = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => Some(round(b - a, 3)),
+        _ => None,
+    };
+    let measured_s = end.saturating_sub(first_send) as f64 / 1e6;
+    let other_cpu = match (
+        diff(busy0, busy1),
+        diff(cpu0, cpu1),
+        diff(bcpu0, bcpu1),
+        diff(own0, own1),
+    ) {
+        (Some(total), sut, broker, Some(me)) => Some(round(
+            total - sut.unwrap_or(0.0) - broker.unwrap_or(0.0) - me,
+            3,
+        )),
+        _ => None,
+    };
+    let received = r["received"].as_u64().unwrap_or(0);
+    json!({
+        "mode": "burst",
+        "qos": prod.qos,
+        "payload_bytes": payload::SIZE,
+        "topics": topics,
+        "n": b.n,
+        "quiet_secs": b.quiet.as_secs_f64(),
+        "cap_secs": b.cap.as_secs_f64(),
+        "burst": r,
+        "foreign_messages": shared.foreign.load(Ordering::Relaxed),
+        "sut": {
+            "pid": b.pid,
+            "cpu_s": diff(cpu0, cpu1),
+            "cpu_us_per_msg": match diff(cpu0, cpu1) {
+                Some(c) if received > 0 => Some(round(c / received as f64 * 1e6, 2)),
+                _ => None,
+            },
+            "ctx_switches_per_msg": match (ctx0, ctx1) {
+                (Some(a), Some(b)) if received > 0 => Some(round((b - a) as f64 / received as f64, 2)),
+                _ => None,
+            },
+            "peak_rss_kib": b.pid.and_then(procfs::peak_rss_kib),
+            "rss_kib": b.pid.and_then(procfs::rss_kib),
+        },
+        "loadgen_cpu_s": diff(own0, own1),
+        "measured_s": round(measured_s, 3),
+        "other_cpu_s": other_cpu,
+        "other_cpu_share": other_cpu.map(|o| round(o / measured_s.max(1e-3), 3)),
+        "broker": { "pid": b.broker_pid, "cpu_s": diff(bcpu0, bcpu1) },
+    })
+}
+
 fn main() {
     let a = Args::parse(USAGE, &["direct"]);
     let url: String = a.get("url", "tcp://127.0.0.1:1883".to_string());
@@ -295,13 +485,18 @@ fn main() {
     let system: String = a.get("system", "sut".to_string());
     let label: String = a.get("label", String::new());
     let n: u64 = a.get("n", 20_000);
-    let secs: f64 = a.get("secs", 10.0);
+    let burst: u64 = a.get("burst", 0);
+    let secs: f64 = a.get("secs", if burst > 0 { 120.0 } else { 10.0 });
+    let quiet = Duration::from_secs_f64(a.get("quiet-secs", 3.0));
     let window: u64 = a.get("window", 500);
     let lat_n: u64 = a.get("lat-n", 5_000);
     let rate: f64 = a.get("rate", 1000.0);
     let k: usize = a.get("topics", 1usize).max(1);
     let idle = Duration::from_secs_f64(a.get("idle", 3.0));
     let max_inflight: i32 = a.get("max-inflight", 20);
+    // Burst: paho's default (100). Over it paho refuses a publish and the burst retries it; a
+    // longer queue only makes paho slower (it searches its command list for a free message id).
+    let max_buffered: i32 = a.get("max-buffered", if burst > 0 { 100 } else { 100_000 });
     let ready_timeout = Duration::from_secs_f64(a.get("ready-timeout", 60.0));
     let pid: Option<u32> = a.opt("pid").map(|_| a.get("pid", 0));
     let broker_pid: Option<u32> = a.opt("broker-pid").map(|_| a.get("broker-pid", 0));
@@ -316,7 +511,9 @@ fn main() {
     let base = base & ((1 << 50) - 1);
     let shared = Arc::new(Shared {
         base,
-        events: Mutex::new(Vec::with_capacity((n + lat_n) as usize + 16)),
+        events: Mutex::new(Vec::with_capacity(
+            (if burst > 0 { burst } else { n + lat_n }) as usize + 16,
+        )),
         received: Default::default(),
         probes: AtomicU64::new(0),
         foreign: AtomicU64::new(0),
@@ -332,7 +529,7 @@ fn main() {
         "bench/in"
     };
     let me = std::process::id();
-    let consumer = connect(&url, &format!("bench-consumer-{me}"), max_inflight);
+    let consumer = connect(&url, &format!("bench-consumer-{me}"), max_inflight, 100_000);
     {
         let shared = shared.clone();
         // Runs on the Paho library thread: scan, append, notify; never block.
@@ -346,7 +543,12 @@ fn main() {
         fail(&format!("cannot subscribe to bench/out/#: {e}"));
     }
     let mut prod = Producer {
-        cli: connect(&url, &format!("bench-producer-{me}"), max_inflight),
+        cli: connect(
+            &url,
+            &format!("bench-producer-{me}"),
+            max_inflight,
+            max_buffered,
+        ),
         qos,
         topics: (0..k).map(|i| format!("{prefix}/{i}")).collect(),
         tokens: VecDeque::new(),
@@ -368,6 +570,45 @@ fn main() {
     }
     // Let stragglers (more probes) pass.
     std::thread::sleep(Duration::from_millis(300));
+
+    if burst > 0 {
+        let b = Burst {
+            n: burst,
+            quiet,
+            cap: Duration::from_secs_f64(secs),
+            pid,
+            broker_pid,
+        };
+        let mut out = run_burst(&b, &shared, &mut prod, k);
+        out["system"] = json!(system);
+        out["label"] = json!(label);
+        out["url"] = json!(url);
+        out["max_inflight"] = json!(max_inflight);
+        println!("{out}");
+        let r = &out["burst"];
+        let f = |v: &Value| v.as_f64().map_or("-".to_string(), |x| format!("{x}"));
+        eprintln!(
+            "{system} qos={qos} {label} burst: {} sent at {} msg/s{} | {} delivered at {} msg/s ({} lost, {} dup, {} order){} | cpu {} s, peak rss {} KiB | other processes used {} cores",
+            r["sent"],
+            f(&r["publish_rate"]),
+            match r["publish_retries"].as_u64() {
+                Some(0) | None => String::new(),
+                Some(x) => format!(" ({x} publishes retried)"),
+            },
+            r["received"],
+            f(&r["rate"]),
+            r["lost"],
+            r["dups"],
+            r["order_violations"],
+            if r["capped"].as_bool() == Some(true) { " CAPPED" } else { "" },
+            f(&out["sut"]["cpu_s"]),
+            f(&out["sut"]["peak_rss_kib"]),
+            f(&out["other_cpu_share"]),
+        );
+        let _ = prod.cli.disconnect(None).wait_for(Duration::from_secs(2));
+        let _ = consumer.disconnect(None).wait_for(Duration::from_secs(2));
+        return;
+    }
 
     let cpu = || pid.and_then(procfs::cpu_seconds);
     let bcpu = || broker_pid.and_then(procfs::cpu_seconds);

@@ -1,6 +1,7 @@
 //! Turns the load generator's JSON lines (`results.jsonl`) into the markdown report: one
 //! table per broker setting (medians over repetitions), a summary in the shape of issue 8's
-//! target table, and throughput and latency ratios against the reference systems.
+//! target table, and throughput and latency ratios against the reference systems; then, for
+//! the open-loop burst runs (`"mode":"burst"`), one table per broker configuration.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -125,10 +126,15 @@ fn main() {
     });
     // label -> system -> qos -> cell
     let mut cells: BTreeMap<String, BTreeMap<String, BTreeMap<i64, Cell>>> = BTreeMap::new();
+    let mut bursts = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let Ok(r) = serde_json::from_str::<Value>(line) else {
             continue;
         };
+        if r["mode"].as_str() == Some("burst") {
+            bursts.push(r);
+            continue;
+        }
         let label = r["label"].as_str().unwrap_or("").to_string();
         let system = r["system"].as_str().unwrap_or("?").to_string();
         let qos = r["qos"].as_i64().unwrap_or(-1);
@@ -191,7 +197,8 @@ fn main() {
     {
         let _ = writeln!(md, "```\n{}```\n", m);
     }
-    let _ = writeln!(
+    if !cells.is_empty() {
+        let _ = writeln!(
         md,
         "Throughput: messages received / (last receive − first send), closed loop (at most `window` messages in flight end to end). \
 Latency: at a fixed rate, receive − send. Lost/dup/order: summed over all runs of the cell (both phases). \
@@ -199,6 +206,7 @@ CPU: the system under test during both phases; µs/msg: its CPU in the throughpu
 ctx sw/msg: context switches of its threads per message in the throughput phase. \
 Other load: CPU used by unrelated processes during the run, in cores (above ~0.1 the run was disturbed).\n"
     );
+    }
     // The main table (nodelay) first, then the default-broker one, then anything else.
     let mut labels: Vec<&String> = cells.keys().collect();
     labels.sort_by_key(|l| match l.as_str() {
@@ -361,5 +369,247 @@ Other load: CPU used by unrelated processes during the run, in cores (above ~0.1
         }
         md.push('\n');
     }
+    md.push_str(&burst_report(&bursts));
     print!("{md}");
+}
+
+/// One system × QoS of a burst table: the values of each repetition.
+#[derive(Default)]
+struct BurstCell {
+    runs: usize,
+    failed: usize,
+    capped: usize,
+    sent: Vec<f64>,
+    delivered: Vec<f64>,
+    lost: Vec<f64>,
+    dups: Vec<f64>,
+    order: Vec<f64>,
+    rate: Vec<f64>,
+    publish_rate: Vec<f64>,
+    rss_mb: Vec<f64>,
+    cpu: Vec<f64>,
+    other: Vec<f64>,
+    publish_errors: u64,
+}
+
+/// The median, with the range when the repetitions differ: `1,234 (1,100–1,300)`.
+fn fmt_spread(v: &[f64]) -> String {
+    let Some(m) = median(v) else {
+        return "–".into();
+    };
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if v.len() > 1 && lo.round() != hi.round() {
+        format!(
+            "{} ({}–{})",
+            fmt_rate(Some(m)),
+            fmt_rate(Some(lo)),
+            fmt_rate(Some(hi))
+        )
+    } else {
+        fmt_rate(Some(m))
+    }
+}
+
+/// The burst runs (`"mode":"burst"` lines) as one markdown table per broker configuration.
+fn burst_report(lines: &[Value]) -> String {
+    // label -> system -> qos -> cell
+    let mut cells: BTreeMap<String, BTreeMap<String, BTreeMap<i64, BurstCell>>> = BTreeMap::new();
+    let mut params = BTreeMap::new();
+    for r in lines {
+        let label = r["label"].as_str().unwrap_or("").to_string();
+        let system = r["system"].as_str().unwrap_or("?").to_string();
+        let qos = r["qos"].as_i64().unwrap_or(-1);
+        let c = cells
+            .entry(label)
+            .or_default()
+            .entry(system)
+            .or_default()
+            .entry(qos)
+            .or_default();
+        c.runs += 1;
+        if r["failed"].as_bool() == Some(true) {
+            c.failed += 1;
+            continue;
+        }
+        let b = &r["burst"];
+        for (v, x) in [
+            (&mut c.sent, &b["sent"]),
+            (&mut c.delivered, &b["received"]),
+            (&mut c.lost, &b["lost"]),
+            (&mut c.dups, &b["dups"]),
+            (&mut c.order, &b["order_violations"]),
+            (&mut c.rate, &b["rate"]),
+            (&mut c.publish_rate, &b["publish_rate"]),
+            (&mut c.cpu, &r["sut"]["cpu_s"]),
+            (&mut c.other, &r["other_cpu_share"]),
+        ] {
+            if let Some(x) = f(x) {
+                v.push(x);
+            }
+        }
+        if let Some(x) = f(&r["sut"]["peak_rss_kib"]) {
+            c.rss_mb.push(x / 1024.0);
+        }
+        if b["capped"].as_bool() == Some(true) {
+            c.capped += 1;
+        }
+        c.publish_errors += u(&b["publish_errors"]) + u(&b["publish_refused"]);
+        for key in ["quiet_secs", "cap_secs"] {
+            if let Some(x) = f(&r[key]) {
+                params.insert(key, x);
+            }
+        }
+    }
+    let mut md = String::new();
+    if cells.is_empty() {
+        return md;
+    }
+    let _ = writeln!(
+        md,
+        "## Burst (open loop)\n\n\
+N messages published to `bench/in/0` as fast as one paho client takes them (at most 20 \
+unacknowledged and 100 queued in paho; a publish it refuses is retried), then a wait until nothing \
+has arrived for {} s (or {} s after the first send: \"capped\"). \
+Delivered: distinct messages that came out; lost = sent − delivered; dup: extra copies; \
+out of order: messages older than one already received (a redelivered old message counts). \
+msg/s: delivered / (last new delivery − first send); publish msg/s: sent / (last publish \
+acknowledged by the broker − first send). Medians of the repetitions, the range in brackets \
+where they differ; ratios are medians against the pipelined paho bridge's in the same results. \
+Peak RSS and CPU: the system under test; other load as above.\n",
+        params
+            .get("quiet_secs")
+            .map_or("?".into(), |x| x.to_string()),
+        params.get("cap_secs").map_or("?".into(), |x| x.to_string()),
+    );
+    let mut labels: Vec<&String> = cells.keys().collect();
+    labels.sort_by_key(|l| {
+        (
+            if l.starts_with("burst-unlimited") {
+                0
+            } else if l.starts_with("burst-default") {
+                1
+            } else {
+                2
+            },
+            l.to_string(),
+        )
+    });
+    for label in labels {
+        let systems = &cells[label];
+        let mut title = match label.trim_end_matches("-quickack") {
+            "burst-unlimited" => {
+                "Broker without limits (`max_inflight_messages 0`, `max_queued_messages 0`)"
+                    .to_string()
+            }
+            "burst-default" => {
+                "Broker with mosquitto's default limits (20 in flight and 1,000 queued per client)"
+                    .to_string()
+            }
+            other => format!("Label `{other}`"),
+        };
+        if label.ends_with("-quickack") {
+            title.push_str(", client routes with `quickack 1`");
+        }
+        let reps = systems
+            .values()
+            .flat_map(|q| q.values().map(|c| c.runs))
+            .max()
+            .unwrap_or(0);
+        let _ = writeln!(md, "### {title} — {reps} run(s)\n");
+        let _ = writeln!(
+            md,
+            "| system | QoS | sent | delivered | lost | dup | out of order | msg/s | publish msg/s | delivered vs pipelined | msg/s vs pipelined | peak RSS MB | CPU s | other load |"
+        );
+        let _ = writeln!(
+            md,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
+        let reference = systems.get("bridge-pipelined");
+        for s in &sort_systems(systems.keys().cloned().collect()) {
+            for (q, c) in &systems[s] {
+                let mut flags = String::new();
+                if c.failed > 0 {
+                    let _ = write!(flags, " ({} of {} runs failed)", c.failed, c.runs);
+                }
+                if c.capped > 0 {
+                    let _ = write!(flags, " (capped in {} runs)", c.capped);
+                }
+                if c.publish_errors > 0 {
+                    let _ = write!(flags, " ({} publishes failed)", c.publish_errors);
+                }
+                let rc = reference.and_then(|r| r.get(q));
+                let ratio = |mine: &[f64], theirs: fn(&BurstCell) -> &Vec<f64>| {
+                    if s == "bridge-pipelined" {
+                        "–".to_string()
+                    } else {
+                        fmt_ratio(median(mine), rc.and_then(|rc| median(theirs(rc))))
+                    }
+                };
+                let _ = writeln!(
+                    md,
+                    "| {}{flags} | {q} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                    describe(s),
+                    fmt_rate(median(&c.sent)),
+                    fmt_spread(&c.delivered),
+                    fmt_spread(&c.lost),
+                    fmt_spread(&c.dups),
+                    fmt_spread(&c.order),
+                    fmt_rate(median(&c.rate)),
+                    fmt_rate(median(&c.publish_rate)),
+                    ratio(&c.delivered, |r| &r.delivered),
+                    ratio(&c.rate, |r| &r.rate),
+                    fmt_num(median(&c.rss_mb), 1),
+                    fmt_num(median(&c.cpu), 2),
+                    fmt_num(median(&c.other), 2),
+                );
+            }
+        }
+        md.push('\n');
+    }
+    md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn burst(system: &str, label: &str, delivered: u64, rate: f64) -> Value {
+        json!({
+            "mode": "burst", "system": system, "label": label, "qos": 1,
+            "quiet_secs": 3.0, "cap_secs": 120.0,
+            "burst": { "sent": 50000, "received": delivered, "lost": 50000 - delivered,
+                       "dups": 7, "order_violations": 0, "rate": rate, "publish_rate": 30000.0,
+                       "capped": false, "publish_errors": 0, "publish_refused": 0 },
+            "sut": { "cpu_s": 1.5, "peak_rss_kib": 20480 },
+            "other_cpu_share": 0.01,
+        })
+    }
+
+    #[test]
+    fn burst_tables_per_broker_with_medians_ranges_and_ratios() {
+        let lines = vec![
+            burst("bridge-pipelined", "burst-unlimited", 50000, 10000.0),
+            burst("flowbus", "burst-unlimited", 40000, 5000.0),
+            burst("flowbus", "burst-unlimited", 45000, 6000.0),
+            burst("flowbus", "burst-unlimited", 50000, 7000.0),
+            burst("flowbus", "burst-default", 2000, 1000.0),
+            json!({"rep": 2, "mode": "burst", "system": "flowbus", "label": "burst-default",
+                   "qos": 1, "failed": true}),
+        ];
+        let md = burst_report(&lines);
+        let unlimited = md.find("without limits").unwrap();
+        let default = md.find("default limits").unwrap();
+        assert!(unlimited < default, "{md}");
+        // Medians, the range, and the ratios against the pipelined bridge.
+        assert!(
+            md.contains("| flowbus, `instances: 1` | 1 | 50,000 | 45,000 (40,000–50,000) | 5,000 (0–10,000) | 7 | 0 | 6,000 | 30,000 | 0.90 | 0.60 | 20.0 | 1.50 | 0.01 |"),
+            "{md}"
+        );
+        assert!(md.contains("| paho bridge, pipelined | 1 | 50,000 | 50,000 | 0 | 7 | 0 | 10,000 | 30,000 | – | – |"), "{md}");
+        // No reference in that table: no ratio; a failed run is flagged.
+        assert!(md.contains("(1 of 2 runs failed) | 1 | 50,000 | 2,000 | 48,000 | 7 | 0 | 1,000 | 30,000 | – | – |"), "{md}");
+        assert!(burst_report(&[]).is_empty());
+    }
 }
