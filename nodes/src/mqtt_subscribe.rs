@@ -178,9 +178,9 @@ pub const DEFAULT_HIGH: usize = 1_000_000;
 
 /// What a received message costs beyond its payload and topic while the node holds it:
 /// paho's message and its properties, the channel's slot, the journal's record header and
-/// the allocator's headers. Measured: a burst of 100,000 200-byte messages held in the queue
-/// raised the daemon's RSS by about 43 MiB, 450 bytes a message (docs/PERFORMANCE.md,
-/// "Bursts"), i.e. 200 + topic + about 240.
+/// the allocator's headers. Measured: a burst of 100,000 200-byte messages on a 10-byte topic
+/// held in the queue raised the daemon's peak RSS by 42 MiB, 442 bytes a message
+/// (docs/PERFORMANCE.md, "Bursts"), where they count 466.
 pub const MESSAGE_OVERHEAD: usize = 256;
 
 /// What a received message counts against the budgets.
