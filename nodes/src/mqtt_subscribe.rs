@@ -180,7 +180,7 @@ pub const DEFAULT_HIGH: usize = 1_000_000;
 /// paho's message and its properties, the channel's slot, the journal's record header and
 /// the allocator's headers. Measured: a burst of 100,000 200-byte messages on a 10-byte topic
 /// held in the queue raised the daemon's peak RSS by 42 MiB, 442 bytes a message
-/// (docs/PERFORMANCE.md, "Bursts"), where they count 466.
+/// (docs/PERFORMANCE.md, "Memory"), where they count 466.
 pub const MESSAGE_OVERHEAD: usize = 256;
 
 /// What a received message counts against the budgets.

@@ -5,7 +5,7 @@
 //! scheduler ([`spawn`]), as IIB gives each input node a thread. A message then goes from
 //! the MQTT client's thread to that one thread and back, instead of through a shared pool of
 //! workers that wake each other to steal it (measured: a fifth less CPU on the flow's side,
-//! see `docs/PERFORMANCE.md`, eighth round); and a slow script holds up only its own input,
+//! see `benches/bridge/results/2026-12-01/README.md`, eighth round); and a slow script holds up only its own input,
 //! never other flows or the admin API. Everything such a task spawns (connection supervisors,
 //! `instances > 1` propagations) and every timer it sets goes to the daemon's shared runtime,
 //! which outlives it: the thread only polls the input's own future.
