@@ -17,6 +17,7 @@ pub mod compute;
 pub mod doctor;
 pub mod filter;
 pub mod input_journal;
+pub mod mqtt;
 pub mod mqtt_client;
 pub mod mqtt_limits;
 pub mod mqtt_publish;

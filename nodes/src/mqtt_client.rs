@@ -23,6 +23,7 @@ use flowbus_runtime::flow::FlowErrorKind;
 use flowbus_runtime::node::{NodeDecl, Problem, PropKind, PropSpec, ValidateCtx};
 use flowbus_runtime::services::Services;
 use flowbus_runtime::stats::{add, inc, ServerStats};
+use flowbus_runtime::BoxFut;
 use paho_mqtt as paho;
 use serde_json::Value;
 use tokio::sync::{mpsc, watch};
@@ -1258,7 +1259,10 @@ impl Conn {
         *self.supervisor.lock().unwrap_or_else(|p| p.into_inner()) = Some(h);
     }
 
+    /// Carries out what the session state machine ([`crate::mqtt::session`]) decides, and
+    /// feeds it what happened: the only place that connects, disconnects and sleeps.
     async fn supervise(self: Arc<Self>, on_connected: OnConnected) {
+        use crate::mqtt::session::{Action, Event, Session};
         let (Some(mut lost), Some(mut reconnect)) = (
             self.lost_rx
                 .lock()
@@ -1272,179 +1276,196 @@ impl Conn {
             return;
         };
         let mut want = self.want.subscribe();
-        let mut failures: u32 = 0;
-        let log = &self.log;
+        let mut session = Session::new(self.backoff);
+        let mut todo: std::collections::VecDeque<Action> =
+            session.start(*want.borrow_and_update()).into();
+        // What an action started and has not answered yet.
+        let mut connecting: Option<BoxFut<'static, paho::Result<paho::ServerResponse>>> = None;
+        let mut disconnecting: Option<BoxFut<'static, Result<(), String>>> = None;
+        let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        // In flight when the connect started, and of those the restored ones (Paho removes
+        // them from the store while it answers the connect, so they are read before).
+        let mut unacknowledged = 0;
+        let mut restored: Vec<(String, Vec<u8>)> = Vec::new();
         loop {
-            if self.stop.is_cancelled() {
-                return;
-            }
-            if *want.borrow_and_update() == Want::Paused {
-                tokio::select! {
-                    _ = self.stop.cancelled() => return,
-                    _ = want.changed() => continue,
+            while let Some(action) = todo.pop_front() {
+                match action {
+                    Action::Connect => {
+                        unacknowledged = self
+                            .unacknowledged
+                            .as_ref()
+                            .map_or(0, |n| n.load(Ordering::Relaxed));
+                        restored = match &self.restored {
+                            Some(r) if unacknowledged > 0 => r
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .iter()
+                                .map(|(k, v)| (k.clone(), v.clone()))
+                                .collect(),
+                            _ => Vec::new(),
+                        };
+                        connecting = Some(Box::pin(self.connect()));
+                    }
+                    Action::MarkOpen => self.mark_open(),
+                    Action::MarkClosed => self.mark_closed(),
+                    Action::Ready { session_present } => {
+                        let _ = tokio::time::timeout(
+                            self.connect_timeout,
+                            on_connected(session_present),
+                        )
+                        .await;
+                        self.connected.send_replace(true);
+                    }
+                    Action::Republish => {
+                        tokio::spawn(self.clone().publish_restored(std::mem::take(&mut restored)));
+                    }
+                    Action::LearnLimit(q) => self.learn_limit(q, Source::Connack),
+                    Action::Disconnect { grace, .. } => {
+                        let token = self.client.disconnect_after(grace);
+                        disconnecting = Some(Box::pin(async move {
+                            token.await.map(drop).map_err(|e| e.to_string())
+                        }));
+                    }
+                    Action::Wait(d) => timer = Some(Box::pin(tokio::time::sleep(d))),
+                    Action::CountFailure => inc(&self.log.stats.failed_connections),
+                    Action::GiveUp(reason) => {
+                        self.fatal.send_replace(Some(reason));
+                        return;
+                    }
+                    Action::Note(note) => self.note(note),
                 }
             }
-            // Nothing is sent while disconnected, so what is unacknowledged now is what Paho
-            // drops if the broker has no session for us.
-            let unacknowledged = self
-                .unacknowledged
-                .as_ref()
-                .map_or(0, |n| n.load(Ordering::Relaxed));
-            // Paho removes them from the store while it answers the connect, so read them now.
-            let restored: Vec<(String, Vec<u8>)> = match &self.restored {
-                Some(r) if unacknowledged > 0 => r
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .iter()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
-                _ => Vec::new(),
-            };
-            let attempt = tokio::select! {
+            let event = tokio::select! {
                 _ = self.stop.cancelled() => return,
-                r = self.connect() => r,
+                r = async { connecting.as_mut().expect("guarded").await }, if connecting.is_some() => {
+                    connecting = None;
+                    match r {
+                        Ok(resp) => {
+                            // Connection-lost notifications from before this connection are
+                            // stale.
+                            while lost.try_recv().is_ok() {}
+                            while reconnect.try_recv().is_ok() {}
+                            Event::Connected {
+                                session_present: resp
+                                    .connect_response()
+                                    .is_some_and(|c| c.session_present),
+                                unacknowledged,
+                                restored: restored.len(),
+                                max_qos: resp
+                                    .properties()
+                                    .get_int(paho::PropertyCode::MaximumQos)
+                                    .map(|q| q.clamp(0, 2) as u8),
+                            }
+                        }
+                        Err(e) if gives_up(&e) => Event::ConnectFailed {
+                            error: format!(
+                                "connecting to {} failed: the MQTT client's persistence (the in-flight log under the data directory) failed: {e}; not retried",
+                                self.log.url
+                            ),
+                            fatal: true,
+                        },
+                        Err(e) => Event::ConnectFailed {
+                            error: describe_error(&e, &self.log.url),
+                            fatal: false,
+                        },
+                    }
+                }
+                r = async { disconnecting.as_mut().expect("guarded").await }, if disconnecting.is_some() => {
+                    disconnecting = None;
+                    Event::Disconnected(r)
+                }
+                _ = async { timer.as_mut().expect("guarded").await }, if timer.is_some() => {
+                    timer = None;
+                    Event::TimerFired
+                }
+                Some(()) = lost.recv() => Event::Lost,
+                Some(()) = reconnect.recv() => Event::ReconnectAsked,
+                Ok(()) = want.changed() => Event::Want(*want.borrow_and_update()),
             };
-            match attempt {
-                Ok(resp) => {
-                    failures = 0;
-                    let session_present =
-                        resp.connect_response().is_some_and(|c| c.session_present);
-                    // Connection-lost notifications from before this connection are stale.
-                    while lost.try_recv().is_ok() {}
-                    while reconnect.try_recv().is_ok() {}
-                    self.mark_open();
-                    log.record(
-                        log.entry(
-                            Severity::Info,
-                            bip::CONNECTED,
-                            format!(
-                                "Connected to {} as '{}'{}",
-                                log.url,
-                                log.client_id,
-                                if session_present {
-                                    " (session resumed)"
-                                } else {
-                                    ""
-                                }
-                            ),
-                        )
-                        .tag("session_present", session_present),
-                    );
-                    if !session_present && unacknowledged > 0 {
-                        report_discarded(log, unacknowledged, restored.len());
-                        if !restored.is_empty() {
-                            tokio::spawn(self.clone().publish_restored(restored));
-                        }
-                    }
-                    if let Some(q) = resp.properties().get_int(paho::PropertyCode::MaximumQos) {
-                        self.learn_limit(q.clamp(0, 2) as u8, Source::Connack);
-                        log.record(
-                            log.entry(
-                                Severity::Info,
-                                bip::BROKER_LIMIT,
-                                format!("The broker allows at most QoS {q} (MQTT v5 CONNACK Maximum QoS)"),
-                            )
-                            .tag("max_qos", q),
-                        );
-                    }
-                    // Subscriptions and the QoS probe happen before the node may use the
-                    // connection, so a publish never goes out above a limit we could know.
-                    let _ =
-                        tokio::time::timeout(self.connect_timeout, on_connected(session_present))
-                            .await;
-                    self.connected.send_replace(true);
-                    let why = tokio::select! {
-                        _ = self.stop.cancelled() => return,
-                        _ = lost.recv() => "lost",
-                        _ = reconnect.recv() => "reconnect",
-                        _ = want.wait_for(|w| *w == Want::Paused) => "pause",
-                    };
-                    self.mark_closed();
-                    match why {
-                        "lost" => {
-                            log.record(log.entry(
-                                Severity::Warning,
-                                bip::CONNECTION_LOST,
-                                format!(
-                                    "Lost the connection to {}; reconnecting in {}",
-                                    log.url,
-                                    flowbus_runtime::time::human(self.backoff.delay(0))
-                                ),
-                            ));
-                            tokio::select! {
-                                _ = self.stop.cancelled() => return,
-                                _ = tokio::time::sleep(self.backoff.delay(0)) => {}
-                            }
-                        }
-                        "reconnect" => {
-                            let _ = self.client.disconnect_after(Duration::ZERO).await;
-                            log.record(log.entry(
-                                Severity::Warning,
-                                bip::DISCONNECTED,
-                                format!("Disconnected from {} to reconnect after a failed publish attempt", log.url),
-                            ));
-                        }
-                        _ => {
-                            // A grace period lets paho finish the acknowledgements of what it
-                            // already received, so the broker does not send those again.
-                            match self.client.disconnect_after(Duration::from_secs(1)).await {
-                                Ok(_) => log.record(log.entry(
-                                    Severity::Info,
-                                    bip::DISCONNECTED,
-                                    format!("Disconnected from {} (paused; the broker keeps the session's messages)", log.url),
-                                )),
-                                Err(e) => log.record(log.entry(
-                                    Severity::Warning,
-                                    bip::DISCONNECT_FAILED,
-                                    format!("Failed to disconnect from {} while pausing: {e}", log.url),
-                                )),
-                            }
-                        }
-                    }
-                }
-                Err(e) if gives_up(&e) => {
-                    inc(&log.stats.failed_connections);
-                    let reason = format!(
-                        "connecting to {} failed: the MQTT client's persistence (the in-flight log under the data directory) failed: {e}; not retried",
-                        log.url
-                    );
-                    log.record(log.entry(Severity::Error, bip::CONNECTION_FAILURE, reason.clone()));
-                    self.fatal.send_replace(Some(reason));
-                    return;
-                }
-                Err(e) => {
-                    let e = describe_error(&e, &log.url);
-                    inc(&log.stats.failed_connections);
-                    let delay = self.backoff.delay(failures);
-                    if failures == 0 {
-                        log.record(log.entry(
-                            Severity::Error,
-                            bip::FIRST_FAILED_CONNECT,
-                            format!("Failed to connect to {}: {e}", log.url),
-                        ));
-                    }
-                    log.record(
-                        log.entry(
-                            Severity::Error,
-                            bip::CONNECTION_FAILURE,
-                            format!(
-                                "Connection to {} failed (attempt {}): {e}; retrying in {}",
-                                log.url,
-                                failures + 1,
-                                flowbus_runtime::time::human(delay)
-                            ),
-                        )
-                        .tag("attempt", failures + 1)
-                        .tag("retry_in_ms", delay.as_millis() as u64),
-                    );
-                    failures = failures.saturating_add(1);
-                    tokio::select! {
-                        _ = self.stop.cancelled() => return,
-                        _ = tokio::time::sleep(delay) => {}
-                    }
-                }
-            }
+            todo.extend(session.on(event));
         }
+    }
+
+    /// Writes what the session state machine says to the activity log.
+    fn note(&self, note: crate::mqtt::session::Note) {
+        use crate::mqtt::session::Note;
+        let log = &self.log;
+        let url = &log.url;
+        let entry = match note {
+            Note::Connected { session_present } => log
+                .entry(
+                    Severity::Info,
+                    bip::CONNECTED,
+                    format!(
+                        "Connected to {url} as '{}'{}",
+                        log.client_id,
+                        if session_present {
+                            " (session resumed)"
+                        } else {
+                            ""
+                        }
+                    ),
+                )
+                .tag("session_present", session_present),
+            Note::Discarded {
+                unacknowledged,
+                restored,
+            } => return report_discarded(log, unacknowledged, restored),
+            Note::BrokerLimit(q) => log
+                .entry(
+                    Severity::Info,
+                    bip::BROKER_LIMIT,
+                    format!("The broker allows at most QoS {q} (MQTT v5 CONNACK Maximum QoS)"),
+                )
+                .tag("max_qos", q),
+            Note::Lost { retry_in } => log.entry(
+                Severity::Warning,
+                bip::CONNECTION_LOST,
+                format!(
+                    "Lost the connection to {url}; reconnecting in {}",
+                    flowbus_runtime::time::human(retry_in)
+                ),
+            ),
+            Note::DisconnectedToReconnect => log.entry(
+                Severity::Warning,
+                bip::DISCONNECTED,
+                format!("Disconnected from {url} to reconnect after a failed publish attempt"),
+            ),
+            Note::Paused => log.entry(
+                Severity::Info,
+                bip::DISCONNECTED,
+                format!(
+                    "Disconnected from {url} (paused; the broker keeps the session's messages)"
+                ),
+            ),
+            Note::PauseFailed(e) => log.entry(
+                Severity::Warning,
+                bip::DISCONNECT_FAILED,
+                format!("Failed to disconnect from {url} while pausing: {e}"),
+            ),
+            Note::FirstFailure(e) => log.entry(
+                Severity::Error,
+                bip::FIRST_FAILED_CONNECT,
+                format!("Failed to connect to {url}: {e}"),
+            ),
+            Note::Failure {
+                attempt,
+                error,
+                retry_in,
+            } => log
+                .entry(
+                    Severity::Error,
+                    bip::CONNECTION_FAILURE,
+                    format!(
+                        "Connection to {url} failed (attempt {attempt}): {error}; retrying in {}",
+                        flowbus_runtime::time::human(retry_in)
+                    ),
+                )
+                .tag("attempt", attempt)
+                .tag("retry_in_ms", retry_in.as_millis() as u64),
+            Note::Fatal(reason) => log.entry(Severity::Error, bip::CONNECTION_FAILURE, reason),
+        };
+        log.record(entry);
     }
 
     /// Publishes again, in packet-id order and each under an in-flight permit, the publications
