@@ -568,10 +568,6 @@ fn cmd_run(
     }
     let api_options = admin::Options::new(&config.admin, auth);
     let api_limits = admin::Limits::new(&config.admin);
-    // Anything recorded through the `metrics` facade lands in the daemon's registry.
-    let _ = metrics::set_global_recorder(flowbus_runtime::telemetry::TelemetryRecorder(
-        services.telemetry.clone(),
-    ));
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     // Scripts may run on the workers too (`instances > 1`): the same stack as input threads.
     rt.thread_stack_size(flowbus_runtime::input_task::STACK_SIZE);
