@@ -20,7 +20,7 @@ use flowbus_runtime::config::Config;
 static ALLOC: flowbus_runtime::memory::Counting = flowbus_runtime::memory::Counting;
 use flowbus_runtime::daemon::{bip, Daemon};
 use flowbus_runtime::datadir::DataDir;
-use flowbus_runtime::engine::Cancel;
+use flowbus_runtime::engine::CancellationToken;
 use flowbus_runtime::flow::{flow_files, validate, FlowErrors, ValidatedFlow};
 use flowbus_runtime::node::{Registry, ValidateCtx};
 use flowbus_runtime::services::Services;
@@ -583,7 +583,7 @@ fn cmd_run(
         for e in &failed {
             eprintln!("{e}");
         }
-        let stop_api = Cancel::default();
+        let stop_api = CancellationToken::new();
         let api = {
             let stop = stop_api.clone();
             let router = admin::router(daemon.clone(), api_options);

@@ -18,7 +18,7 @@ use flowbus_runtime::config::{Config, ServerConfig};
 use flowbus_runtime::datadir::{create_private_dir_all, private_options};
 
 use crate::qos_policy::{mismatch_head, mismatch_text, Decision, Policy, Source};
-use flowbus_runtime::engine::Cancel;
+use flowbus_runtime::engine::CancellationToken;
 use flowbus_runtime::flow::FlowErrorKind;
 use flowbus_runtime::node::{NodeDecl, Problem, PropKind, PropSpec, ValidateCtx};
 use flowbus_runtime::services::Services;
@@ -754,7 +754,7 @@ pub struct Conn {
     reconnect: mpsc::UnboundedSender<()>,
     reconnect_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
     lost_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
-    stop: Cancel,
+    stop: CancellationToken,
     /// The supervisor task, awaited on shutdown so the client is released before a new
     /// version of the flow creates one with the same id (and persistence directory).
     supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -1062,7 +1062,7 @@ impl Conn {
             reconnect,
             reconnect_rx: Mutex::new(Some(reconnect_rx)),
             lost_rx: Mutex::new(Some(lost_rx)),
-            stop: Cancel::default(),
+            stop: CancellationToken::new(),
             supervisor: Mutex::new(None),
             counted_open: AtomicBool::new(false),
             v5,

@@ -36,7 +36,7 @@ pub mod time;
 pub mod tree;
 
 pub use engine::{
-    Cancel, Dispatcher, Disposition, Flow, InputCtx, NodeHandle, Outputs, RunningFlow,
+    CancellationToken, Dispatcher, Disposition, Flow, InputCtx, NodeHandle, Outputs, RunningFlow,
 };
 pub use message::{Body, Domain, Exception, ExceptionKind, Message};
 pub use node::{BoxFut, BuiltNode, NodeFailure, Registry, Thrown};
