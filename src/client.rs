@@ -209,15 +209,15 @@ fn query_string(params: &[(&str, Option<String>)]) -> String {
     }
 }
 
+/// Everything but RFC 3986's unreserved characters is escaped, in a path segment or a query.
+const ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    percent_encoding::utf8_percent_encode(s, ESCAPED).to_string()
 }
 
 fn s(v: &Value, k: &str) -> String {
@@ -723,5 +723,6 @@ mod tests {
             query_string(&[("flow", Some("a b&c".into())), ("node", None)]),
             "?flow=a%20b%26c"
         );
+        assert_eq!(encode("flow/ü~x.y-z_1"), "flow%2F%C3%BC~x.y-z_1");
     }
 }

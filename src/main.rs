@@ -20,7 +20,7 @@ use flowbus_runtime::config::Config;
 static ALLOC: flowbus_runtime::memory::Counting = flowbus_runtime::memory::Counting;
 use flowbus_runtime::daemon::{bip, Daemon};
 use flowbus_runtime::datadir::DataDir;
-use flowbus_runtime::engine::Cancel;
+use flowbus_runtime::engine::CancellationToken;
 use flowbus_runtime::flow::{flow_files, validate, FlowErrors, ValidatedFlow};
 use flowbus_runtime::node::{Registry, ValidateCtx};
 use flowbus_runtime::services::Services;
@@ -568,10 +568,6 @@ fn cmd_run(
     }
     let api_options = admin::Options::new(&config.admin, auth);
     let api_limits = admin::Limits::new(&config.admin);
-    // Anything recorded through the `metrics` facade lands in the daemon's registry.
-    let _ = metrics::set_global_recorder(flowbus_runtime::telemetry::TelemetryRecorder(
-        services.telemetry.clone(),
-    ));
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     // Scripts may run on the workers too (`instances > 1`): the same stack as input threads.
     rt.thread_stack_size(flowbus_runtime::input_task::STACK_SIZE);
@@ -587,7 +583,7 @@ fn cmd_run(
         for e in &failed {
             eprintln!("{e}");
         }
-        let stop_api = Cancel::default();
+        let stop_api = CancellationToken::new();
         let api = {
             let stop = stop_api.clone();
             let router = admin::router(daemon.clone(), api_options);

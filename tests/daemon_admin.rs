@@ -14,7 +14,7 @@ use common::{http, http_json, scratch};
 use flowbus_runtime::admin;
 use flowbus_runtime::config::Config;
 use flowbus_runtime::daemon::Daemon;
-use flowbus_runtime::engine::{Cancel, Outputs};
+use flowbus_runtime::engine::{CancellationToken, Outputs};
 use flowbus_runtime::message::Message;
 use flowbus_runtime::node::{
     BoxFut, BuildCtx, BuiltNode, NodeDecl, NodeFailure, NodeKind, NodeSpec, Problem,
@@ -90,7 +90,7 @@ struct App {
     daemon: Daemon,
     url: String,
     dir: PathBuf,
-    stop: Cancel,
+    stop: CancellationToken,
 }
 
 impl App {
@@ -110,7 +110,7 @@ impl App {
         assert!(failed.is_empty(), "{failed:?}");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
-        let stop = Cancel::default();
+        let stop = CancellationToken::new();
         let auth = token.map_or(admin::Auth::None, admin::Auth::token);
         let router = admin::router(daemon.clone(), admin::Options::with_auth(auth));
         let s = stop.clone();

@@ -48,8 +48,8 @@
 //! a segment that cannot be read, or does not start with [`MAGIC`], is reported at every open
 //! and otherwise left alone; sequence numbers and new segments' names stay clear of it.
 
+use crate::checksum::checksum;
 use crate::mqtt_store::{allocate, unmap_later};
-use crate::quick_hash;
 use flowbus_runtime::datadir::{create_private_dir_all, private_options};
 use memmap2::MmapMut;
 use std::collections::{BTreeMap, VecDeque};
@@ -348,12 +348,6 @@ fn segment_name_seq(name: &str) -> Option<u64> {
 
 fn segment_name(first: u64) -> String {
     format!("{first:016x}{SUFFIX}")
-}
-
-/// The records' checksum: [`quick_hash::of`] folded to 32 bits (as the in-flight store's).
-fn checksum(bytes: &[u8]) -> u32 {
-    let h = quick_hash::of(bytes);
-    (h ^ (h >> 32)) as u32
 }
 
 /// Writes into a slice front to back.

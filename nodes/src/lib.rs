@@ -7,12 +7,15 @@
 //!   [`mqtt_limits`] (what MQTT can carry, checked before paho sees a value).
 //! - [`input_journal`]: an append-only journal on disk of the messages a subscriber received
 //!   and has not finished with, so that a SIGKILL loses none of them (not yet used by a node).
+//!   It and the in-flight store ([`mqtt_store`]) check their records with one checksum
+//!   (`checksum`), part of their file format.
 //! - [`doctor`]: `flowbus doctor`, which probes every server the flows use.
 //! - [`qos_policy`]: QoS policy alignment (server `max_qos`, per-topic rules, broker limits).
 //! - [`trace`], [`trycatch`], [`throw`], [`timer`]: flow plumbing and a broker-less input.
 //!
 //! [`registry`] maps every type name to its kind.
 
+mod checksum;
 pub mod compute;
 pub mod doctor;
 pub mod filter;
@@ -24,7 +27,6 @@ pub mod mqtt_publish;
 pub mod mqtt_store;
 pub mod mqtt_subscribe;
 pub mod qos_policy;
-pub mod quick_hash;
 pub mod script;
 mod script_hints;
 mod script_paths;

@@ -18,7 +18,7 @@ use flowbus_runtime::config::{Config, ServerConfig};
 use flowbus_runtime::datadir::{create_private_dir_all, private_options};
 
 use crate::qos_policy::{mismatch_head, mismatch_text, Decision, Policy, Source};
-use flowbus_runtime::engine::Cancel;
+use flowbus_runtime::engine::CancellationToken;
 use flowbus_runtime::flow::FlowErrorKind;
 use flowbus_runtime::node::{NodeDecl, Problem, PropKind, PropSpec, ValidateCtx};
 use flowbus_runtime::services::Services;
@@ -755,7 +755,7 @@ pub struct Conn {
     reconnect: mpsc::UnboundedSender<()>,
     reconnect_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
     lost_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
-    stop: Cancel,
+    stop: CancellationToken,
     /// The supervisor task, awaited on shutdown so the client is released before a new
     /// version of the flow creates one with the same id (and persistence directory).
     supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -1063,7 +1063,7 @@ impl Conn {
             reconnect,
             reconnect_rx: Mutex::new(Some(reconnect_rx)),
             lost_rx: Mutex::new(Some(lost_rx)),
-            stop: Cancel::default(),
+            stop: CancellationToken::new(),
             supervisor: Mutex::new(None),
             counted_open: AtomicBool::new(false),
             v5,
@@ -1930,6 +1930,9 @@ pub struct Redeliveries {
     connection: u64,
     /// Whether the messages of this connection so far were all recognised resends.
     resending: bool,
+    /// The digests' hasher, seeded at random: a publisher who knows the function still does
+    /// not know the seed to prepare a payload with another's digest.
+    digests: foldhash::quality::RandomState,
 }
 
 impl Default for Redeliveries {
@@ -1945,18 +1948,22 @@ impl Redeliveries {
             last: Vec::new(),
             connection: 0,
             resending: false,
+            digests: foldhash::quality::RandomState::default(),
         }
     }
 
-    fn key(topic: &str, payload: &[u8]) -> u64 {
-        // Seeded per process: a publisher cannot prepare a payload with another's digest.
-        crate::quick_hash::digest(&[topic.as_bytes(), payload]).wrapping_add(1)
+    fn key(&self, topic: &str, payload: &[u8]) -> u64 {
+        use std::hash::BuildHasher;
+        // Slices hash with their lengths, so topic and payload cannot trade bytes.
+        self.digests
+            .hash_one((topic.as_bytes(), payload))
+            .wrapping_add(1)
     }
 
     /// Remembers a message received before this run without checking it (a message replayed
     /// from the input journal): the broker may send it again, not knowing it arrived.
     pub fn remember(&mut self, msgid: u16, topic: &str, payload: &[u8]) {
-        self.set(msgid, Self::key(topic, payload));
+        self.set(msgid, self.key(topic, payload));
     }
 
     fn set(&mut self, msgid: u16, key: u64) {
@@ -1985,7 +1992,7 @@ impl Redeliveries {
             self.connection = connection;
             self.resending = true;
         }
-        let key = Self::key(topic, payload);
+        let key = self.key(topic, payload);
         let seen = self.last.get(usize::from(msgid)) == Some(&key);
         if dup && seen && self.resending {
             return true;
@@ -2284,6 +2291,22 @@ mod tests {
         assert!(!r.is_redelivery(2, true, 2, "t", b"b"));
         // Same content, other id: new.
         assert!(!r.is_redelivery(3, true, 9, "t", b"a"));
+    }
+
+    /// A new message whose payload differs from the last one with its packet id in two words
+    /// is not taken for a resend (the hand-written digest this replaced gave both payloads the
+    /// same digest whatever its seed: bit 63 of one word, bit 28 of the next).
+    #[test]
+    fn payloads_differing_in_two_words_are_not_taken_for_resends() {
+        let a = [0u8; 16];
+        let mut b = a;
+        b[7] ^= 0x80;
+        b[11] ^= 0x10;
+        for _ in 0..100 {
+            let mut r = Redeliveries::new();
+            assert!(!r.is_redelivery(1, false, 1, "t", &a));
+            assert!(!r.is_redelivery(2, true, 1, "t", &b));
+        }
     }
 
     /// Whatever the broker's in-flight window, a resend is recognised: the filter keeps the

@@ -24,7 +24,7 @@
 //! a new log starts from the records that were sound; [`LogStore::recovery`] says what was
 //! kept and lost, for the connection to report.
 
-use crate::quick_hash::{self, QuickMap};
+use crate::checksum::checksum;
 use flowbus_runtime::datadir::{create_private_dir_all, private_options};
 use memmap2::MmapMut;
 use paho_mqtt as paho;
@@ -451,7 +451,7 @@ impl Release {
     pub fn release(&self) {
         let mut inner = self.0.lock().unwrap_or_else(|e| e.into_inner());
         inner.map = None;
-        inner.live = QuickMap::default();
+        inner.live = foldhash::HashMap::default();
         inner.buf = Vec::new();
         inner.end = 0;
         inner.released = 0;
@@ -471,14 +471,8 @@ struct Inner {
     end: usize,
     /// The mapping's pages before this offset have been handed back (see [`RELEASE_STEP`]).
     released: usize,
-    live: QuickMap<String, Vec<u8>>,
+    live: foldhash::HashMap<String, Vec<u8>>,
     buf: Vec<u8>,
-}
-
-/// The records' checksum: [`quick_hash::of`] folded to 32 bits.
-fn checksum(bytes: &[u8]) -> u32 {
-    let h = quick_hash::of(bytes);
-    (h ^ (h >> 32)) as u32
 }
 
 fn encode(buf: &mut Vec<u8>, op: u8, key: &str, parts: &[&[u8]]) {
@@ -499,7 +493,7 @@ fn encode(buf: &mut Vec<u8>, op: u8, key: &str, parts: &[&[u8]]) {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Replay {
     /// Live records.
-    pub live: QuickMap<String, Vec<u8>>,
+    pub live: foldhash::HashMap<String, Vec<u8>>,
     /// Bytes of valid log.
     pub good: usize,
     /// Bytes after the last valid record (a record cut short or corrupt).
@@ -603,7 +597,7 @@ impl LogStore {
         self.unacknowledged.clone()
     }
 
-    fn count(&self, live: &QuickMap<String, Vec<u8>>) {
+    fn count(&self, live: &foldhash::HashMap<String, Vec<u8>>) {
         let n = live.keys().filter(|k| unacknowledged(k)).count();
         self.unacknowledged.store(n, Ordering::Relaxed);
     }

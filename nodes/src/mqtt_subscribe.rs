@@ -725,10 +725,13 @@ impl Subscribe {
         let mut summaries = tokio::time::interval(Duration::from_secs(1));
         summaries.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let rx_ref = &mut rx;
+        // Made once: each select! below only polls it (no waiter registered per message).
+        let stopped = ctx.cancel().cancelled();
+        tokio::pin!(stopped);
         loop {
             tokio::select! {
                 biased;
-                _ = ctx.cancel().cancelled() => break,
+                _ = &mut stopped => break,
                 reason = &mut fatal => {
                     ctx.fail_flow(reason);
                     break;

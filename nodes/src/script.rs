@@ -18,7 +18,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::script_paths;
-use flowbus_runtime::engine::Cancel;
+use flowbus_runtime::engine::CancellationToken;
 use flowbus_runtime::flow::FlowErrorKind;
 use flowbus_runtime::memory::Mark;
 use flowbus_runtime::message::{numbers, Body, Exception, ExceptionKind, Message, Root};
@@ -163,7 +163,7 @@ struct Guard {
     max_memory: usize,
     max_depth: usize,
     /// The flow's: fires when the flow stops or fails.
-    stop: Option<Cancel>,
+    stop: Option<CancellationToken>,
     /// When this run first saw `stop` fired: it may go on for [`STOP_GRACE`] after that.
     stop_seen: std::cell::Cell<Option<Instant>>,
 }
@@ -173,8 +173,12 @@ struct Guard {
 /// runaway one ends within this, whatever its own timeout, and its thread with it.
 const STOP_GRACE: Duration = Duration::from_secs(1);
 
+/// How many operations a script runs between two looks at its flow's stop (microseconds; a
+/// power of two).
+const STOP_CHECK_OPS: u64 = 256;
+
 impl Guard {
-    fn new(limits: &Limits, stop: Option<&Cancel>) -> Guard {
+    fn new(limits: &Limits, stop: Option<&CancellationToken>) -> Guard {
         let started = Instant::now();
         Guard {
             started,
@@ -190,11 +194,18 @@ impl Guard {
         }
     }
 
-    /// Why the script must end now, if it must. Runs between every two operations: one atomic
-    /// load, a thread-local read and one read of the coarse clock (no system call).
+    /// Why the script must end now, if it must, after `ops` operations. Runs between every two
+    /// operations: a thread-local read and one read of the coarse clock (no system call); the
+    /// stop is looked at every [`STOP_CHECK_OPS`] operations, since a token's state is behind
+    /// a mutex.
     #[inline]
-    fn breach(&self) -> Option<Dynamic> {
-        if self.stop.as_ref().is_some_and(Cancel::is_cancelled) {
+    fn breach(&self, ops: u64) -> Option<Dynamic> {
+        if ops & (STOP_CHECK_OPS - 1) == 0
+            && self
+                .stop
+                .as_ref()
+                .is_some_and(CancellationToken::is_cancelled)
+        {
             let now = Instant::now();
             let seen = *self.stop_seen.get().get_or_insert(now);
             self.stop_seen.set(Some(seen));
@@ -313,7 +324,7 @@ pub fn engine(limits: &Limits) -> Engine {
     e.disable_symbol("eval");
     e.on_print(|s| tracing::info!(target: "flowbus::script", "{s}"));
     e.on_debug(|s, src, pos| tracing::debug!(target: "flowbus::script", "{} {pos:?}: {s}", src.unwrap_or("")));
-    e.on_progress(|_| GUARD.with(|g| g.borrow().as_ref().and_then(Guard::breach)));
+    e.on_progress(|ops| GUARD.with(|g| g.borrow().as_ref().and_then(|g| g.breach(ops))));
     e
 }
 
@@ -800,7 +811,7 @@ impl Script {
         &self,
         msg: &Message,
         terminals: &'static [&'static str],
-        stop: Option<&Cancel>,
+        stop: Option<&CancellationToken>,
     ) -> Result<Outcome, Exception> {
         let u = self.uses;
         // `propagate` reads the current Root and LocalEnvironment from a native function, so
@@ -1815,7 +1826,7 @@ mod tests {
         let s = compiled(
             json!({"code": "loop { }", "max_operations": 1_000_000_000, "timeout": "60s"}),
         );
-        let stop = Cancel::default();
+        let stop = CancellationToken::new();
         let fire = stop.clone();
         let started = Instant::now();
         let t = std::thread::spawn(move || {
@@ -1844,7 +1855,7 @@ mod tests {
         let s = compiled(
             json!({"code": "let i = 0; while i < 1000 { i += 1; } Root.Body.done = true;"}),
         );
-        let stop = Cancel::default();
+        let stop = CancellationToken::new();
         stop.cancel();
         for _ in 0..3 {
             let out = s

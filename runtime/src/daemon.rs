@@ -21,7 +21,7 @@ use serde_json::Value;
 
 use crate::activity::{NewEntry, Severity};
 use crate::config::Config;
-use crate::engine::{Cancel, Flow, NodeStatsSnapshot, RunningFlow};
+use crate::engine::{CancellationToken, Flow, NodeStatsSnapshot, RunningFlow};
 use crate::flow::{
     flow_files, load_flow_bundle, load_flow_text, FlowError, FlowErrorKind, FlowErrors,
 };
@@ -142,7 +142,8 @@ enum Run {
 
 /// The task that stops a flow when it fails.
 struct Monitor {
-    stop: Cancel,
+    /// A child of the daemon's shutdown token.
+    stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -217,7 +218,10 @@ struct Inner {
     started: Instant,
     started_at: String,
     shutting_down: AtomicBool,
-    stop_watch: Cancel,
+    /// Fires when shutdown begins: ends the watcher and, its children, the flows' monitors.
+    /// The flows' own tokens are not its children: shutdown stops them one by one, the last
+    /// started first, each within the deadline.
+    shutdown: CancellationToken,
     /// Where API deploys write new flow files.
     deploy_dir: PathBuf,
     /// The watched paths (the configured ones plus `deploy_dir`).
@@ -279,7 +283,7 @@ impl Daemon {
                 started: Instant::now(),
                 started_at: crate::time::now_rfc3339(),
                 shutting_down: AtomicBool::new(false),
-                stop_watch: Cancel::default(),
+                shutdown: CancellationToken::new(),
                 deploy_dir,
                 paths,
                 watch_errors: Mutex::new(crate::time::Every::new(Duration::from_secs(60))),
@@ -585,7 +589,7 @@ impl Daemon {
     /// Starts a built flow and a monitor that stops it if it fails.
     fn run(&self, flow: &Flow) -> Run {
         let running = flow.start();
-        let stop = Cancel::default();
+        let stop = self.inner.shutdown.child_token();
         let me = self.clone();
         let watched = flow.clone();
         let stopped = stop.clone();
@@ -1080,7 +1084,7 @@ impl Daemon {
         tick.tick().await;
         loop {
             tokio::select! {
-                _ = self.inner.stop_watch.cancelled() => return,
+                _ = self.inner.shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
             self.check_files().await;
@@ -1183,7 +1187,7 @@ impl Daemon {
     /// not stop in time.
     pub async fn shutdown(&self, deadline: Duration) -> Vec<String> {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
-        self.inner.stop_watch.cancel();
+        self.inner.shutdown.cancel();
         let until = tokio::time::Instant::now() + deadline;
         let _ops = tokio::time::timeout_at(until, self.inner.ops.lock())
             .await

@@ -13,14 +13,14 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use serde::Serialize;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
 use crate::activity::{NewEntry, Sampler, Severity};
@@ -30,44 +30,9 @@ use crate::services::Services;
 use crate::stats::{inc, names};
 use crate::telemetry::{Hist, HistSnapshot};
 
-/// A cancellation signal (cloneable; fires once).
-#[derive(Clone)]
-pub struct Cancel {
-    tx: Arc<watch::Sender<bool>>,
-    /// The same state as `tx`'s, readable without a lock: a running script polls it between
-    /// operations.
-    fired: Arc<AtomicBool>,
-}
-
-impl Default for Cancel {
-    fn default() -> Self {
-        Cancel {
-            tx: Arc::new(watch::channel(false).0),
-            fired: Arc::default(),
-        }
-    }
-}
-
-impl Cancel {
-    /// Fires the signal.
-    pub fn cancel(&self) {
-        self.fired.store(true, Ordering::Release);
-        self.tx.send_replace(true);
-    }
-
-    /// Whether it has fired (one atomic load).
-    #[inline]
-    pub fn is_cancelled(&self) -> bool {
-        self.fired.load(Ordering::Acquire)
-    }
-
-    /// Resolves when it fires.
-    pub async fn cancelled(&self) {
-        let mut rx = self.tx.subscribe();
-        // The sender lives in `self`, so `wait_for` cannot fail while we wait.
-        let _ = rx.wait_for(|v| *v).await;
-    }
-}
+/// Cancellation: a flow's token fires when the flow stops or fails, and each node's is a
+/// child of it.
+pub use tokio_util::sync::CancellationToken;
 
 /// Watches propagation (the test harness records what reaches each terminal).
 pub trait Observer: Send + Sync {
@@ -108,6 +73,8 @@ pub(crate) struct Slot {
     pub(crate) imp: Imp,
     pub(crate) outputs: Vec<Terminal>,
     pub(crate) counters: NodeCounters,
+    /// A child of the flow's token.
+    pub(crate) cancel: CancellationToken,
     /// Rate limit for this node's per-message error entries.
     pub(crate) error_log: Sampler,
 }
@@ -119,10 +86,11 @@ pub struct FlowInner {
     pub(crate) slots: Vec<Slot>,
     pub(crate) services: Arc<Services>,
     pub(crate) observer: Option<Arc<dyn Observer>>,
-    pub(crate) cancel: Cancel,
+    /// Fires when the flow stops or fails; the nodes' tokens are its children.
+    pub(crate) cancel: CancellationToken,
     pub(crate) failure: Mutex<Option<String>>,
     /// Fires when `failure` is set.
-    pub(crate) failed: Cancel,
+    pub(crate) failed: CancellationToken,
 }
 
 impl FlowInner {
@@ -303,10 +271,10 @@ impl<'a> Outputs<'a> {
         self.flow.is_connected(self.node, terminal)
     }
 
-    /// The flow's cancellation signal: fires when the flow stops or fails, so that work that
-    /// cannot yield (a running script) can end early.
-    pub fn cancel(&self) -> &'a Cancel {
-        &self.flow.cancel
+    /// The node's cancellation token (a child of its flow's): fires when the flow stops or
+    /// fails, so that work that cannot yield (a running script) can end early.
+    pub fn cancel(&self) -> &'a CancellationToken {
+        &self.flow.slots[self.node].cancel
     }
 
     /// The flow name.
@@ -377,9 +345,10 @@ pub struct InputCtx {
 }
 
 impl InputCtx {
-    /// The flow's cancellation signal (fires on stop, or when the flow fails).
-    pub fn cancel(&self) -> &Cancel {
-        &self.flow.cancel
+    /// The node's cancellation token, a child of its flow's (fires on stop, or when the flow
+    /// fails).
+    pub fn cancel(&self) -> &CancellationToken {
+        &self.flow.slots[self.node].cancel
     }
 
     /// The flow name.
@@ -1083,6 +1052,7 @@ pub(crate) fn assemble(
     edges: Vec<(usize, String, usize)>,
     services: Arc<Services>,
 ) -> Flow {
+    let cancel = CancellationToken::new();
     let mut slots: Vec<Slot> = nodes
         .into_iter()
         .map(|(id, type_name, built, outputs)| Slot {
@@ -1101,6 +1071,7 @@ pub(crate) fn assemble(
                 })
                 .collect(),
             counters: NodeCounters::default(),
+            cancel: cancel.child_token(),
             error_log: Sampler::new(10),
         })
         .collect();
@@ -1116,9 +1087,9 @@ pub(crate) fn assemble(
             slots,
             services,
             observer: None,
-            cancel: Cancel::default(),
+            cancel,
             failure: Mutex::new(None),
-            failed: Cancel::default(),
+            failed: CancellationToken::new(),
         }),
     }
 }

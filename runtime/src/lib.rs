@@ -10,8 +10,8 @@
 //! - [`config`]: `flowbus.toml`. [`daemon`]: deploying, starting, stopping, watching and
 //!   removing flows; one failure domain per flow; graceful shutdown. [`datadir`]: the data
 //!   directory (private modes, one daemon at a time, the admin token).
-//! - [`admin`]: the admin HTTP API. [`telemetry`]: the metrics registry (a `metrics`
-//!   recorder) and the Prometheus text format.
+//! - [`admin`]: the admin HTTP API. [`telemetry`]: the metrics registry and the
+//!   Prometheus text format.
 //! - [`harness`]: run flows in tests without a broker. [`input_task`]: where a flow input
 //!   runs (a thread of its own) and the effects its nodes defer to the moments it yields.
 //! - [`memory`]: the counting allocator behind the scripts' memory budget.
@@ -36,7 +36,7 @@ pub mod time;
 pub mod tree;
 
 pub use engine::{
-    Cancel, Dispatcher, Disposition, Flow, InputCtx, NodeHandle, Outputs, RunningFlow,
+    CancellationToken, Dispatcher, Disposition, Flow, InputCtx, NodeHandle, Outputs, RunningFlow,
 };
 pub use message::{Body, Domain, Exception, ExceptionKind, Message};
 pub use node::{BoxFut, BuiltNode, NodeFailure, Registry, Thrown};

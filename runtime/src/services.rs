@@ -16,8 +16,7 @@ pub struct Services {
     pub activity: ActivityLog,
     /// MQTT server statistics.
     pub stats: Stats,
-    /// The metrics registry (node counters and histograms; anything recorded through the
-    /// `metrics` crate when it is the global recorder).
+    /// The metrics registry (node counters and histograms).
     pub telemetry: Arc<Telemetry>,
     /// What the MQTTSubscribe nodes hold of received messages, together.
     pub input: Arc<InputBudget>,

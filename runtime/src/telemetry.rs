@@ -1,7 +1,5 @@
-//! Statistics through the `metrics` crate: a [`Telemetry`] registry that is a
-//! [`metrics::Recorder`] (the daemon installs it as the global recorder, so anything emitted
-//! with `metrics::counter!` and friends lands here), plus the runtime's own counters, which it
-//! registers directly as shared atomics so the hot path costs one relaxed atomic add.
+//! The metrics registry: the runtime's counters and histograms, registered as the atomics the
+//! engine updates (the hot path costs one relaxed atomic add), rendered as Prometheus text.
 //!
 //! One registry per daemon (or test harness): the series are rendered as Prometheus text by
 //! [`Telemetry::render_prometheus`], and the same atomics feed the JSON statistics. A flow's
@@ -13,9 +11,6 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use metrics::{
-    Counter, Gauge, Histogram, HistogramFn, Key, KeyName, Metadata, Recorder, SharedString, Unit,
-};
 use serde::Serialize;
 
 /// Upper bounds (seconds) of the processing-time histogram buckets.
@@ -66,12 +61,6 @@ impl Hist {
     }
 }
 
-impl HistogramFn for Hist {
-    fn record(&self, value: f64) {
-        self.observe(value);
-    }
-}
-
 /// A histogram as JSON: cumulative counts by upper bound (seconds, as text), count and sum.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct HistSnapshot {
@@ -103,18 +92,6 @@ impl SeriesKey {
         }
     }
 
-    fn from_key(key: &Key) -> SeriesKey {
-        let mut labels: Vec<(String, String)> = key
-            .labels()
-            .map(|l| (l.key().to_string(), l.value().to_string()))
-            .collect();
-        labels.sort();
-        SeriesKey {
-            name: key.name().to_string(),
-            labels,
-        }
-    }
-
     fn has_label(&self, name: &str, value: &str) -> bool {
         self.labels.iter().any(|(k, v)| k == name && v == value)
     }
@@ -123,9 +100,7 @@ impl SeriesKey {
 #[derive(Default)]
 struct Series {
     counters: BTreeMap<SeriesKey, Arc<AtomicU64>>,
-    gauges: BTreeMap<SeriesKey, Arc<AtomicU64>>,
     histograms: BTreeMap<SeriesKey, Arc<Hist>>,
-    help: BTreeMap<String, String>,
 }
 
 /// The daemon's metrics registry.
@@ -158,24 +133,6 @@ impl Telemetry {
         self.series.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The counter of a series (created on first use).
-    pub fn counter(&self, name: &str, labels: &[(&str, &str)]) -> Arc<AtomicU64> {
-        self.lock()
-            .counters
-            .entry(SeriesKey::new(name, labels))
-            .or_default()
-            .clone()
-    }
-
-    /// The histogram of a series (created on first use).
-    pub fn histogram(&self, name: &str, labels: &[(&str, &str)]) -> Arc<Hist> {
-        self.lock()
-            .histograms
-            .entry(SeriesKey::new(name, labels))
-            .or_default()
-            .clone()
-    }
-
     /// Puts a counter owned elsewhere under a series, replacing what was there.
     pub fn attach_counter(&self, name: &str, labels: &[(&str, &str)], c: Arc<AtomicU64>) {
         self.lock().counters.insert(SeriesKey::new(name, labels), c);
@@ -192,39 +149,22 @@ impl Telemetry {
     pub fn remove_labelled(&self, name: &str, value: &str) {
         let mut s = self.lock();
         s.counters.retain(|k, _| !k.has_label(name, value));
-        s.gauges.retain(|k, _| !k.has_label(name, value));
         s.histograms.retain(|k, _| !k.has_label(name, value));
-    }
-
-    /// Sets the help text of a metric.
-    pub fn describe(&self, name: &str, help: &str) {
-        self.lock().help.insert(name.to_string(), help.to_string());
-    }
-
-    /// The value of a counter series, if it exists (for tests and the JSON view).
-    pub fn counter_value(&self, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
-        self.lock()
-            .counters
-            .get(&SeriesKey::new(name, labels))
-            .map(|c| c.load(Ordering::Relaxed))
     }
 
     /// Renders every series, plus `collected` families, in the Prometheus text format
     /// (version 0.0.4).
+    // Hand-written (~60 lines): prometheus-client writes OpenMetrics (other TYPE lines, `# EOF`),
+    // metrics-exporter-prometheus keeps series we cannot share with the JSON view or drop per
+    // flow, and the prometheus crate's encoder takes as much code to fill its model.
     pub fn render_prometheus(&self, collected: &[Collected]) -> String {
         let s = self.lock();
         let mut out = String::new();
-        let help = |name: &str, fallback: &str| {
-            s.help
-                .get(name)
-                .cloned()
-                .unwrap_or_else(|| fallback.to_string())
-        };
         for c in collected {
             if c.samples.is_empty() {
                 continue;
             }
-            header(&mut out, c.name, c.kind, &help(c.name, c.help));
+            header(&mut out, c.name, c.kind, c.help);
             for (labels, v) in &c.samples {
                 let labels: Vec<(String, String)> = labels
                     .iter()
@@ -236,7 +176,7 @@ impl Telemetry {
         let mut last = "";
         for (k, v) in &s.counters {
             if k.name != last {
-                header(&mut out, &k.name, "counter", &help(&k.name, ""));
+                header(&mut out, &k.name, "counter", "");
                 last = &k.name;
             }
             line(
@@ -248,18 +188,9 @@ impl Telemetry {
             );
         }
         last = "";
-        for (k, v) in &s.gauges {
-            if k.name != last {
-                header(&mut out, &k.name, "gauge", &help(&k.name, ""));
-                last = &k.name;
-            }
-            let value = f64::from_bits(v.load(Ordering::Relaxed));
-            line(&mut out, &k.name, &k.labels, None, &format_float(value));
-        }
-        last = "";
         for (k, h) in &s.histograms {
             if k.name != last {
-                header(&mut out, &k.name, "histogram", &help(&k.name, ""));
+                header(&mut out, &k.name, "histogram", "");
                 last = &k.name;
             }
             let snap = h.snapshot();
@@ -343,73 +274,28 @@ fn format_float(v: f64) -> String {
     }
 }
 
-/// [`Telemetry`] as a `metrics` recorder (install it with `metrics::set_global_recorder`).
-#[derive(Clone)]
-pub struct TelemetryRecorder(pub Arc<Telemetry>);
-
-impl Recorder for TelemetryRecorder {
-    fn describe_counter(&self, key: KeyName, _unit: Option<Unit>, description: SharedString) {
-        self.0.describe(key.as_str(), &description);
-    }
-
-    fn describe_gauge(&self, key: KeyName, _unit: Option<Unit>, description: SharedString) {
-        self.0.describe(key.as_str(), &description);
-    }
-
-    fn describe_histogram(&self, key: KeyName, _unit: Option<Unit>, description: SharedString) {
-        self.0.describe(key.as_str(), &description);
-    }
-
-    fn register_counter(&self, key: &Key, _metadata: &Metadata<'_>) -> Counter {
-        let c = self
-            .0
-            .lock()
-            .counters
-            .entry(SeriesKey::from_key(key))
-            .or_default()
-            .clone();
-        Counter::from_arc(c)
-    }
-
-    fn register_gauge(&self, key: &Key, _metadata: &Metadata<'_>) -> Gauge {
-        let g = self
-            .0
-            .lock()
-            .gauges
-            .entry(SeriesKey::from_key(key))
-            .or_default()
-            .clone();
-        Gauge::from_arc(g)
-    }
-
-    fn register_histogram(&self, key: &Key, _metadata: &Metadata<'_>) -> Histogram {
-        let h = self
-            .0
-            .lock()
-            .histograms
-            .entry(SeriesKey::from_key(key))
-            .or_default()
-            .clone();
-        Histogram::from_arc(h)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn counter(t: &Telemetry, name: &str, labels: &[(&str, &str)], n: u64) {
+        t.attach_counter(name, labels, Arc::new(AtomicU64::new(n)));
+    }
+
     #[test]
     fn renders_counters_histograms_and_collected_families() {
         let t = Telemetry::new();
-        t.describe("flowbus_node_messages_total", "Messages per terminal.");
-        t.counter(
+        counter(
+            &t,
             "flowbus_node_messages_total",
-            &[("flow", "f"), ("node", "n"), ("terminal", "Out")],
-        )
-        .fetch_add(3, Ordering::Relaxed);
-        let h = t.histogram(
+            &[("terminal", "Out"), ("flow", "f"), ("node", "n")],
+            3,
+        );
+        let h = Arc::new(Hist::default());
+        t.attach_histogram(
             "flowbus_node_processing_seconds",
             &[("flow", "f"), ("node", "n")],
+            h.clone(),
         );
         h.observe(0.0002);
         h.observe(2.0);
@@ -420,10 +306,10 @@ mod tests {
             help: "Failed connection attempts.",
             samples: vec![(vec![("server", "tcp://h:1".to_string())], 2.0)],
         }]);
-        assert!(text.contains("# TYPE flowbus_mqtt_failed_connections_total counter\nflowbus_mqtt_failed_connections_total{server=\"tcp://h:1\"} 2\n"), "{text}");
-        assert!(text.contains("# HELP flowbus_node_messages_total Messages per terminal.\n# TYPE flowbus_node_messages_total counter\nflowbus_node_messages_total{flow=\"f\",node=\"n\",terminal=\"Out\"} 3\n"), "{text}");
+        assert!(text.starts_with("# HELP flowbus_mqtt_failed_connections_total Failed connection attempts.\n# TYPE flowbus_mqtt_failed_connections_total counter\nflowbus_mqtt_failed_connections_total{server=\"tcp://h:1\"} 2\n"), "{text}");
+        assert!(text.contains("# TYPE flowbus_node_messages_total counter\nflowbus_node_messages_total{flow=\"f\",node=\"n\",terminal=\"Out\"} 3\n"), "{text}");
         assert!(text.contains(
-            "flowbus_node_processing_seconds_bucket{flow=\"f\",node=\"n\",le=\"0.0001\"} 0\n"
+            "# TYPE flowbus_node_processing_seconds histogram\nflowbus_node_processing_seconds_bucket{flow=\"f\",node=\"n\",le=\"0.00005\"} 0\n"
         ));
         assert!(text.contains(
             "flowbus_node_processing_seconds_bucket{flow=\"f\",node=\"n\",le=\"0.00025\"} 1\n"
@@ -439,19 +325,11 @@ mod tests {
     }
 
     #[test]
-    fn the_metrics_facade_lands_in_the_registry_and_flows_can_be_removed() {
-        let t = Arc::new(Telemetry::new());
-        let rec = TelemetryRecorder(t.clone());
-        metrics::with_local_recorder(&rec, || {
-            metrics::counter!("x_total", "flow" => "a").increment(2);
-            metrics::counter!("x_total", "flow" => "b").increment(1);
-            metrics::gauge!("g", "flow" => "a").set(1.5);
-            metrics::histogram!("h_seconds", "flow" => "a").record(0.001);
-        });
-        assert_eq!(t.counter_value("x_total", &[("flow", "a")]), Some(2));
-        let text = t.render_prometheus(&[]);
-        assert!(text.contains("g{flow=\"a\"} 1.5\n"), "{text}");
-        assert!(text.contains("h_seconds_count{flow=\"a\"} 1\n"), "{text}");
+    fn a_flows_series_can_be_removed() {
+        let t = Telemetry::new();
+        counter(&t, "x_total", &[("flow", "a")], 2);
+        counter(&t, "x_total", &[("flow", "b")], 1);
+        t.attach_histogram("h_seconds", &[("flow", "a")], Arc::default());
         t.remove_labelled("flow", "a");
         let text = t.render_prometheus(&[]);
         assert!(!text.contains("flow=\"a\""), "{text}");
@@ -461,8 +339,7 @@ mod tests {
     #[test]
     fn label_values_are_escaped() {
         let t = Telemetry::new();
-        t.counter("c", &[("node", "a\"b\\c\nd")])
-            .fetch_add(1, Ordering::Relaxed);
+        counter(&t, "c", &[("node", "a\"b\\c\nd")], 1);
         assert!(t
             .render_prometheus(&[])
             .contains("c{node=\"a\\\"b\\\\c\\nd\"} 1\n"));

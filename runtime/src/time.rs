@@ -1,5 +1,7 @@
-//! Wall-clock formatting without a date crate: RFC 3339 UTC timestamps with milliseconds.
+//! Wall-clock time as text: RFC 3339 UTC timestamps with milliseconds (through `humantime`),
+//! durations as people write them, and a rate limit for repeated reports.
 
+use std::fmt::Write as _;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Now, as `2026-11-22T10:00:00.123Z`.
@@ -7,25 +9,23 @@ pub fn now_rfc3339() -> String {
     format_rfc3339(SystemTime::now())
 }
 
-/// Formats a time as RFC 3339 UTC with milliseconds.
+/// Formats a time as RFC 3339 UTC with milliseconds. A time before 1970 reads as the epoch,
+/// one past the year 9999 (which RFC 3339 cannot write) as the last second of 9999.
 pub fn format_rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs() as i64;
+    let secs = d.as_secs().min(LAST_SECOND);
     let ms = d.subsec_millis();
-    // Every message gets a CreationTime, many per second: the calendar arithmetic and
-    // `format!` run once per second and thread, the milliseconds are filled in by hand.
+    // Every message gets a CreationTime, many per second, and humantime takes three times as
+    // long as this: it writes the whole seconds once per second and thread, the milliseconds
+    // are filled in here.
     let head = SECOND.with(|c| match c.get() {
-        (s, head) if s == secs => Some(head),
+        (s, head) if s == secs => head,
         _ => {
-            let head = <[u8; 19]>::try_from(format_seconds(secs).as_bytes()).ok()?;
+            let head = whole_seconds(secs);
             c.set((secs, head));
-            Some(head)
+            head
         }
     });
-    let Some(head) = head else {
-        // A year outside 0..=9999: not 19 characters.
-        return format!("{}.{ms:03}Z", format_seconds(secs));
-    };
     let mut out = Vec::with_capacity(24);
     out.extend_from_slice(&head);
     out.extend_from_slice(&[
@@ -38,100 +38,58 @@ pub fn format_rfc3339(t: SystemTime) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
+/// 9999-12-31T23:59:59Z, the last second humantime (and RFC 3339) can write.
+const LAST_SECOND: u64 = 253_402_300_799;
+
 thread_local! {
     /// The last whole second formatted on this thread and its text.
-    static SECOND: std::cell::Cell<(i64, [u8; 19])> = const { std::cell::Cell::new((i64::MIN, [0; 19])) };
+    static SECOND: std::cell::Cell<(u64, [u8; 19])> = const { std::cell::Cell::new((u64::MAX, [0; 19])) };
 }
 
-/// `2026-11-22T10:00:00` for whole seconds since the epoch.
-fn format_seconds(secs: i64) -> String {
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    let (y, m, day) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+/// `2026-11-22T10:00:00` for whole seconds since the epoch (at most [`LAST_SECOND`]).
+fn whole_seconds(secs: u64) -> [u8; 19] {
+    let mut text = String::with_capacity(20);
+    let t = UNIX_EPOCH + Duration::from_secs(secs);
+    let _ = write!(text, "{}", humantime::format_rfc3339_seconds(t));
+    text.as_bytes()
+        .get(..19)
+        .and_then(|b| b.try_into().ok())
+        .unwrap_or([b'0'; 19])
 }
 
 /// Parses an RFC 3339 time (`2026-11-22T10:00:00Z`, `2026-11-22T10:00:00.5+01:00`).
 pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
-    let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| -> Option<i64> {
-        let t = s.get(r)?;
-        t.bytes()
-            .all(|c| c.is_ascii_digit())
-            .then(|| t.parse().ok())?
-    };
-    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
-    if b[13] != b':' || b[16] != b':' {
-        return None;
-    }
-    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
-        return None;
-    }
-    let mut rest = &s[19..];
-    let mut nanos = 0u32;
-    if let Some(frac) = rest.strip_prefix('.') {
-        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
-        if digits == 0 {
-            return None;
-        }
-        let mut f = frac[..digits.min(9)].to_string();
-        while f.len() < 9 {
-            f.push('0');
-        }
-        nanos = f.parse().ok()?;
-        rest = &frac[digits..];
-    }
-    let offset = match rest {
-        "Z" | "z" => 0,
-        _ => {
-            let sign = match rest.as_bytes().first()? {
-                b'+' => 1,
-                b'-' => -1,
+    let s = s.to_ascii_uppercase();
+    // humantime reads UTC only, and a time without a zone as UTC: the zone is required here
+    // and an offset taken off.
+    let (time, east) = match s.strip_suffix('Z') {
+        Some(time) => (time, 0),
+        None => {
+            let (time, offset) = s.split_at_checked(s.len().checked_sub(6)?)?;
+            let east = match offset.as_bytes() {
+                [sign @ (b'+' | b'-'), h1, h2, b':', m1, m2]
+                    if [h1, h2, m1, m2].iter().all(|c| c.is_ascii_digit()) =>
+                {
+                    let secs = u64::from((h1 - b'0') * 10 + (h2 - b'0')) * 3600
+                        + u64::from((m1 - b'0') * 10 + (m2 - b'0')) * 60;
+                    if *sign == b'+' {
+                        secs as i64
+                    } else {
+                        -(secs as i64)
+                    }
+                }
                 _ => return None,
             };
-            let (oh, om) = rest[1..].split_once(':')?;
-            if oh.len() != 2 || om.len() != 2 {
-                return None;
-            }
-            sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60)
+            (time, east)
         }
     };
-    let secs = days_from_civil(y, mo as u32, d as u32) * 86_400 + h * 3600 + mi * 60 + sec - offset;
-    let secs = u64::try_from(secs).ok()?;
-    Some(UNIX_EPOCH + std::time::Duration::new(secs, nanos))
-}
-
-/// Howard Hinnant's civil-to-days algorithm.
-fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = (i64::from(m) + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
-}
-
-/// Howard Hinnant's days-to-civil algorithm.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { y + 1 } else { y }, m, d)
+    let local = humantime::parse_rfc3339_weak(time).ok()?;
+    let offset = Duration::from_secs(east.unsigned_abs());
+    if east >= 0 {
+        local.checked_sub(offset)
+    } else {
+        local.checked_add(offset)
+    }
 }
 
 /// A duration as people write it, rounded to what matters: `250ms`, `1.5s`, `2s`, `2m 30s`,
@@ -221,7 +179,6 @@ mod tests {
         e.last = Some(Instant::now() - Duration::from_secs(3601));
         assert_eq!(e.tick(), Some(3));
     }
-    use std::time::Duration;
 
     #[test]
     fn formats_known_instants() {
@@ -248,9 +205,11 @@ mod tests {
             format_rfc3339(base + Duration::from_millis(59)),
             "2026-11-22T10:00:00.059Z"
         );
-        // Five-digit years do not fit the cached form and are formatted in full.
+        // What RFC 3339 cannot write is brought within it.
         let far = UNIX_EPOCH + Duration::from_secs(253_402_300_800);
-        assert_eq!(format_rfc3339(far), "10000-01-01T00:00:00.000Z");
+        assert_eq!(format_rfc3339(far), "9999-12-31T23:59:59.000Z");
+        let early = UNIX_EPOCH - Duration::from_secs(1);
+        assert_eq!(format_rfc3339(early), "1970-01-01T00:00:00.000Z");
     }
 
     #[test]
@@ -264,7 +223,7 @@ mod tests {
             Some("2026-11-22T10:00:00.000Z".to_string())
         );
         assert_eq!(
-            parse_rfc3339("2026-11-22T10:00:00.5Z").map(format_rfc3339),
+            parse_rfc3339("2026-11-22t05:30:00.5-04:30").map(format_rfc3339),
             Some("2026-11-22T10:00:00.500Z".to_string())
         );
         for bad in [
@@ -272,6 +231,8 @@ mod tests {
             "2026-13-01T00:00:00Z",
             "2026-11-22T10:00:00",
             "2026-11-22",
+            "2026-11-22T10:00:00+1:00",
+            "2026-02-30T10:00:00Z",
         ] {
             assert_eq!(parse_rfc3339(bad), None, "{bad}");
         }
