@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{fast_config, wait_until, Broker, Client, Running};
-use flowbus_nodes::mqtt_client::{closed_clients, reap_closed_clients, REAP_GRACE};
+use flowbus_nodes::mqtt::{closed_clients, reap_closed_clients, REAP_GRACE};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(10);

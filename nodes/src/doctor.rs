@@ -15,7 +15,7 @@ use flowbus_runtime::flow::ValidatedFlow;
 use flowbus_runtime::services::Services;
 use serde::Serialize;
 
-use crate::mqtt_client::{resolve_endpoint, topics, Backoff, Conn, ConnSpec, Endpoint};
+use crate::mqtt::{resolve_endpoint, topics, Backoff, Conn, ConnSpec, Endpoint};
 use crate::qos_policy::{Decision, Source};
 
 /// What doctor learnt about one server.

@@ -2,11 +2,11 @@
 //!
 //! - [`compute`], [`filter`]: Rhai scripts, sharing [`script`] (sandboxed engine, tree
 //!   conversion, errors with script line:column).
-//! - [`mqtt_subscribe`], [`mqtt_publish`]: the MQTT nodes, sharing [`mqtt_client`] (one paho
+//! - [`mqtt_subscribe`], [`mqtt_publish`]: the MQTT nodes, sharing [`mqtt`] (one paho
 //!   client per node, the reconnect supervisor, activity-log events and statistics) and
 //!   [`mqtt_limits`] (what MQTT can carry, checked before paho sees a value).
 //! - [`input_journal`]: an append-only journal on disk of the messages a subscriber received
-//!   and has not finished with, so that a SIGKILL loses none of them (not yet used by a node).
+//!   and has not finished with, so that a SIGKILL loses none of them.
 //!   It and the in-flight store ([`mqtt_store`]) check their records with one checksum
 //!   (`checksum`), part of their file format.
 //! - [`doctor`]: `flowbus doctor`, which probes every server the flows use.
@@ -21,7 +21,6 @@ pub mod doctor;
 pub mod filter;
 pub mod input_journal;
 pub mod mqtt;
-pub mod mqtt_client;
 pub mod mqtt_limits;
 pub mod mqtt_publish;
 pub mod mqtt_store;

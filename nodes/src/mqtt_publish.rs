@@ -43,7 +43,7 @@ use rhai::Dynamic;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use crate::mqtt_client::{
+use crate::mqtt::{
     bip, check_common, check_topic, client_id, instance_id, max_payload, normalise_url,
     resolve_endpoint, Backoff, Conn, ConnSpec, Endpoint, PolicyGate, Sampler, COMMON_PROPS,
     MAX_PAYLOAD_PROP,
@@ -1252,7 +1252,7 @@ impl Publish {
         let mut done = Vec::new();
         let mut failed = false;
         if !self.clean_session {
-            match crate::mqtt_client::end_session(ConnSpec {
+            match crate::mqtt::end_session(ConnSpec {
                 endpoint: &endpoint,
                 client_id: cid.clone(),
                 persistent_session: false,
@@ -1307,7 +1307,7 @@ fn summary_text(n: u64) -> String {
 }
 
 /// That summary, with a connection's log context.
-fn published_summary(log: &crate::mqtt_client::LogCtx, n: u64) {
+fn published_summary(log: &crate::mqtt::LogCtx, n: u64) {
     log.record(log.entry(Severity::Info, bip::SUMMARY, summary_text(n)));
 }
 

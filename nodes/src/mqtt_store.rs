@@ -440,7 +440,7 @@ pub fn owed(dir: &Path) -> std::io::Result<usize> {
 
 /// Lets the connection release a store at once: Paho closes it only when it destroys the
 /// client, which flowbus does minutes after the connection closed (see `CLOSED_CLIENTS` in
-/// `mqtt_client`); until then a closed publisher would keep its mapping and open file, and a
+/// `mqtt::reaper`); until then a closed publisher would keep its mapping and open file, and a
 /// new connection with the same id would share them.
 #[derive(Clone)]
 pub struct Release(Arc<Mutex<Inner>>);

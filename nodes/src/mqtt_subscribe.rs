@@ -40,7 +40,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, Notify};
 
 use crate::input_journal::{Incoming, Journal, Received};
-use crate::mqtt_client::{
+use crate::mqtt::{
     bip, check_common, check_topic, client_id, instance_id, max_payload, resolve_endpoint, topics,
     user_properties, wire_info, Backoff, Conn, ConnSpec, Endpoint, LogCtx, OnConnected, PolicyGate,
     Redeliveries, Sampler, Want, COMMON_PROPS, MAX_PAYLOAD_PROP,
@@ -511,7 +511,7 @@ impl InputNode for Subscribe {
                 return;
             }
             let cid = self.client_id();
-            let result = crate::mqtt_client::end_session(ConnSpec {
+            let result = crate::mqtt::end_session(ConnSpec {
                 endpoint: &self.endpoint,
                 client_id: cid.clone(),
                 persistent_session: false,
@@ -643,7 +643,7 @@ impl Subscribe {
         let log = conn.log.clone();
         // Aborted at a stop deadline, this task is dropped mid-way: the connection must not
         // stay subscribed behind it.
-        let _abandon = crate::mqtt_client::AbandonOnDrop(conn.clone());
+        let _abandon = crate::mqtt::AbandonOnDrop(conn.clone());
 
         let (tx, mut rx) = mpsc::unbounded_channel::<Inbound>();
         let load = Arc::new(Load::new(self.services.input.clone()));

@@ -3,12 +3,12 @@
 //! timer fired, a disconnect done) and returns [`Action`]s (connect, disconnect, wait, get the
 //! node ready, publish restored publications again, write a [`Note`] to the activity log).
 //! The reconnect schedule of IIB, pausing for back-pressure and the lost-session path are all
-//! decided here; [`crate::mqtt_client::Conn`]'s supervisor only carries the actions out with
+//! decided here; [`crate::mqtt::Conn`]'s supervisor only carries the actions out with
 //! paho and feeds back what happened. (The shape follows rumqtt's `state.rs`.)
 
 use std::time::Duration;
 
-use crate::mqtt_client::{Backoff, Want};
+use flowbus_runtime::config::Config;
 
 /// Where the connection is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,6 +325,42 @@ impl Session {
     }
 }
 
+/// The reconnect schedule: `initial`, then `step` longer each attempt, at most `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// First delay.
+    pub initial: Duration,
+    /// Increase per attempt.
+    pub step: Duration,
+    /// Largest delay.
+    pub max: Duration,
+}
+
+impl Backoff {
+    /// From `[mqtt]` in the configuration.
+    pub fn from_config(c: &Config) -> Backoff {
+        Backoff {
+            initial: c.mqtt.reconnect_initial.0,
+            step: c.mqtt.reconnect_step.0,
+            max: c.mqtt.reconnect_max.0,
+        }
+    }
+
+    /// The delay before attempt `n` (counting failed attempts from 0).
+    pub fn delay(&self, n: u32) -> Duration {
+        (self.initial + self.step.saturating_mul(n)).min(self.max)
+    }
+}
+
+/// What the supervisor should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// Be connected.
+    Up,
+    /// Stay disconnected (a paused subscriber; the broker keeps the session's messages).
+    Paused,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -604,5 +640,19 @@ mod tests {
             .unwrap();
         assert!(learn < ready);
         assert!(notes(&a).contains(&Note::BrokerLimit(1)));
+    }
+
+    #[test]
+    fn backoff_follows_the_iib_schedule() {
+        let b = Backoff {
+            initial: Duration::from_secs(5),
+            step: Duration::from_secs(5),
+            max: Duration::from_secs(120),
+        };
+        let d: Vec<u64> = (0..26).map(|n| b.delay(n).as_secs()).collect();
+        assert_eq!(&d[..4], &[5, 10, 15, 20]);
+        assert_eq!(d[22], 115);
+        assert_eq!(d[23], 120);
+        assert_eq!(d[25], 120);
     }
 }
