@@ -1,6 +1,10 @@
 //! The paho adapter: one paho-mqtt async client per node (per URL for publish overrides),
 //! its options, connects, QoS probes, pause and resume requests, and shutdown.
 
+use super::{
+    endpoint::describe_error, endpoint::ssl_options, endpoint::Endpoint, log::bip, log::LogCtx,
+    outbox::Outbox, restore::report_corrupt_log, session::Backoff, session::Want,
+};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,8 +20,6 @@ use flowbus_runtime::stats::inc;
 use paho_mqtt as paho;
 use tokio::sync::{mpsc, watch};
 
-use super::*;
-
 /// Called after each successful connect with `session_present`.
 pub type OnConnected = Box<dyn Fn(bool) -> flowbus_runtime::BoxFut<'static, ()> + Send + Sync>;
 
@@ -27,22 +29,22 @@ pub struct Conn {
     pub client: std::mem::ManuallyDrop<paho::AsyncClient>,
     /// Log context.
     pub log: LogCtx,
-    pub(crate) opts: paho::ConnectOptions,
+    opts: paho::ConnectOptions,
     pub(crate) backoff: Backoff,
     pub(crate) connected: watch::Sender<bool>,
     pub(crate) want: watch::Sender<Want>,
-    pub(crate) reconnect: mpsc::UnboundedSender<()>,
+    reconnect: mpsc::UnboundedSender<()>,
     pub(crate) reconnect_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
     pub(crate) lost_rx: Mutex<Option<mpsc::UnboundedReceiver<()>>>,
     pub(crate) stop: CancellationToken,
     /// The supervisor task, awaited on shutdown so the client is released before a new
     /// version of the flow creates one with the same id (and persistence directory).
     pub(crate) supervisor: Mutex<Option<tokio::task::JoinHandle<()>>>,
-    pub(crate) counted_open: AtomicBool,
+    counted_open: AtomicBool,
     /// Whether the connection uses MQTT v5.
     pub v5: bool,
     /// The broker's QoS limit and how we learnt it, once known.
-    pub(crate) limit: Mutex<Option<(u8, Source)>>,
+    limit: Mutex<Option<(u8, Source)>>,
     pub(crate) connect_timeout: Duration,
     /// Connects started and not yet answered by Paho (see [`Conn::connect`]).
     pub(crate) connecting: Arc<AtomicUsize>,

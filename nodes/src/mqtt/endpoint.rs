@@ -162,7 +162,7 @@ pub fn resolve_endpoint(node: &NodeDecl, config: &Config) -> Result<Endpoint, Ve
     Ok(Endpoint::inline(&url, version_prop.unwrap_or(3)))
 }
 
-pub(crate) fn endpoint_from_server(
+fn endpoint_from_server(
     name: &str,
     s: &ServerConfig,
     version: Option<u8>,

@@ -23,7 +23,7 @@ pub fn wire_info(m: &paho::Message) -> (bool, i32) {
 #[repr(C)]
 #[derive(Clone, Copy)]
 #[cfg_attr(test, derive(Debug))]
-pub(crate) struct CMessageHead {
+struct CMessageHead {
     struct_id: [u8; 4],
     struct_version: i32,
     payloadlen: i32,
@@ -35,15 +35,15 @@ pub(crate) struct CMessageHead {
 }
 
 /// The whole C struct: the head and `MQTTProperties` (three ints and a pointer).
-pub(crate) const C_MESSAGE_SIZE: usize = std::mem::size_of::<CMessageHead>() + 24;
+const C_MESSAGE_SIZE: usize = std::mem::size_of::<CMessageHead>() + 24;
 
 /// Where the C struct sits inside a `paho::Message`: [`NOT_FOUND`] until the first look, then
 /// the offset, or [`UNUSABLE`].
-pub(crate) static C_MESSAGE_AT: AtomicUsize = AtomicUsize::new(NOT_FOUND);
+static C_MESSAGE_AT: AtomicUsize = AtomicUsize::new(NOT_FOUND);
 
-pub(crate) const NOT_FOUND: usize = usize::MAX;
+const NOT_FOUND: usize = usize::MAX;
 
-pub(crate) const UNUSABLE: usize = usize::MAX - 1;
+const UNUSABLE: usize = usize::MAX - 1;
 
 /// `dup` and `msgid` read from the C struct inside `m`, or None if it cannot be found there.
 ///
@@ -53,7 +53,7 @@ pub(crate) const UNUSABLE: usize = usize::MAX - 1;
 /// for once, and every read is checked against what paho-mqtt's accessors say: the struct's
 /// tag `MQTM`, a payload pointer and length equal to `payload()`'s, the same QoS and retained
 /// flag. A paho-mqtt laid out otherwise fails the checks, and the caller reads `Debug`.
-pub(crate) fn wire_info_raw(m: &paho::Message) -> Option<(bool, i32)> {
+fn wire_info_raw(m: &paho::Message) -> Option<(bool, i32)> {
     let base = (m as *const paho::Message).cast::<u8>();
     let matches = |at: usize| -> Option<CMessageHead> {
         // SAFETY: `at` is 0 or 8 and the value is `C_MESSAGE_SIZE + 8` bytes long (checked
@@ -90,7 +90,7 @@ pub(crate) fn wire_info_raw(m: &paho::Message) -> Option<(bool, i32)> {
 
 /// Follows the formatter's pieces: `debug_struct` writes a field's name, `": "`, then the
 /// value (one piece for an integer). No buffer, no searching: this runs for every message.
-pub(crate) fn wire_info_fast(m: &dyn std::fmt::Debug) -> Option<(bool, i32)> {
+fn wire_info_fast(m: &dyn std::fmt::Debug) -> Option<(bool, i32)> {
     #[derive(Clone, Copy)]
     enum Want {
         Nothing,
@@ -137,7 +137,7 @@ pub(crate) fn wire_info_fast(m: &dyn std::fmt::Debug) -> Option<(bool, i32)> {
 }
 
 /// The same from the formatted text (if the formatter's pieces ever change shape).
-pub(crate) fn wire_info_text(m: &paho::Message) -> (bool, i32) {
+fn wire_info_text(m: &paho::Message) -> (bool, i32) {
     struct Finder {
         buf: String,
         found: Option<(bool, i32)>,

@@ -37,5 +37,4 @@ pub use policy_gate::*;
 pub use props::*;
 pub use reaper::*;
 pub use redelivery::*;
-pub(crate) use restore::*;
 pub use session::{Backoff, Want};

@@ -1,6 +1,7 @@
 //! Where a publication is handed to paho: the outbox that batches a flow input's
 //! publications per wake-up of paho's send thread.
 
+use super::{conn::Conn, log::bip, log::LogCtx};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -8,8 +9,6 @@ use flowbus_runtime::activity::Severity;
 
 use flowbus_runtime::stats::{add, inc};
 use paho_mqtt as paho;
-
-use super::*;
 
 /// Publications that nodes have handed over, in order, waiting to be handed to paho.
 ///
@@ -25,18 +24,18 @@ use super::*;
 /// task switch.
 #[derive(Default)]
 pub struct Outbox {
-    pub(crate) queue: Mutex<Vec<Outgoing>>,
+    queue: Mutex<Vec<Outgoing>>,
     /// Held while a batch is handed to paho: a flush before a disconnect waits for a hand-over
     /// in progress on another thread, so nothing taken from the queue reaches paho after the
     /// disconnect (paho refuses it then; seen as QoS 0 messages missing after a SIGTERM).
-    pub(crate) handing: Mutex<()>,
+    handing: Mutex<()>,
     pub(crate) wake: tokio::sync::Notify,
-    pub(crate) started: AtomicBool,
+    started: AtomicBool,
     pub(crate) closed: AtomicBool,
 }
 
 /// A publication and, if its sender wants it, where its token goes.
-pub(crate) type Outgoing = (
+type Outgoing = (
     paho::Message,
     Option<tokio::sync::oneshot::Sender<paho::DeliveryToken>>,
 );
@@ -72,7 +71,7 @@ impl Outbox {
 
 /// A QoS 0 publication paho refused at the hand-over: the node has already passed the message
 /// on, so the activity log is where it ends.
-pub(crate) fn refused_qos0(log: &LogCtx, e: &paho::Error) {
+fn refused_qos0(log: &LogCtx, e: &paho::Error) {
     let (topic, why) = match e {
         paho::Error::Publish(rc, m) => (m.topic().to_string(), paho::Error::from(*rc).to_string()),
         other => (String::new(), other.to_string()),
@@ -147,6 +146,7 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mqtt::{conn::Conn, conn::ConnSpec, endpoint::Endpoint, session::Backoff};
     use flowbus_runtime::services::Services;
     use std::time::Duration;
 

@@ -1,6 +1,7 @@
 //! The QoS policy of a server applied to one node's topics: decided, logged once per topic,
 //! counted.
 
+use super::{conn::Conn, log::bip};
 use std::collections::BTreeSet;
 use std::sync::Mutex;
 
@@ -8,8 +9,6 @@ use flowbus_runtime::activity::Severity;
 
 use crate::qos_policy::{mismatch_head, mismatch_text, Decision, Policy, Source};
 use flowbus_runtime::stats::inc;
-
-use super::*;
 
 /// Applies a server's QoS policy for one node: decides each topic's QoS, logs the rule that
 /// decided or the downgrade once per topic, and counts downgrades and refusals.
@@ -20,7 +19,7 @@ pub struct PolicyGate {
 
 /// How many topics a node notes individually before it stops (a publish node with a topic per
 /// device must not grow this without bound).
-pub(crate) const NOTED_TOPICS: usize = 1000;
+const NOTED_TOPICS: usize = 1000;
 
 impl PolicyGate {
     /// The gate for a node's endpoint.

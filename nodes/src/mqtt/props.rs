@@ -1,13 +1,12 @@
 //! The properties both MQTT nodes share, their checks at validation, and topic checks.
 
+use super::endpoint::normalise_url;
 use std::collections::BTreeSet;
 
 use flowbus_runtime::config::Config;
 
 use flowbus_runtime::flow::FlowErrorKind;
 use flowbus_runtime::node::{NodeDecl, Problem, PropKind, PropSpec, ValidateCtx};
-
-use super::*;
 
 /// Properties both MQTT nodes have.
 pub const COMMON_PROPS: [PropSpec; 6] = [

@@ -1,13 +1,12 @@
 //! Closed paho clients wait here until no connect of theirs is pending, then are destroyed
 //! on the reaper thread, never on one of Paho's.
 
+use super::conn::Conn;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use paho_mqtt as paho;
-
-use super::*;
 
 /// paho-mqtt clients that have been closed and wait to be destroyed. Paho's token for a
 /// connect holds a reference to its client; if that reference turned out to be the last,
@@ -18,9 +17,9 @@ use super::*;
 /// lets go of the token just after it answers), and not before twice its connect timeout and
 /// [`REAP_GRACE`] have passed; then the reaper drops it and the client (its buffers,
 /// callbacks and the flow objects they hold) is destroyed there, never on a Paho thread.
-pub(crate) static CLOSED_CLIENTS: Mutex<Vec<Closed>> = Mutex::new(Vec::new());
+static CLOSED_CLIENTS: Mutex<Vec<Closed>> = Mutex::new(Vec::new());
 
-pub(crate) struct Closed {
+struct Closed {
     /// Held only to be dropped by the reaper.
     _client: paho::AsyncClient,
     /// Not destroyed before.
@@ -35,13 +34,9 @@ pub(crate) struct Closed {
 pub const REAP_GRACE: Duration = Duration::from_secs(60);
 
 /// How often the reaper thread looks.
-pub(crate) const REAP_EVERY: Duration = Duration::from_secs(30);
+const REAP_EVERY: Duration = Duration::from_secs(30);
 
-pub(crate) fn retire(
-    client: paho::AsyncClient,
-    connect_timeout: Duration,
-    connecting: Arc<AtomicUsize>,
-) {
+fn retire(client: paho::AsyncClient, connect_timeout: Duration, connecting: Arc<AtomicUsize>) {
     static REAPER: std::sync::Once = std::sync::Once::new();
     let due = Instant::now() + connect_timeout.saturating_mul(2) + REAP_GRACE;
     CLOSED_CLIENTS

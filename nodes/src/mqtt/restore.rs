@@ -1,13 +1,12 @@
 //! The lost-session path: publications paho dropped with a session the broker lost, said in
 //! the activity log, and the ones restored from the in-flight log published again.
 
+use super::{conn::Conn, log::bip, log::LogCtx};
 use std::sync::Arc;
 
 use flowbus_runtime::activity::Severity;
 
 use paho_mqtt as paho;
-
-use super::*;
 
 /// Paho drops the publications it has in flight when the broker answers a connect with no
 /// session for the client (`sessionPresent` 0: a broker restarted without persistence, or a
@@ -57,7 +56,7 @@ pub(crate) fn report_corrupt_log(log: &LogCtx, r: &crate::mqtt_store::Recovery) 
 }
 
 /// A publication read back from the in-flight log, as a paho message.
-pub(crate) fn restored_message(p: &crate::mqtt_store::Publication) -> paho::Message {
+fn restored_message(p: &crate::mqtt_store::Publication) -> paho::Message {
     use crate::mqtt_store::Property as P;
     let mut b = paho::MessageBuilder::new()
         .topic(p.topic.as_str())

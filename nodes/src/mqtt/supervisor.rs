@@ -2,6 +2,9 @@
 //! the one place that connects, disconnects and sleeps — and writes what it says to the
 //! activity log.
 
+use super::{
+    conn::Conn, conn::OnConnected, endpoint::describe_error, log::bip, restore::report_discarded,
+};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -12,11 +15,9 @@ use flowbus_runtime::stats::inc;
 use flowbus_runtime::BoxFut;
 use paho_mqtt as paho;
 
-use super::*;
-
 /// Whether a failed connect is one no retry mends: the client's persistence failed (the
 /// in-flight log could not be read or written), so the supervisor stops and the flow fails.
-pub(crate) fn gives_up(e: &paho::Error) -> bool {
+fn gives_up(e: &paho::Error) -> bool {
     matches!(e, paho::Error::PersistenceError)
 }
 
