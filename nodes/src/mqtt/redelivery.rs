@@ -13,6 +13,7 @@
 /// that arrived come first: the first message of a connection that is not one of them ends
 /// the recognition for that connection, and a later `Duplicate` with a repeated id, topic and
 /// payload (a sensor sending the same value) is taken as new.
+#[derive(Default)]
 pub struct Redeliveries {
     /// Digest + 1 of the last message received with each packet id (0: none yet).
     last: Vec<u64>,
@@ -25,21 +26,10 @@ pub struct Redeliveries {
     digests: foldhash::quality::RandomState,
 }
 
-impl Default for Redeliveries {
-    fn default() -> Self {
-        Redeliveries::new()
-    }
-}
-
 impl Redeliveries {
     /// An empty filter.
     pub fn new() -> Redeliveries {
-        Redeliveries {
-            last: Vec::new(),
-            connection: 0,
-            resending: false,
-            digests: foldhash::quality::RandomState::default(),
-        }
+        Redeliveries::default()
     }
 
     fn key(&self, topic: &str, payload: &[u8]) -> u64 {
